@@ -1,0 +1,45 @@
+"""pgqueue: background jobs for Python that need nothing but PostgreSQL.
+
+Everything public is re-exported here and listed in ``__all__``; other modules are internal.
+"""
+
+from pgqueue.aqueue import AsyncQueue
+from pgqueue.enqueue import JobSpec
+from pgqueue.errors import (
+    ConfigurationError,
+    InvalidJobError,
+    JobNotFoundError,
+    PgQueueError,
+    SchemaNotReadyError,
+    UnknownTaskError,
+)
+from pgqueue.jobs import Job, JobState
+from pgqueue.queue import Queue
+from pgqueue.retry import Abort, Backoff, Retry, exponential, fixed, linear
+from pgqueue.tasks import Registry, Task, TaskOptions
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Abort",
+    "AsyncQueue",
+    "Backoff",
+    "ConfigurationError",
+    "InvalidJobError",
+    "Job",
+    "JobNotFoundError",
+    "JobSpec",
+    "JobState",
+    "PgQueueError",
+    "Queue",
+    "Registry",
+    "Retry",
+    "SchemaNotReadyError",
+    "Task",
+    "TaskOptions",
+    "UnknownTaskError",
+    "__version__",
+    "exponential",
+    "fixed",
+    "linear",
+]

@@ -1,0 +1,183 @@
+"""The asynchronous twin of :class:`pgqueue.Queue`: same methods, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from pgqueue import enqueue as ops
+from pgqueue.base import UNIQUE_RACE_RETRIES, QueueBase
+from pgqueue.connections import async_connection
+from pgqueue.enqueue import JobSpec
+from pgqueue.errors import JobNotFoundError, PgQueueError
+from pgqueue.jobs import Job, JobRequest, job_from_row
+
+
+class AsyncQueue(QueueBase[Awaitable[int]]):
+    """Enqueue and manage jobs from asyncio code (``await queue.enqueue(...)``)."""
+
+    _pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+    _pool_lock: asyncio.Lock | None = None
+
+    async def pool(self) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
+        """The queue's own connection pool, opened on first use."""
+        if self._pool_lock is None:
+            self._pool_lock = asyncio.Lock()
+        async with self._pool_lock:
+            if self._pool is None:
+                pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
+                    self.dsn,
+                    min_size=1,
+                    max_size=self.pool_size,
+                    kwargs={"autocommit": True},
+                    name=f"pgqueue-async-{self.schema}",
+                    open=False,
+                )
+                await pool.open()
+                self._pool = pool
+            return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def __aenter__(self) -> AsyncQueue:
+        return self
+
+    async def __aexit__(self, *exc: object | type[BaseException] | TracebackType | None) -> None:
+        await self.close()
+
+    @asynccontextmanager
+    async def connection(self, conn: Any = None) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """The caller's connection (its transaction) if given, else one from the pool (autocommit)."""
+        if conn is not None:
+            yield await async_connection(conn)
+        else:
+            async with (await self.pool()).connection() as pooled:
+                yield pooled
+
+    async def migrate(self, revision: str = "head") -> None:
+        """Create or upgrade pgqueue's schema (in a thread: Alembic is synchronous)."""
+        from pgqueue.migrate import upgrade
+
+        await asyncio.to_thread(upgrade, self.dsn, schema=self.schema, revision=revision)
+
+    async def enqueue(  # type: ignore[override]
+        self,
+        task: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: timedelta | float | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        unique_key: str | None = None,
+        conn: Any = None,
+    ) -> int:
+        """Insert one job and return its id (or, for a live ``unique_key``, the holder's id)."""
+        request = self._request(
+            task, args, queue=queue, priority=priority, delay=delay, run_at=run_at,
+            max_attempts=max_attempts, timeout=timeout, unique_key=unique_key,
+        )
+        async with self.connection(conn) as c:
+            return await self._insert_one(c, request)
+
+    async def _insert_one(self, c: psycopg.AsyncConnection[Any], request: JobRequest) -> int:
+        params = ops.enqueue_params(self.queries, request, self.notify)
+        for _ in range(UNIQUE_RACE_RETRIES):
+            row = await (await c.execute(self.queries.enqueue, params)).fetchone()
+            if row is not None:
+                return int(row[0])
+            found = await (await c.execute(self.queries.find_unique, params)).fetchone()
+            if found is not None:
+                return int(found[0])
+        raise PgQueueError(f"unique key {request.unique_key!r} kept changing hands; gave up")
+
+    async def enqueue_many(
+        self, jobs: Iterable[JobSpec | Mapping[str, Any]], *, conn: Any = None
+    ) -> list[int]:
+        """Insert many jobs in one transaction (COPY) and return their ids in order."""
+        requests = ops.make_requests(self.registry, jobs)
+        if not requests:
+            return []
+        async with self.connection(conn) as c:
+            if c.autocommit:
+                async with c.transaction():
+                    return await self._insert_many(c, requests)
+            return await self._insert_many(c, requests)
+
+    async def _insert_many(self, c: psycopg.AsyncConnection[Any], requests: list[JobRequest]) -> list[int]:
+        cur = await c.execute(self.queries.reserve_ids, {"count": len(requests)})
+        now, ids = await cur.fetchone()  # type: ignore[misc]
+        if any(r.unique_key is not None for r in requests):
+            ids = await self._insert_unique(c, requests, ids)
+        else:
+            async with c.cursor().copy(self.queries.copy_jobs) as copy:
+                for row in ops.copy_rows(requests, ids, now):
+                    await copy.write_row(row)
+        if self.notify:
+            await c.execute(
+                self.queries.notify_queues,
+                {"channel": self.queries.channel, "queues": ops.distinct_queues(requests)},
+            )
+        return list(ids)
+
+    async def _insert_unique(
+        self, c: psycopg.AsyncConnection[Any], requests: list[JobRequest], reserved: list[int]
+    ) -> list[int]:
+        params = ops.unique_params(requests, reserved)
+        cur = await c.execute(self.queries.enqueue_many_unique, params)
+        inserted = {row[0] for row in await cur.fetchall()}
+        keyed = [r for i, r in zip(reserved, requests, strict=True) if i not in inserted]
+        cur = await c.execute(
+            self.queries.find_unique_many,
+            {"queue": [r.queue for r in keyed], "unique_key": [r.unique_key for r in keyed]},
+        )
+        existing = {(row[1], row[2]): int(row[0]) for row in await cur.fetchall()}
+        for r in keyed:
+            if (r.queue, r.unique_key) not in existing:
+                existing[(r.queue, r.unique_key)] = await self._insert_one(c, r)  # type: ignore[index]
+        return ops.resolve_conflicts(requests, reserved, inserted, existing)  # type: ignore[arg-type]
+
+    async def get_job(self, job_id: int, *, conn: Any = None) -> Job:
+        """The job as stored now; dead-lettered jobs come back with state ``dead``."""
+        async with self.connection(conn) as c, c.cursor(row_factory=dict_row) as cur:
+            await cur.execute(self.queries.get_job, {"id": job_id})
+            row = await cur.fetchone()
+        if row is None:
+            raise JobNotFoundError(f"no job with id {job_id}")
+        return job_from_row(row)
+
+    async def cancel(self, job_id: int, *, conn: Any = None) -> bool:
+        """Cancel a queued job or ask a running one to stop. False if it had already finished."""
+        return await self._count(self.queries.cancel, {"id": job_id}, conn) == 1
+
+    async def cancel_by_key(self, unique_key: str, *, queue: str | None = None, conn: Any = None) -> int:
+        """Cancel the live job(s) holding ``unique_key``. Returns how many."""
+        return await self._count(self.queries.cancel_by_key, {"unique_key": unique_key, "queue": queue}, conn)
+
+    async def retry_dead(self, job_id: int, *, conn: Any = None) -> bool:
+        """Move one dead-lettered job back to its queue with fresh attempts (same id)."""
+        return await self._count(self.queries.retry_dead, self._retry_params(job_id, None), conn) == 1
+
+    async def retry_all_dead(self, queue: str | None = None, *, conn: Any = None) -> int:
+        """Move every dead-lettered job (of one queue, or all) back; returns how many."""
+        return await self._count(self.queries.retry_dead, self._retry_params(None, queue), conn)
+
+    def _retry_params(self, job_id: int | None, queue: str | None) -> dict[str, Any]:
+        return {"id": job_id, "queue": queue, "notify": self.notify, "channel": self.queries.channel}
+
+    async def _count(self, query: str, params: dict[str, Any], conn: Any) -> int:
+        async with self.connection(conn) as c:
+            return len(await (await c.execute(query, params)).fetchall())

@@ -1,0 +1,110 @@
+"""Backoff policies: how long a failed job waits before its next attempt.
+
+A policy is any callable ``(attempt) -> seconds`` where ``attempt`` is the number (1-based) of
+the attempt that just failed. The helpers below build the usual ones; they are pure functions so
+they are tested without a database.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from pgqueue.errors import ConfigurationError
+
+Backoff = Callable[[int], float]
+
+
+def _seconds(value: timedelta | float, name: str) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds < 0:
+        raise ConfigurationError(f"{name} must not be negative, got {value!r}")
+    return seconds
+
+
+def _jittered(seconds: float, jitter: float) -> float:
+    """Spread retries of many jobs that failed together by ±``jitter`` of the delay."""
+    if jitter == 0:
+        return seconds
+    return max(0.0, seconds * (1 + random.uniform(-jitter, jitter)))
+
+
+@dataclass(frozen=True, slots=True)
+class Exponential:
+    base: float
+    factor: float
+    cap: float
+    jitter: float
+
+    def __call__(self, attempt: int) -> float:
+        raw = self.base * self.factor ** max(attempt - 1, 0) if attempt < 64 else self.cap
+        return _jittered(min(raw, self.cap), self.jitter)
+
+
+@dataclass(frozen=True, slots=True)
+class Linear:
+    step: float
+    cap: float
+    jitter: float
+
+    def __call__(self, attempt: int) -> float:
+        return _jittered(min(self.step * max(attempt, 1), self.cap), self.jitter)
+
+
+@dataclass(frozen=True, slots=True)
+class Fixed:
+    seconds: float
+    jitter: float
+
+    def __call__(self, attempt: int) -> float:
+        return _jittered(self.seconds, self.jitter)
+
+
+def _check_jitter(jitter: float) -> float:
+    if not 0 <= jitter <= 1:
+        raise ConfigurationError(f"jitter is a fraction from 0 to 1, got {jitter!r}")
+    return jitter
+
+
+def exponential(
+    base: timedelta | float = 2.0,
+    factor: float = 2.0,
+    cap: timedelta | float = 3600.0,
+    jitter: float = 0.0,
+) -> Backoff:
+    """``base * factor**(attempt-1)`` seconds, never more than ``cap``: 2 s, 4 s, 8 s … 1 h."""
+    if factor < 1:
+        raise ConfigurationError(f"factor must be at least 1, got {factor!r}")
+    return Exponential(_seconds(base, "base"), factor, _seconds(cap, "cap"), _check_jitter(jitter))
+
+
+def linear(
+    step: timedelta | float = 10.0, cap: timedelta | float = 3600.0, jitter: float = 0.0
+) -> Backoff:
+    """``step * attempt`` seconds, never more than ``cap``."""
+    return Linear(_seconds(step, "step"), _seconds(cap, "cap"), _check_jitter(jitter))
+
+
+def fixed(seconds: timedelta | float, jitter: float = 0.0) -> Backoff:
+    """The same wait after every failure."""
+    return Fixed(_seconds(seconds, "seconds"), _check_jitter(jitter))
+
+
+DEFAULT_BACKOFF: Backoff = exponential()
+
+
+class Retry(Exception):  # noqa: N818 - raised by handlers as a request, not an error
+    """Raise from a handler to retry the job after a specific delay instead of the backoff.
+
+    The attempt still counts: a job on its last attempt is dead-lettered.
+    """
+
+    def __init__(self, in_: timedelta | float = 0.0, reason: str = "retry requested") -> None:
+        super().__init__(reason)
+        self.delay = _seconds(in_, "in_")
+
+
+class Abort(Exception):  # noqa: N818 - raised by handlers as a request, not an error
+    """Raise from a handler to fail the job at once, with no further attempts."""

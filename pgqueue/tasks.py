@@ -1,0 +1,172 @@
+"""The ``@queue.task`` decorator and the registry that maps task names to handlers."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+from pgqueue.errors import ConfigurationError, InvalidJobError, UnknownTaskError
+from pgqueue.jobs import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY, DEFAULT_QUEUE
+from pgqueue.naming import check_queue_name, check_task_name
+from pgqueue.retry import DEFAULT_BACKOFF, Backoff
+
+R = TypeVar("R")
+Handler = Callable[..., Any]
+CONTEXT_PARAMETER = "ctx"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """Defaults a task applies to every job it enqueues, and how the worker treats its failures."""
+
+    queue: str = DEFAULT_QUEUE
+    priority: int = DEFAULT_PRIORITY
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    timeout: float | None = None
+    backoff: Backoff = DEFAULT_BACKOFF
+    abort_on: tuple[type[BaseException], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueOptions:
+    """Per-call overrides of a task's defaults (see :meth:`Task.with_options`)."""
+
+    queue: str | None = None
+    priority: int | None = None
+    delay: timedelta | float | None = None
+    run_at: datetime | None = None
+    max_attempts: int | None = None
+    timeout: float | None = None
+    unique_key: str | None = None
+    conn: Any = None
+
+
+def _signature_without_context(fn: Handler) -> inspect.Signature:
+    signature = inspect.signature(fn)
+    params = [p for name, p in signature.parameters.items() if name != CONTEXT_PARAMETER]
+    return signature.replace(parameters=params)
+
+
+@dataclass(slots=True)
+class Task(Generic[R]):
+    """A registered handler. Call it to run it in-process; ``enqueue`` it to run it on a worker."""
+
+    name: str
+    fn: Handler
+    options: TaskOptions
+    _enqueue: Callable[..., R] = field(repr=False)
+    takes_context: bool = False
+    is_async: bool = False
+    _signature: inspect.Signature = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.takes_context = CONTEXT_PARAMETER in inspect.signature(self.fn).parameters
+        self.is_async = inspect.iscoroutinefunction(self.fn)
+        self._signature = _signature_without_context(self.fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def check_args(self, args: Mapping[str, Any]) -> None:
+        """Refuse arguments the handler could never accept, at enqueue instead of on the worker."""
+        try:
+            self._signature.bind(**args)
+        except TypeError as exc:
+            raise InvalidJobError(f"arguments do not fit task {self.name!r}: {exc}") from exc
+
+    def enqueue(self, **kwargs: Any) -> R:
+        """Enqueue one job with this task's defaults; keyword arguments become the job's args."""
+        return self._enqueue(self.name, kwargs)
+
+    def with_options(self, **overrides: Any) -> BoundTask[R]:
+        """Enqueue with overrides: ``send_email.with_options(delay=60, conn=tx).enqueue(to=...)``."""
+        try:
+            return BoundTask(self, EnqueueOptions(**overrides))
+        except TypeError as exc:
+            raise InvalidJobError(f"unknown enqueue option: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class BoundTask(Generic[R]):
+    task: Task[R]
+    overrides: EnqueueOptions
+
+    def enqueue(self, **kwargs: Any) -> R:
+        o = self.overrides
+        return self.task._enqueue(
+            self.task.name,
+            kwargs,
+            queue=o.queue,
+            priority=o.priority,
+            delay=o.delay,
+            run_at=o.run_at,
+            max_attempts=o.max_attempts,
+            timeout=o.timeout,
+            unique_key=o.unique_key,
+            conn=o.conn,
+        )
+
+
+class Registry:
+    """Task names to handlers. A producer-only app may leave it empty and enqueue by name."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, Task[Any]] = {}
+
+    def add(self, task: Task[Any]) -> None:
+        existing = self._tasks.get(task.name)
+        if existing is not None and existing.fn is not task.fn:
+            raise ConfigurationError(f"task name {task.name!r} is already registered")
+        self._tasks[task.name] = task
+
+    def get(self, name: str) -> Task[Any] | None:
+        return self._tasks.get(name)
+
+    def require(self, name: str) -> Task[Any]:
+        task = self._tasks.get(name)
+        if task is None:
+            raise UnknownTaskError(f"no handler is registered for task {name!r}")
+        return task
+
+    def __iter__(self) -> Iterator[Task[Any]]:
+        return iter(self._tasks.values())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+
+def make_options(
+    base: TaskOptions | None = None,
+    *,
+    queue: str | None = None,
+    priority: int | None = None,
+    max_attempts: int | None = None,
+    timeout: float | None = None,
+    backoff: Backoff | None = None,
+    abort_on: tuple[type[BaseException], ...] | None = None,
+) -> TaskOptions:
+    """Task options checked at declaration, so a typo fails at import rather than at 3 AM."""
+    options = base or TaskOptions()
+    changes: dict[str, Any] = {}
+    if queue is not None:
+        changes["queue"] = check_queue_name(queue)
+    if priority is not None:
+        changes["priority"] = priority
+    if max_attempts is not None:
+        changes["max_attempts"] = max_attempts
+    if timeout is not None:
+        changes["timeout"] = timeout
+    if backoff is not None:
+        if not callable(backoff):
+            raise ConfigurationError("backoff must be callable: (attempt) -> seconds")
+        changes["backoff"] = backoff
+    if abort_on is not None:
+        changes["abort_on"] = tuple(abort_on)
+    return replace(options, **changes)
+
+
+def task_name(fn: Handler, name: str | None) -> str:
+    return check_task_name(name if name is not None else fn.__name__)
