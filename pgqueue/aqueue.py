@@ -71,7 +71,7 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
 
         await asyncio.to_thread(upgrade, self.dsn, schema=self.schema, revision=revision)
 
-    async def enqueue(  # type: ignore[override]
+    async def enqueue(
         self,
         task: str,
         args: Mapping[str, Any] | None = None,
@@ -147,13 +147,13 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         existing = {(row[1], row[2]): int(row[0]) for row in await cur.fetchall()}
         for r in keyed:
             if (r.queue, r.unique_key) not in existing:
-                existing[(r.queue, r.unique_key)] = await self._insert_one(c, r)  # type: ignore[index]
-        return ops.resolve_conflicts(requests, reserved, inserted, existing)  # type: ignore[arg-type]
+                existing[(r.queue, r.unique_key)] = await self._insert_one(c, r)
+        return ops.resolve_conflicts(requests, reserved, inserted, existing)
 
     async def get_job(self, job_id: int, *, conn: Any = None) -> Job:
         """The job as stored now; dead-lettered jobs come back with state ``dead``."""
         async with self.connection(conn) as c, c.cursor(row_factory=dict_row) as cur:
-            await cur.execute(self.queries.get_job, {"id": job_id})
+            await cur.execute(self.queries.get_job, {"id": job_id, "channel": self.queries.channel})
             row = await cur.fetchone()
         if row is None:
             raise JobNotFoundError(f"no job with id {job_id}")
@@ -161,11 +161,11 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
 
     async def cancel(self, job_id: int, *, conn: Any = None) -> bool:
         """Cancel a queued job or ask a running one to stop. False if it had already finished."""
-        return await self._count(self.queries.cancel, {"id": job_id}, conn) == 1
+        return await self._count(self.queries.cancel, {"id": job_id, "channel": self.queries.channel}, conn) == 1
 
     async def cancel_by_key(self, unique_key: str, *, queue: str | None = None, conn: Any = None) -> int:
         """Cancel the live job(s) holding ``unique_key``. Returns how many."""
-        return await self._count(self.queries.cancel_by_key, {"unique_key": unique_key, "queue": queue}, conn)
+        return await self._count(self.queries.cancel_by_key, {"unique_key": unique_key, "queue": queue, "channel": self.queries.channel}, conn)
 
     async def retry_dead(self, job_id: int, *, conn: Any = None) -> bool:
         """Move one dead-lettered job back to its queue with fresh attempts (same id)."""

@@ -88,7 +88,6 @@ class QueueBase(Generic[R]):
     def task(
         self,
         fn: Handler | None = None,
-        /,
         *,
         name: str | None = None,
         queue: str | None = None,

@@ -14,8 +14,9 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
-from pgqueue.errors import ConfigurationError
+from pgqueue.errors import ConfigurationError, PgQueueError
 from pgqueue.naming import check_schema_name
 
 DEFAULT_SCHEMA = "pgqueue"
@@ -87,14 +88,22 @@ def downgrade(dsn: str, *, schema: str = DEFAULT_SCHEMA, revision: str = "base")
     The schema is dropped without CASCADE, so anything a user put there themselves is never lost:
     the drop fails instead.
     """
-    with _engine(dsn).begin() as conn:
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
-        if not _has_version_table(conn, schema):
-            return
-        command.downgrade(_config(schema, conn), revision)
-        if revision == "base":
-            conn.execute(text(f'DROP TABLE "{schema}".alembic_version'))
-            conn.execute(text(f'DROP SCHEMA "{schema}"'))
+    try:
+        with _engine(dsn).begin() as conn:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+            if not _has_version_table(conn, schema):
+                return
+            command.downgrade(_config(schema, conn), revision)
+            if revision == "base":
+                conn.execute(text(f'DROP TABLE "{schema}".alembic_version'))
+                conn.execute(text(f'DROP SCHEMA "{schema}"'))
+    except DBAPIError as exc:
+        if not isinstance(exc.orig, psycopg.errors.DependentObjectsStillExist):
+            raise
+        raise PgQueueError(
+            f"schema {schema!r} holds or references objects pgqueue did not create, so nothing "
+            f"was dropped: {exc.orig}"
+        ) from exc
 
 
 def current_revision(dsn: str, *, schema: str = DEFAULT_SCHEMA) -> str | None:

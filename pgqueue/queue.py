@@ -148,13 +148,13 @@ class Queue(QueueBase[int]):
         }
         for r in keyed:  # a holder that finished meanwhile: fall back to the single path
             if (r.queue, r.unique_key) not in existing:
-                existing[(r.queue, r.unique_key)] = self._insert_one(c, r)  # type: ignore[index]
-        return ops.resolve_conflicts(requests, reserved, inserted, existing)  # type: ignore[arg-type]
+                existing[(r.queue, r.unique_key)] = self._insert_one(c, r)
+        return ops.resolve_conflicts(requests, reserved, inserted, existing)
 
     def get_job(self, job_id: int, *, conn: Any = None) -> Job:
         """The job as stored now; dead-lettered jobs come back with state ``dead``."""
         with self.connection(conn) as c, c.cursor(row_factory=dict_row) as cur:
-            row = cur.execute(self.queries.get_job, {"id": job_id}).fetchone()
+            row = cur.execute(self.queries.get_job, {"id": job_id, "channel": self.queries.channel}).fetchone()
         if row is None:
             raise JobNotFoundError(f"no job with id {job_id}")
         return job_from_row(row)
@@ -162,12 +162,12 @@ class Queue(QueueBase[int]):
     def cancel(self, job_id: int, *, conn: Any = None) -> bool:
         """Cancel a queued job (it never runs) or ask a running one to stop. False if already finished."""
         with self.connection(conn) as c:
-            return c.execute(self.queries.cancel, {"id": job_id}).fetchone() is not None
+            return c.execute(self.queries.cancel, {"id": job_id, "channel": self.queries.channel}).fetchone() is not None
 
     def cancel_by_key(self, unique_key: str, *, queue: str | None = None, conn: Any = None) -> int:
         """Cancel the live job(s) holding ``unique_key``, e.g. a follow-up made moot. Returns how many."""
         with self.connection(conn) as c:
-            return len(c.execute(self.queries.cancel_by_key, {"unique_key": unique_key, "queue": queue}).fetchall())
+            return len(c.execute(self.queries.cancel_by_key, {"unique_key": unique_key, "queue": queue, "channel": self.queries.channel}).fetchall())
 
     def retry_dead(self, job_id: int, *, conn: Any = None) -> bool:
         """Move one dead-lettered job back to its queue with fresh attempts (same id)."""

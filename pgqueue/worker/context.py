@@ -1,0 +1,56 @@
+"""What a handler can know and do about the job it runs: ``def handler(..., ctx: JobContext)``."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pgqueue.errors import InvalidJobError
+
+logger = logging.getLogger("pgqueue.job")
+
+
+@dataclass(slots=True)
+class JobContext:
+    """Passed to handlers that declare a ``ctx`` parameter.
+
+    ``cancelled`` is a :class:`threading.Event` so sync handlers (in threads) can poll it;
+    async handlers are also cancelled outright when their job is cancelled.
+    """
+
+    job_id: int
+    queue: str
+    task: str
+    attempt: int
+    max_attempts: int
+    scheduled_for: datetime | None
+    worker_id: str
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    _report_progress: Callable[[int, int, Any], None] | None = field(default=None, repr=False)
+    log: logging.LoggerAdapter[logging.Logger] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.log = logging.LoggerAdapter(
+            logger, {"job_id": self.job_id, "task": self.task, "queue": self.queue, "attempt": self.attempt}
+        )
+
+    @property
+    def is_last_attempt(self) -> bool:
+        return self.attempt >= self.max_attempts
+
+    @property
+    def is_cancelled(self) -> bool:
+        return self.cancelled.is_set()
+
+    def set_progress(self, progress: int | float | Mapping[str, Any]) -> None:
+        """Record progress (0-100, or a JSON dict); written to the job within a second, batched."""
+        if isinstance(progress, bool) or not isinstance(progress, int | float | Mapping):
+            raise InvalidJobError(f"progress must be a number 0-100 or a dict, got {progress!r}")
+        if isinstance(progress, int | float) and not 0 <= progress <= 100:
+            raise InvalidJobError(f"progress must be within 0-100, got {progress!r}")
+        if self._report_progress is not None:
+            self._report_progress(self.job_id, self.attempt, progress)

@@ -1,0 +1,89 @@
+"""Worker settings from keyword arguments or ``PGQUEUE_*`` environment variables (for systemd)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from pgqueue.errors import ConfigurationError
+from pgqueue.naming import check_queue_name
+
+ENV_PREFIX = "PGQUEUE_"
+
+
+def parse_queue_limits(text: str) -> dict[str, int]:
+    """``"email=10,reports=2"`` → ``{"email": 10, "reports": 2}``."""
+    limits: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or not value.strip().isdigit() or int(value) < 1:
+            raise ConfigurationError(f"queue limit {part!r} is not NAME=N with N >= 1")
+        limits[check_queue_name(name.strip())] = int(value)
+    return limits
+
+
+def parse_queue_list(text: str) -> tuple[str, ...]:
+    return tuple(check_queue_name(q.strip()) for q in text.split(",") if q.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """How a worker runs. Every field has a ``PGQUEUE_<FIELD>`` environment variable."""
+
+    queues: tuple[str, ...] = ("default",)
+    concurrency: int = 10
+    queue_concurrency: Mapping[str, int] = field(default_factory=dict)
+    poll_interval: float = 2.0
+    lease_seconds: float = 30.0
+    grace_period: float = 30.0
+    rescue_interval: float = 5.0
+    keep_completed_seconds: float = 86400.0
+    prune_interval: float = 60.0
+    prune_batch: int = 1000
+    rate_burst_seconds: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.queues:
+            raise ConfigurationError("a worker needs at least one queue")
+        for name in self.queues:
+            check_queue_name(name)
+        if self.concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1, got {self.concurrency}")
+        for name, limit in self.queue_concurrency.items():
+            if name not in self.queues:
+                raise ConfigurationError(f"queue_concurrency names {name!r}, which is not in queues")
+            if limit < 1:
+                raise ConfigurationError(f"queue_concurrency for {name!r} must be at least 1")
+        for name in ("poll_interval", "lease_seconds", "rescue_interval", "prune_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"{name} must be positive")
+        if self.grace_period < 0:
+            raise ConfigurationError("grace_period must not be negative")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+        """Defaults, overlaid by ``PGQUEUE_*`` variables, overlaid by non-None ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = _parse(f.name, raw)
+            except ValueError as exc:
+                raise ConfigurationError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {exc}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return replace(cls(), **values) if values else cls()
+
+
+def _parse(name: str, raw: str) -> Any:
+    if name == "queues":
+        return parse_queue_list(raw)
+    if name == "queue_concurrency":
+        return parse_queue_limits(raw)
+    if name in ("concurrency", "prune_batch"):
+        return int(raw)
+    return float(raw)
