@@ -14,7 +14,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import enqueue as ops
-from pgqueue.base import UNIQUE_RACE_RETRIES, QueueBase
+from pgqueue.base import KEEP, UNIQUE_RACE_RETRIES, Keep, QueueBase, QueueSettings
 from pgqueue.connections import async_connection
 from pgqueue.enqueue import JobSpec
 from pgqueue.errors import JobNotFoundError, PgQueueError
@@ -181,3 +181,36 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
     async def _count(self, query: str, params: dict[str, Any], conn: Any) -> int:
         async with self.connection(conn) as c:
             return len(await (await c.execute(query, params)).fetchall())
+
+    async def configure_queue(
+        self,
+        name: str,
+        *,
+        concurrency: int | None | Keep = KEEP,
+        rate_limit: float | None | Keep = KEEP,
+        keep_completed: timedelta | float | None = None,
+        keep_completed_count: int | None = None,
+        keep_dead: timedelta | float | None = None,
+    ) -> QueueSettings:
+        """Set a queue's cross-worker settings (see :meth:`Queue.configure_queue`)."""
+        params = self._queue_settings_params(
+            name, concurrency=concurrency, rate_limit=rate_limit, keep_completed=keep_completed,
+            keep_completed_count=keep_completed_count, keep_dead=keep_dead,
+        )
+        return await self._set_queue(params)
+
+    async def pause(self, name: str) -> QueueSettings:
+        """Stop new claims from the queue at once; running jobs finish."""
+        return await self._set_queue(self._queue_settings_params(name, paused=True))
+
+    async def resume(self, name: str) -> QueueSettings:
+        """Allow claims again and wake the queue's workers."""
+        return await self._set_queue(self._queue_settings_params(name, paused=False))
+
+    async def _set_queue(self, params: dict[str, Any]) -> QueueSettings:
+        async with self.connection() as c, c.transaction():
+            row = await (await c.execute(self.queries.set_queue, params)).fetchone()
+            assert row is not None
+            await c.execute(self.queries.wake_queues, {"channel": self.queries.channel, "queues": [row[0]]})
+        return QueueSettings(*row)
+

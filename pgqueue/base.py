@@ -3,19 +3,52 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar, overload
 
 from pgqueue.connections import resolve_dsn
 from pgqueue.enqueue import JobSpec, make_request
+from pgqueue.errors import ConfigurationError, InvalidJobError
 from pgqueue.jobs import JobRequest
+from pgqueue.schedules import MisfirePolicy, Schedule
+from pgqueue.naming import check_queue_name
 from pgqueue.retry import Backoff
 from pgqueue.sql import Queries, queries_for
 from pgqueue.tasks import Handler, Registry, Task, make_options, task_name
 
 R = TypeVar("R")
+
+
+class Keep:
+    """The default of settings that should stay as they are unless given (``None`` clears them)."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = Keep()
+
+
+def _seconds_or_none(value: timedelta | float | None) -> float | None:
+    if value is None:
+        return None
+    seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if seconds < 0:
+        raise InvalidJobError(f"retention must not be negative, got {value!r}")
+    return seconds
 DEFAULT_SCHEMA = "pgqueue"
 UNIQUE_RACE_RETRIES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """A queue's settings shared by every worker (the ``queues`` table)."""
+
+    name: str
+    paused: bool
+    concurrency: int | None
+    rate_limit: float | None
 
 
 class QueueBase(Generic[R]):
@@ -34,12 +67,52 @@ class QueueBase(Generic[R]):
         notify: bool = True,
         pool_size: int = 10,
         registry: Registry | None = None,
+        schedules: list[Schedule] | None = None,
     ) -> None:
         self._dsn = dsn
+        self.declared_schedules: list[Schedule] = schedules if schedules is not None else []
         self.queries: Queries = queries_for(schema)
         self.notify = notify
         self.pool_size = pool_size
         self.registry = registry if registry is not None else Registry()
+
+    def use_dsn(self, dsn: str) -> None:
+        """Point an already-built queue at another database (the CLI's ``--dsn``), before first use."""
+        self._dsn = dsn
+
+    def _queue_settings_params(
+        self,
+        name: str,
+        *,
+        paused: bool | None = None,
+        concurrency: int | None | Keep = KEEP,
+        rate_limit: float | None | Keep = KEEP,
+        keep_completed: timedelta | float | None = None,
+        keep_completed_count: int | None = None,
+        keep_dead: timedelta | float | None = None,
+    ) -> dict[str, Any]:
+        check_queue_name(name)
+        if not isinstance(concurrency, Keep) and concurrency is not None and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+        ):
+            raise InvalidJobError(f"concurrency must be an integer >= 1 or None, got {concurrency!r}")
+        if not isinstance(rate_limit, Keep) and rate_limit is not None and (
+            isinstance(rate_limit, bool) or not isinstance(rate_limit, int | float) or rate_limit <= 0
+        ):
+            raise InvalidJobError(f"rate_limit must be a positive number of jobs/s or None, got {rate_limit!r}")
+        if keep_completed_count is not None and keep_completed_count < 0:
+            raise InvalidJobError("keep_completed_count must not be negative")
+        return {
+            "name": name,
+            "paused": paused,
+            "concurrency": None if isinstance(concurrency, Keep) else concurrency,
+            "clear_concurrency": concurrency is None,
+            "rate_limit": None if isinstance(rate_limit, Keep) else rate_limit,
+            "clear_rate_limit": rate_limit is None,
+            "keep_completed": _seconds_or_none(keep_completed),
+            "keep_completed_count": keep_completed_count,
+            "keep_dead": _seconds_or_none(keep_dead),
+        }
 
     @property
     def schema(self) -> str:
@@ -123,3 +196,63 @@ class QueueBase(Generic[R]):
             return registered
 
         return register(fn) if fn is not None else register
+
+    def schedule(
+        self,
+        task: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        cron: str | None = None,
+        every: timedelta | None = None,
+        timezone: str = "UTC",
+        name: str | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        misfire: MisfirePolicy = "skip",
+        misfire_grace: timedelta = timedelta(minutes=1),
+    ) -> Schedule:
+        """Declare a recurring job in code; every scheduler process stores and fires it.
+
+        The cron string and time zone are checked here: a bad one fails at import, naming the
+        schedule. ``name`` defaults to the task name and must be unique.
+        """
+        declared = Schedule(
+            name=name or task, task=task, args=dict(args or {}), cron=cron, every=every,
+            timezone=timezone, queue=queue, priority=priority, max_attempts=max_attempts,
+            misfire=misfire, misfire_grace=misfire_grace,
+        )
+        if any(s.name == declared.name for s in self.declared_schedules):
+            raise ConfigurationError(f"schedule {declared.name!r} is declared twice")
+        self.declared_schedules.append(declared)
+        return declared
+
+    def periodic(
+        self,
+        *,
+        cron: str | None = None,
+        every: timedelta | None = None,
+        timezone: str = "UTC",
+        name: str | None = None,
+        args: Mapping[str, Any] | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        misfire: MisfirePolicy = "skip",
+        misfire_grace: timedelta = timedelta(minutes=1),
+    ) -> Callable[[Handler], Task[R]]:
+        """Register a handler as a task and run it on a schedule: ``@queue.periodic(cron="0 2 * * *")``."""
+
+        def register(handler: Handler) -> Task[R]:
+            registered = self.task(name=name, queue=queue, priority=priority,
+                                   max_attempts=max_attempts, timeout=timeout)(handler)
+            self.schedule(
+                registered.name, args, cron=cron, every=every, timezone=timezone,
+                name=registered.name, queue=registered.options.queue, priority=priority,
+                max_attempts=max_attempts, misfire=misfire, misfire_grace=misfire_grace,
+            )
+            return registered
+
+        return register
+

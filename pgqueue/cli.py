@@ -1,21 +1,44 @@
-"""The ``pgqueue`` command: migrate, and (as they land) worker, scheduler, admin and dev."""
+"""The ``pgqueue`` command: migrate, worker, enqueue, status, retry, queue settings."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from pgqueue.base import KEEP, QueueBase
 from pgqueue.connections import resolve_dsn
-from pgqueue.errors import PgQueueError
+from pgqueue.errors import ConfigurationError, PgQueueError
 from pgqueue.migrate import DEFAULT_SCHEMA, current_revision, downgrade, head_revision, upgrade
+from pgqueue.queue import Queue
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
-def _add_database_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--dsn", help="PostgreSQL URL (default: $PGQUEUE_DSN, then $DATABASE_URL)"
-    )
+def load_queue(reference: str) -> QueueBase[Any]:
+    """Import ``module:attribute`` (the app's Queue) the way ``uvicorn`` imports an app."""
+    module_name, sep, attribute = reference.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigurationError(f"expected MODULE:ATTRIBUTE (e.g. myapp.jobs:queue), got {reference!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    queue = getattr(module, attribute, None)
+    if not isinstance(queue, QueueBase):
+        raise ConfigurationError(f"{reference!r} is not a pgqueue Queue or AsyncQueue")
+    return queue
+
+
+def _database_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dsn", help="PostgreSQL URL (default: $PGQUEUE_DSN, then $DATABASE_URL)")
     parser.add_argument(
         "--schema",
         default=os.environ.get("PGQUEUE_SCHEMA", DEFAULT_SCHEMA),
@@ -23,41 +46,247 @@ def _add_database_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _plain_queue(args: argparse.Namespace) -> Queue:
+    return Queue(resolve_dsn(args.dsn), schema=args.schema)
+
+
 def _migrate(args: argparse.Namespace) -> int:
     dsn = resolve_dsn(args.dsn)
     if args.downgrade:
         downgrade(dsn, schema=args.schema, revision=args.downgrade)
         print(f"schema {args.schema!r} downgraded to {args.downgrade}")
-    else:
-        before = current_revision(dsn, schema=args.schema)
-        upgrade(dsn, schema=args.schema, revision=args.revision)
-        after = current_revision(dsn, schema=args.schema)
-        change = "already at" if before == after else f"{before or 'empty'} ->"
-        print(f"schema {args.schema!r}: {change} {after} (head {head_revision()})")
+        return 0
+    before = current_revision(dsn, schema=args.schema)
+    upgrade(dsn, schema=args.schema, revision=args.revision)
+    after = current_revision(dsn, schema=args.schema)
+    change = "already at" if before == after else f"{before or 'empty'} ->"
+    print(f"schema {args.schema!r}: {change} {after} (head {head_revision()})")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from pgqueue.worker import Worker, WorkerSettings
+    from pgqueue.worker.settings import parse_queue_limits, parse_queue_list
+
+    reference = args.app or os.environ.get("PGQUEUE_APP")
+    if not reference:
+        raise ConfigurationError("name the app's queue: pgqueue worker myapp.jobs:queue (or $PGQUEUE_APP)")
+    if args.dsn:
+        os.environ["PGQUEUE_DSN"] = args.dsn
+    queue = load_queue(reference)
+    if args.dsn:
+        queue.use_dsn(args.dsn)
+    settings = WorkerSettings.from_env(
+        queues=parse_queue_list(args.queues) if args.queues else None,
+        concurrency=args.concurrency,
+        queue_concurrency=parse_queue_limits(args.queue_concurrency) if args.queue_concurrency else None,
+        poll_interval=args.poll_interval,
+        lease_seconds=args.lease_seconds,
+        grace_period=args.grace_period,
+    )
+    scheduler = None
+    if args.with_scheduler:
+        from pgqueue.scheduler import Scheduler
+
+        scheduler = Scheduler(queue)
+        scheduler.start()
+    try:
+        Worker(queue, settings).run()
+    finally:
+        if scheduler is not None:
+            scheduler.shutdown()
+    return 0
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    from pgqueue.scheduler import Scheduler
+
+    reference = args.app or os.environ.get("PGQUEUE_APP")
+    if not reference:
+        raise ConfigurationError("name the app's queue: pgqueue scheduler myapp.jobs:queue (or $PGQUEUE_APP)")
+    if args.dsn:
+        os.environ["PGQUEUE_DSN"] = args.dsn
+    queue = load_queue(reference)
+    if args.dsn:
+        queue.use_dsn(args.dsn)
+    Scheduler(queue, reconcile_interval=args.reconcile_interval).run()
+    return 0
+
+
+def _schedules(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    with _plain_queue(args) as queue:
+        if args.action == "add":
+            if not args.name or not args.task:
+                raise ConfigurationError("add needs NAME and --task")
+            queue.add_schedule(
+                args.name, args.task, json.loads(args.args), cron=args.cron,
+                every=timedelta(seconds=args.every) if args.every else None,
+                timezone=args.timezone, queue=args.queue,
+            )
+        elif args.action in ("pause", "resume", "remove"):
+            if not args.name:
+                raise ConfigurationError(f"{args.action} needs the schedule NAME")
+            {"pause": queue.pause_schedule, "resume": queue.resume_schedule,
+             "remove": queue.remove_schedule}[args.action](args.name)
+        schedules = queue.list_schedules()
+    print(f"{'name':<24} {'when':<22} {'zone':<16} {'paused':<7} {'next fire (UTC)':<26} task")
+    for s in schedules:
+        when = s.cron if s.cron else f"every {s.every.total_seconds():g}s" if s.every else "?"
+        upcoming = None if s.paused else s.next_fire_time()
+        next_text = upcoming.isoformat(timespec="seconds") if upcoming else "-"
+        print(f"{s.name:<24} {when:<22} {s.timezone:<16} {s.paused!s:<7} {next_text:<26} {s.task}")
+    return 0
+
+
+def _enqueue(args: argparse.Namespace) -> int:
+    try:
+        job_args = json.loads(args.args)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"--args is not JSON: {exc}") from exc
+    with _plain_queue(args) as queue:
+        job_id = queue.enqueue(
+            args.task, job_args, queue=args.queue, priority=args.priority, delay=args.delay,
+            unique_key=args.unique_key,
+        )
+    print(job_id)
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    with _plain_queue(args) as queue:
+        if args.job_id is not None:
+            if not queue.retry_dead(args.job_id):
+                print(f"job {args.job_id} is not in the dead letter table", file=sys.stderr)
+                return 1
+            print(f"job {args.job_id} re-queued")
+        else:
+            count = queue.retry_all_dead(args.queue)
+            print(f"{count} dead jobs re-queued" + (f" on queue {args.queue!r}" if args.queue else ""))
+    return 0
+
+
+def _queue_settings(args: argparse.Namespace) -> int:
+    with _plain_queue(args) as queue:
+        if args.pause:
+            settings = queue.pause(args.name)
+        elif args.resume:
+            settings = queue.resume(args.name)
+        else:
+            settings = queue.configure_queue(
+                args.name,
+                concurrency=None if args.concurrency == 0 else (args.concurrency or KEEP),
+                rate_limit=None if args.rate_limit == 0 else (args.rate_limit or KEEP),
+                keep_completed=args.keep_completed,
+                keep_dead=args.keep_dead,
+            )
+    print(
+        f"queue {settings.name}: paused={settings.paused} concurrency={settings.concurrency} "
+        f"rate_limit={settings.rate_limit}"
+    )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pgqueue.stats import queue_counts
+
+    with _plain_queue(args) as queue:
+        rows = queue_counts(queue)
+    header = f"{'queue':<20} {'queued':>8} {'delayed':>8} {'running':>8} {'completed':>10} {'dead':>6}"
+    print(header)
+    for r in rows:
+        print(f"{r.queue:<20} {r.queued:>8} {r.delayed:>8} {r.running:>8} {r.completed:>10} {r.dead:>6}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pgqueue", description=__doc__)
+    parser = argparse.ArgumentParser(prog="pgqueue", description="Background jobs on PostgreSQL.")
+    parser.add_argument(
+        "--log-level", default=os.environ.get("PGQUEUE_LOG_LEVEL", "INFO"), help="default: INFO"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    migrate = commands.add_parser("migrate", help="create or upgrade (or --downgrade) the schema")
-    _add_database_options(migrate)
-    migrate.add_argument("--revision", default="head", help="target revision (default: head)")
-    migrate.add_argument(
-        "--downgrade", metavar="REVISION", help="step down to REVISION; 'base' removes everything"
-    )
-    migrate.set_defaults(handler=_migrate)
+    p = commands.add_parser("migrate", help="create or upgrade (or --downgrade) the schema")
+    _database_options(p)
+    p.add_argument("--revision", default="head", help="target revision (default: head)")
+    p.add_argument("--downgrade", metavar="REVISION", help="step down to REVISION; 'base' removes everything")
+    p.set_defaults(handler=_migrate)
+
+    p = commands.add_parser("worker", help="run jobs (settings also from PGQUEUE_* variables)")
+    p.add_argument("app", nargs="?", help="the app's queue as MODULE:ATTRIBUTE (or $PGQUEUE_APP)")
+    p.add_argument("--dsn", help="PostgreSQL URL (overrides the app's)")
+    p.add_argument("--queues", help="comma-separated queues to serve (default: default)")
+    p.add_argument("--concurrency", type=int, help="jobs at once in this process (default: 10)")
+    p.add_argument("--queue-concurrency", help="per-queue caps in this process, e.g. email=10,reports=2")
+    p.add_argument("--poll-interval", type=float, help="seconds between polls when idle (default: 2)")
+    p.add_argument("--lease-seconds", type=float, help="lease renewed by heartbeat (default: 30)")
+    p.add_argument("--grace-period", type=float, help="seconds running jobs get on shutdown (default: 30)")
+    p.add_argument("--with-scheduler", action="store_true", help="also run the scheduler in this process")
+    p.set_defaults(handler=_worker)
+
+    p = commands.add_parser("scheduler", help="enqueue recurring jobs (any number may run)")
+    p.add_argument("app", nargs="?", help="the app's queue as MODULE:ATTRIBUTE (or $PGQUEUE_APP)")
+    p.add_argument("--dsn", help="PostgreSQL URL (overrides the app's)")
+    p.add_argument("--reconcile-interval", type=float, default=5.0, help="seconds between reads of the schedules table")
+    p.set_defaults(handler=_scheduler)
+
+    p = commands.add_parser("schedules", help="list schedules with their next fire time; add/pause/resume/remove")
+    _database_options(p)
+    p.add_argument("action", nargs="?", default="list", choices=["list", "add", "pause", "resume", "remove"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--task")
+    p.add_argument("--args", default="{}", help="JSON object of keyword arguments")
+    p.add_argument("--cron")
+    p.add_argument("--every", type=float, help="seconds")
+    p.add_argument("--timezone", default="UTC")
+    p.add_argument("--queue")
+    p.set_defaults(handler=_schedules)
+
+    p = commands.add_parser("enqueue", help="enqueue one job by task name")
+    _database_options(p)
+    p.add_argument("task")
+    p.add_argument("--args", default="{}", help="JSON object of keyword arguments")
+    p.add_argument("--queue", help="default: the task's queue, else 'default'")
+    p.add_argument("--priority", type=int)
+    p.add_argument("--delay", type=float, help="seconds")
+    p.add_argument("--unique-key")
+    p.set_defaults(handler=_enqueue)
+
+    p = commands.add_parser("retry", help="re-queue a dead-lettered job, or all of a queue's")
+    _database_options(p)
+    p.add_argument("job_id", nargs="?", type=int)
+    p.add_argument("--queue", help="with no JOB_ID: only this queue's dead jobs")
+    p.set_defaults(handler=_retry)
+
+    p = commands.add_parser("queue", help="pause/resume a queue or set its global limits")
+    _database_options(p)
+    p.add_argument("name")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--pause", action="store_true")
+    group.add_argument("--resume", action="store_true")
+    p.add_argument("--concurrency", type=int, help="global cap across workers (0 removes it)")
+    p.add_argument("--rate-limit", type=float, help="jobs per second across workers (0 removes it)")
+    p.add_argument("--keep-completed", type=float, help="seconds finished jobs are kept")
+    p.add_argument("--keep-dead", type=float, help="seconds dead-lettered jobs are kept")
+    p.set_defaults(handler=_queue_settings)
+
+    p = commands.add_parser("status", help="jobs per queue and state")
+    _database_options(p)
+    p.set_defaults(handler=_status)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     try:
         return int(args.handler(args))
     except PgQueueError as exc:
         print(f"pgqueue: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,11 +14,13 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from pgqueue import enqueue as ops
-from pgqueue.base import UNIQUE_RACE_RETRIES, QueueBase
+from pgqueue.base import KEEP, UNIQUE_RACE_RETRIES, Keep, QueueBase, QueueSettings
 from pgqueue.connections import sync_connection
 from pgqueue.enqueue import JobSpec
 from pgqueue.errors import JobNotFoundError, PgQueueError
 from pgqueue.jobs import Job, JobRequest, job_from_row
+from pgqueue.schedule_store import ScheduleStore
+from pgqueue.schedules import MisfirePolicy, Schedule
 
 
 class Queue(QueueBase[int]):
@@ -181,3 +183,79 @@ class Queue(QueueBase[int]):
         params = {"id": job_id, "queue": queue, "notify": self.notify, "channel": self.queries.channel}
         with self.connection(conn) as c:
             return len(c.execute(self.queries.retry_dead, params).fetchall())
+
+    def configure_queue(
+        self,
+        name: str,
+        *,
+        concurrency: int | None | Keep = KEEP,
+        rate_limit: float | None | Keep = KEEP,
+        keep_completed: timedelta | float | None = None,
+        keep_completed_count: int | None = None,
+        keep_dead: timedelta | float | None = None,
+    ) -> QueueSettings:
+        """Set a queue's cross-worker settings: global concurrency, rate limit (jobs/s), retention.
+
+        Omitted settings stay as they are; ``concurrency=None`` / ``rate_limit=None`` remove a limit.
+        """
+        params = self._queue_settings_params(
+            name, concurrency=concurrency, rate_limit=rate_limit, keep_completed=keep_completed,
+            keep_completed_count=keep_completed_count, keep_dead=keep_dead,
+        )
+        return self._set_queue(params)
+
+    def pause(self, name: str) -> QueueSettings:
+        """Stop new claims from the queue at once; running jobs finish."""
+        return self._set_queue(self._queue_settings_params(name, paused=True))
+
+    def resume(self, name: str) -> QueueSettings:
+        """Allow claims again and wake the queue's workers."""
+        return self._set_queue(self._queue_settings_params(name, paused=False))
+
+    def _set_queue(self, params: dict[str, Any]) -> QueueSettings:
+        with self.connection() as c, c.transaction():
+            row = c.execute(self.queries.set_queue, params).fetchone()
+            assert row is not None
+            c.execute(self.queries.wake_queues, {"channel": self.queries.channel, "queues": [row[0]]})
+        return QueueSettings(*row)
+
+    # ------------------------------------------------------------------ schedules at run time
+
+    def add_schedule(
+        self,
+        name: str,
+        task: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        cron: str | None = None,
+        every: timedelta | None = None,
+        timezone: str = "UTC",
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        paused: bool = False,
+        misfire: MisfirePolicy = "skip",
+        misfire_grace: timedelta = timedelta(minutes=1),
+    ) -> Schedule:
+        """Store (or replace) a schedule at run time; running schedulers pick it up within seconds."""
+        schedule = Schedule(
+            name=name, task=task, args=dict(args or {}), cron=cron, every=every, timezone=timezone,
+            queue=queue, priority=priority, max_attempts=max_attempts, paused=paused,
+            misfire=misfire, misfire_grace=misfire_grace,
+        )
+        ScheduleStore(self).upsert(schedule)
+        return schedule
+
+    def list_schedules(self) -> list[Schedule]:
+        """Every stored schedule, with the next fire time the schedulers computed."""
+        return ScheduleStore(self).list()
+
+    def pause_schedule(self, name: str) -> None:
+        ScheduleStore(self).set_paused(name, True)
+
+    def resume_schedule(self, name: str) -> None:
+        ScheduleStore(self).set_paused(name, False)
+
+    def remove_schedule(self, name: str) -> None:
+        ScheduleStore(self).delete(name)
+

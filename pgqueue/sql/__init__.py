@@ -1,4 +1,7 @@
-"""Every SQL statement pgqueue runs, loaded by name from ``queries.sql``.
+"""Every SQL statement pgqueue runs, loaded by name from the ``.sql`` files beside this module.
+
+``queries.sql`` holds the queue's and the worker's statements; other files hold one feature's
+each (``admin.sql``, ``schedules.sql``). Names are unique across files.
 
 Statements name their tables as ``{schema}.jobs``; :class:`Queries` binds them to one schema
 once, so the hot path never formats strings.
@@ -17,9 +20,16 @@ _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 @cache
 def _raw_queries() -> dict[str, str]:
-    text = files(__package__).joinpath("queries.sql").read_text(encoding="utf-8")
-    parts = _NAME.split(text)[1:]
-    return {name: body.strip() for name, body in zip(parts[::2], parts[1::2], strict=True)}
+    found: dict[str, str] = {}
+    for entry in sorted(files(__package__).iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".sql"):
+            continue
+        parts = _NAME.split(entry.read_text(encoding="utf-8"))[1:]
+        for name, body in zip(parts[::2], parts[1::2], strict=True):
+            if name in found:
+                raise RuntimeError(f"query {name!r} is defined twice ({entry.name})")
+            found[name] = body.strip()
+    return found
 
 
 class Queries:

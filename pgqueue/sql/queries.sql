@@ -82,10 +82,19 @@ RETURNING id, CASE WHEN state = 'running' THEN pg_notify(%(channel)s, 'cancel:' 
 
 -- name: retry_dead
 -- Moves dead-lettered jobs back into the queue with fresh attempts, keeping their ids and history.
+-- One live job per unique key: a job whose key a live job holds meanwhile stays dead, and of
+-- dead jobs sharing a key only the newest is moved by a bulk retry.
 WITH moved AS (
-    DELETE FROM {schema}.dead_letter
-    WHERE (%(id)s::bigint IS NULL OR id = %(id)s) AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-    RETURNING *
+    DELETE FROM {schema}.dead_letter AS d
+    WHERE (%(id)s::bigint IS NULL OR d.id = %(id)s) AND (%(queue)s::text IS NULL OR d.queue = %(queue)s)
+      AND NOT EXISTS (SELECT 1 FROM {schema}.jobs AS j
+                      WHERE j.queue = d.queue AND j.unique_key = d.unique_key
+                        AND j.state IN ('queued', 'running'))
+      AND (%(id)s::bigint IS NOT NULL
+           OR NOT EXISTS (SELECT 1 FROM {schema}.dead_letter AS newer
+                          WHERE newer.queue = d.queue AND newer.unique_key = d.unique_key
+                            AND newer.id > d.id))
+    RETURNING d.*
 )
 INSERT INTO {schema}.jobs
     (id, queue, task, args, priority, run_at, max_attempts, timeout, unique_key, scheduled_for,
@@ -362,3 +371,26 @@ ON CONFLICT (name) DO UPDATE SET
     keep_dead = coalesce(make_interval(secs => %(keep_dead)s), q.keep_dead),
     updated_at = now()
 RETURNING name, paused, concurrency, rate_limit
+
+-- ---------------------------------------------------------------- statistics
+
+-- name: queue_counts
+-- Counts per queue and state; "delayed" is queued with a future run time, "dead" is the
+-- dead-letter table. Queues known only from settings show up with zeros.
+WITH live AS (
+    SELECT queue,
+           count(*) FILTER (WHERE state = 'queued' AND run_at <= now()) AS queued,
+           count(*) FILTER (WHERE state = 'queued' AND run_at > now()) AS delayed,
+           count(*) FILTER (WHERE state = 'running') AS running,
+           count(*) FILTER (WHERE state = 'completed') AS completed,
+           count(*) FILTER (WHERE state = 'cancelled') AS cancelled
+    FROM {schema}.jobs GROUP BY queue
+), dead AS (
+    SELECT queue, count(*) AS dead FROM {schema}.dead_letter GROUP BY queue
+), names AS (
+    SELECT queue FROM live UNION SELECT queue FROM dead UNION SELECT name FROM {schema}.queues
+)
+SELECT n.queue, coalesce(l.queued, 0), coalesce(l.delayed, 0), coalesce(l.running, 0),
+       coalesce(l.completed, 0), coalesce(l.cancelled, 0), coalesce(d.dead, 0)
+FROM names AS n LEFT JOIN live AS l USING (queue) LEFT JOIN dead AS d USING (queue)
+ORDER BY n.queue

@@ -1,0 +1,188 @@
+"""Recurring schedules: their definition, validation and fire-time triggers.
+
+Triggers are APScheduler 3 triggers with two corrections a cron user expects:
+
+* numeric days of the week follow cron (0 and 7 are Sunday), not APScheduler's Monday-first
+  numbering, so ``0 8 * * 1-5`` means Monday to Friday;
+* a job pinned to an hour that a daylight-saving change repeats runs once, not twice (the
+  second 02:30 on the autumn night is skipped); an hour that a change skips still runs once,
+  at the same instant an hour later on the wall clock. Expressions that run every hour
+  (``*`` in the hour field) keep running every real hour.
+
+Interval schedules are anchored on a fixed instant, so every scheduler process computes the same
+fire times: that is what lets the database keep exactly one enqueue per fire time.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, tzinfo
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from pgqueue.errors import ConfigurationError
+from pgqueue.jobs import dump_args
+from pgqueue.naming import check_queue_name, check_task_name
+
+MisfirePolicy = Literal["skip", "coalesce"]
+INTERVAL_ANCHOR = datetime(2000, 1, 1, tzinfo=UTC)
+_SCHEDULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
+_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """One recurring job: a task with fixed args, fired by a cron expression or an interval."""
+
+    name: str
+    task: str
+    args: dict[str, Any] = field(default_factory=dict)
+    cron: str | None = None
+    every: timedelta | None = None
+    timezone: str = "UTC"
+    queue: str | None = None
+    priority: int | None = None
+    max_attempts: int | None = None
+    paused: bool = False
+    misfire: MisfirePolicy = "skip"
+    misfire_grace: timedelta = timedelta(minutes=1)
+    next_fire_at: datetime | None = None
+    last_fire_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _SCHEDULE_NAME.fullmatch(self.name):
+            raise ConfigurationError(f"invalid schedule name {self.name!r}")
+        try:
+            check_task_name(self.task)
+            if self.queue is not None:
+                check_queue_name(self.queue)
+            dump_args(self.args)
+        except ValueError as exc:
+            raise ConfigurationError(f"schedule {self.name!r}: {exc}") from exc
+        if (self.cron is None) == (self.every is None):
+            raise ConfigurationError(f"schedule {self.name!r}: give exactly one of cron= or every=")
+        if self.every is not None and self.every.total_seconds() <= 0:
+            raise ConfigurationError(f"schedule {self.name!r}: every= must be positive")
+        if self.misfire not in ("skip", "coalesce"):
+            raise ConfigurationError(f"schedule {self.name!r}: misfire is 'skip' or 'coalesce'")
+        if self.misfire_grace.total_seconds() < 0:
+            raise ConfigurationError(f"schedule {self.name!r}: misfire_grace must not be negative")
+        self.trigger()  # a bad cron string or zone fails here, when the schedule is declared
+
+    def zone(self) -> tzinfo:
+        try:
+            return ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ConfigurationError(f"schedule {self.name!r}: unknown time zone {self.timezone!r}") from exc
+
+    def trigger(self) -> BaseTrigger:
+        """The APScheduler trigger that computes this schedule's fire times."""
+        zone = self.zone()
+        if self.every is not None:
+            return IntervalTrigger(seconds=self.every.total_seconds(), start_date=INTERVAL_ANCHOR, timezone=zone)
+        assert self.cron is not None
+        try:
+            return DstSafeCronTrigger.from_cron(self.cron, zone)
+        except ValueError as exc:
+            raise ConfigurationError(f"schedule {self.name!r}: invalid cron {self.cron!r}: {exc}") from exc
+
+    def next_fire_time(self, after: datetime | None = None) -> datetime | None:
+        now = after or datetime.now(UTC)
+        fire: datetime | None = self.trigger().get_next_fire_time(None, now)
+        return fire.astimezone(UTC) if fire is not None else None
+
+    def last_fire_time(self, before: datetime) -> datetime | None:
+        """The latest fire time at or before ``before`` (for catching up a missed fire)."""
+        trigger = self.trigger()
+        window = max(timedelta(days=1), (self.every or timedelta(0)) * 2)
+        start = before - window
+        latest: datetime | None = None
+        fire = trigger.get_next_fire_time(None, start)
+        while fire is not None and fire <= before:
+            latest = fire
+            fire = trigger.get_next_fire_time(fire, fire + timedelta(microseconds=1))
+        return latest.astimezone(UTC) if latest is not None else None
+
+
+def _cron_day_of_week(field_text: str) -> str:
+    """Translate cron day-of-week numbers (0/7 = Sunday) into names APScheduler reads unambiguously."""
+    parts = []
+    for part in field_text.split(","):
+        base, _, step_text = part.partition("/")
+        step = int(step_text) if step_text else 1
+        if base == "*" and not step_text:
+            parts.append("*")
+            continue
+        if base == "*":
+            first, last = 0, 6
+        elif re.fullmatch(r"\d+-\d+", base):
+            first, last = (int(x) for x in base.split("-"))
+        elif base.isdigit():
+            first = last = int(base)
+            if step_text:
+                last = 6
+        else:
+            parts.append(part)  # names (mon-fri, sat) already mean what cron means
+            continue
+        if not (0 <= first <= 7 and 0 <= last <= 7 and first <= last and step >= 1):
+            raise ValueError(f"day-of-week {part!r} is out of range 0-7")
+        parts.extend(_DAY_NAMES[day % 7] for day in range(first, last + 1, step))
+    return ",".join(dict.fromkeys(parts))
+
+
+class DstSafeCronTrigger(CronTrigger):  # type: ignore[misc]
+    """A cron trigger that does not fire twice when a daylight-saving change repeats an hour."""
+
+    pinned_hour: bool = True
+
+    @classmethod
+    def from_cron(cls, expression: str, zone: tzinfo) -> DstSafeCronTrigger:
+        values = expression.split()
+        if len(values) != 5:
+            raise ValueError(f"expected 5 fields (minute hour day month weekday), got {len(values)}")
+        trigger = cls(
+            minute=values[0], hour=values[1], day=values[2], month=values[3],
+            day_of_week=_cron_day_of_week(values[4]), timezone=zone,
+        )
+        trigger.pinned_hour = values[1] != "*"
+        return trigger
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
+        fire: datetime | None = super().get_next_fire_time(previous_fire_time, now)
+        if fire is not None and self.pinned_hour and _is_repeated_wall_time(fire):
+            # Ask again from the end of the repeated hour (wall-clock arithmetic inside the
+            # parent would land on the same repeated time if asked from just after it).
+            after = _end_of_repeat(fire)
+            fire = super().get_next_fire_time(None, after)
+        return fire
+
+
+def _is_repeated_wall_time(moment: datetime) -> bool:
+    """True for the second occurrence of a wall-clock time that a DST change repeats."""
+    zone = moment.tzinfo
+    if zone is None:
+        return False
+    wall = moment.replace(tzinfo=None)
+    first = wall.replace(tzinfo=zone, fold=0)
+    second = wall.replace(tzinfo=zone, fold=1)
+    return first.utcoffset() != second.utcoffset() and moment.utcoffset() == second.utcoffset()
+
+
+def _end_of_repeat(moment: datetime) -> datetime:
+    zone = moment.tzinfo
+    assert zone is not None
+    wall = moment.replace(tzinfo=None)
+    first = wall.replace(tzinfo=zone, fold=0).utcoffset()
+    second = wall.replace(tzinfo=zone, fold=1).utcoffset()
+    assert first is not None and second is not None
+    return moment + (first - second) + timedelta(seconds=1)
+
+
+def fire_key(schedule_name: str, fire_time: datetime) -> str:
+    """The unique key of the job for one fire time (UTC, so equal instants give equal keys)."""
+    return f"schedule:{schedule_name}:{fire_time.astimezone(UTC).isoformat()}"

@@ -1,0 +1,276 @@
+-- The admin app's statements (pgqueue.admin): read-mostly views of the tables, and the few
+-- writes the operator's buttons make. {schema} is replaced by the quoted schema name;
+-- parameters use psycopg's %(name)s style. A NULL filter parameter means "any".
+
+-- ---------------------------------------------------------------- queues
+
+-- name: admin_queue_counts
+-- Per queue: jobs by state, where "queued" is due now, "delayed" waits for its run_at and
+-- "retrying" (a subset of both) has failed at least once; "dead" is the dead-letter table.
+-- Queues known only from their settings row show up with zeros. Exact counts cost one scan
+-- of the jobs table; retention keeps it small.
+WITH live AS (
+    SELECT queue,
+           count(*) FILTER (WHERE state = 'queued' AND run_at <= now()) AS queued,
+           count(*) FILTER (WHERE state = 'queued' AND run_at > now()) AS delayed,
+           count(*) FILTER (WHERE state = 'queued' AND attempts > 0) AS retrying,
+           count(*) FILTER (WHERE state = 'running') AS running,
+           count(*) FILTER (WHERE state = 'completed') AS completed,
+           count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
+           extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'queued'
+                                                          AND run_at <= now()))::float8
+               AS oldest_waiting
+    FROM {schema}.jobs GROUP BY queue
+), dead AS (
+    SELECT queue, count(*) AS dead FROM {schema}.dead_letter GROUP BY queue
+), names AS (
+    SELECT queue FROM live UNION SELECT queue FROM dead UNION SELECT name FROM {schema}.queues
+)
+SELECT n.queue AS name,
+       coalesce(l.queued, 0) AS queued, coalesce(l.delayed, 0) AS delayed,
+       coalesce(l.retrying, 0) AS retrying, coalesce(l.running, 0) AS running,
+       coalesce(l.completed, 0) AS completed, coalesce(l.cancelled, 0) AS cancelled,
+       coalesce(d.dead, 0) AS dead, l.oldest_waiting,
+       coalesce(q.paused, false) AS paused, q.concurrency, q.rate_limit
+FROM names AS n
+LEFT JOIN live AS l USING (queue)
+LEFT JOIN dead AS d USING (queue)
+LEFT JOIN {schema}.queues AS q ON q.name = n.queue
+ORDER BY n.queue
+
+-- name: admin_queue_runs
+-- Run time (last attempt: started_at to finished_at) of the jobs each queue completed within
+-- the window; one index range per queue on jobs_finished_idx.
+SELECT q.name, r.count, r.avg, r.p95
+FROM unnest(%(queues)s::text[]) AS q(name)
+CROSS JOIN LATERAL (
+    SELECT count(*) AS count, avg(secs)::float8 AS avg,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY secs)::float8 AS p95
+    FROM (
+        SELECT extract(epoch FROM finished_at - started_at)::float8 AS secs
+        FROM {schema}.jobs
+        WHERE queue = q.name AND state = 'completed' AND started_at IS NOT NULL
+          AND finished_at >= now() - make_interval(secs => %(window)s)
+    ) AS recent
+) AS r
+
+-- name: admin_throughput
+-- Jobs completed per minute, for the last %(minutes)s minutes: rows of (queue, minutes ago,
+-- count); minutes without completions are absent.
+SELECT q.name, t.ago, t.count
+FROM unnest(%(queues)s::text[]) AS q(name)
+CROSS JOIN LATERAL (
+    SELECT floor(extract(epoch FROM now() - finished_at) / 60)::int AS ago, count(*) AS count
+    FROM {schema}.jobs
+    WHERE queue = q.name AND state = 'completed'
+      AND finished_at > now() - make_interval(mins => %(minutes)s)
+    GROUP BY 1
+) AS t
+
+-- name: admin_worker_seen
+-- Seconds since any worker serving each queue last sent a heartbeat.
+SELECT q.name, extract(epoch FROM now() - max(w.heartbeat_at))::float8 AS age
+FROM {schema}.workers AS w CROSS JOIN LATERAL unnest(w.queues) AS q(name)
+GROUP BY q.name
+
+-- name: admin_failures
+-- Failed attempts per queue whose error was recorded within [since, until] (default: the last
+-- %(window)s seconds). Only rows that can hold such an error are read: live jobs, jobs that
+-- finished since, and jobs dead-lettered since.
+WITH bounds AS (
+    SELECT coalesce(%(since)s::timestamptz, now() - make_interval(secs => %(window)s)) AS since,
+           coalesce(%(until)s::timestamptz, now()) AS until
+), candidates AS (
+    SELECT j.queue, j.errors FROM {schema}.jobs AS j
+    WHERE j.state IN ('queued', 'running') AND j.errors <> '[]'::jsonb
+    UNION ALL
+    SELECT j.queue, j.errors FROM {schema}.jobs AS j, bounds AS b
+    WHERE j.state IN ('completed', 'cancelled') AND j.finished_at >= b.since
+      AND j.errors <> '[]'::jsonb
+    UNION ALL
+    SELECT d.queue, d.errors FROM {schema}.dead_letter AS d, bounds AS b
+    WHERE d.failed_at >= b.since
+), stamped AS (
+    SELECT c.queue,
+           CASE WHEN e.value ->> 'at' ~ '^\d{4}-\d\d-\d\d[T ]\d\d:\d\d'
+                THEN (e.value ->> 'at')::timestamptz END AS at
+    FROM candidates AS c CROSS JOIN LATERAL jsonb_array_elements(
+        CASE WHEN jsonb_typeof(c.errors) = 'array' THEN c.errors ELSE '[]'::jsonb END) AS e
+)
+SELECT s.queue, count(*) AS failures
+FROM stamped AS s, bounds AS b
+WHERE s.at > b.since AND s.at <= b.until
+GROUP BY s.queue
+
+-- name: admin_finished_between
+-- Jobs that finished in (since, until], per queue and outcome, with their run times bucketed
+-- by the given upper bounds (width_bucket: the number of bounds <= the run time). Feeds the
+-- Prometheus counters and histogram, which add these deltas scrape after scrape.
+SELECT q.name, f.outcome, f.bucket, f.count, f.seconds
+FROM unnest(%(queues)s::text[]) AS q(name)
+CROSS JOIN LATERAL (
+    SELECT state::text AS outcome,
+           width_bucket(extract(epoch FROM finished_at - coalesce(started_at, finished_at))::float8,
+                        %(bounds)s::float8[]) AS bucket,
+           count(*) AS count,
+           sum(extract(epoch FROM finished_at - coalesce(started_at, finished_at)))::float8
+               AS seconds
+    FROM {schema}.jobs
+    WHERE queue = q.name AND state IN ('completed', 'cancelled')
+      AND finished_at > %(since)s AND finished_at <= %(until)s
+    GROUP BY 1, 2
+) AS f
+
+-- name: admin_dead_between
+SELECT queue, count(*) AS count FROM {schema}.dead_letter
+WHERE failed_at > %(since)s AND failed_at <= %(until)s
+GROUP BY queue
+
+-- name: admin_clock
+-- The database's clock, less a lag that lets transactions still committing rows stamped
+-- before it land first.
+SELECT now() - make_interval(secs => %(lag)s) AS until
+
+-- ---------------------------------------------------------------- jobs
+
+-- name: admin_list_jobs
+-- Newest first, keyset-paginated on id (each branch walks its primary key backwards and stops
+-- after %(limit)s matches). %(state)s is one of queued, delayed, retrying, running, completed,
+-- cancelled, dead, or NULL for all; the time range applies to created_at.
+(
+    SELECT id, queue, task,
+           CASE WHEN state = 'queued' AND run_at > now() THEN 'delayed' ELSE state::text END
+               AS state,
+           priority, attempts, max_attempts, run_at, created_at, started_at, finished_at,
+           worker_id, errors -> -1 ->> 'message' AS last_error
+    FROM {schema}.jobs
+    WHERE %(live)s
+      AND (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+      AND (%(task)s::text IS NULL OR task = %(task)s)
+      AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s)
+      AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s)
+      AND (%(state)s::text IS NULL
+           OR (%(state)s = 'queued' AND state = 'queued' AND run_at <= now())
+           OR (%(state)s = 'delayed' AND state = 'queued' AND run_at > now())
+           OR (%(state)s = 'retrying' AND state = 'queued' AND attempts > 0)
+           OR (%(state)s IN ('running', 'completed', 'cancelled') AND state::text = %(state)s))
+    ORDER BY id DESC
+    LIMIT %(limit)s
+)
+UNION ALL
+(
+    SELECT id, queue, task, 'dead', priority, attempts, max_attempts, NULL, created_at,
+           started_at, failed_at, NULL, errors -> -1 ->> 'message'
+    FROM {schema}.dead_letter
+    WHERE %(dead)s
+      AND (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+      AND (%(task)s::text IS NULL OR task = %(task)s)
+      AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s)
+      AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s)
+    ORDER BY id DESC
+    LIMIT %(limit)s
+)
+ORDER BY id DESC
+LIMIT %(limit)s
+
+-- name: admin_get_job
+SELECT id, queue, task, args, priority,
+       CASE WHEN state = 'queued' AND run_at > now() THEN 'delayed' ELSE state::text END AS state,
+       run_at, attempts, max_attempts, timeout, unique_key, scheduled_for, worker_id, progress,
+       result, errors, created_at, started_at, finished_at, lease_expires_at, cancel_requested
+FROM {schema}.jobs WHERE id = %(id)s
+UNION ALL
+SELECT id, queue, task, args, priority, 'dead', NULL, attempts, max_attempts, timeout,
+       unique_key, scheduled_for, NULL, progress, NULL, errors, created_at, started_at,
+       failed_at, NULL, false
+FROM {schema}.dead_letter WHERE id = %(id)s
+
+-- name: admin_run_now
+-- A waiting job (delayed, or backing off before a retry) becomes due at once.
+UPDATE {schema}.jobs SET run_at = now()
+WHERE id = %(id)s AND state = 'queued'
+RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END AS woke
+
+-- name: admin_copy_job
+-- "Retry" of a finished job: a new job with the same task, arguments and options (a new id,
+-- fresh attempts); the original stays as history. A live job holding the same unique key wins.
+INSERT INTO {schema}.jobs (queue, task, args, priority, max_attempts, timeout, unique_key)
+SELECT queue, task, args, priority, max_attempts, timeout, unique_key
+FROM {schema}.jobs
+WHERE id = %(id)s AND state IN ('completed', 'cancelled')
+ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
+DO NOTHING
+RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END AS woke
+
+-- name: admin_delete_job
+-- A running job is left alone (its worker still holds it): cancel it first.
+WITH live AS (
+    DELETE FROM {schema}.jobs WHERE id = %(id)s AND state <> 'running' RETURNING id
+), dead AS (
+    DELETE FROM {schema}.dead_letter WHERE id = %(id)s RETURNING id
+)
+SELECT (SELECT count(*) FROM live) + (SELECT count(*) FROM dead)
+
+-- name: admin_discard_dead
+DELETE FROM {schema}.dead_letter WHERE id = %(id)s RETURNING id
+
+-- name: admin_clean_finished
+-- One batch of finished jobs older than the cut-off; the caller repeats until a batch comes
+-- back short, so locks stay short on a big table.
+DELETE FROM {schema}.jobs
+WHERE id IN (
+    SELECT id FROM {schema}.jobs
+    WHERE state = ANY(%(states)s::text[]::{schema}.job_state[])
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+      AND finished_at < now() - make_interval(secs => %(older_than)s)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+
+-- name: admin_clean_dead
+DELETE FROM {schema}.dead_letter
+WHERE id IN (
+    SELECT id FROM {schema}.dead_letter
+    WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
+      AND failed_at < now() - make_interval(secs => %(older_than)s)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+
+-- ---------------------------------------------------------------- workers and schedules
+
+-- name: admin_workers
+-- Every registered worker with its heartbeat age and the running jobs it holds.
+SELECT w.id, w.host, w.pid, w.queues, w.concurrency, w.started_at, w.heartbeat_at,
+       extract(epoch FROM now() - w.heartbeat_at)::float8 AS heartbeat_age,
+       coalesce(r.running, 0) AS running, coalesce(r.ids, '{}') AS job_ids
+FROM {schema}.workers AS w
+LEFT JOIN (
+    SELECT worker_id, count(*) AS running, (array_agg(id ORDER BY id))[1:50] AS ids
+    FROM {schema}.jobs WHERE state = 'running'
+    GROUP BY worker_id
+) AS r ON r.worker_id = w.id
+ORDER BY w.started_at, w.id
+
+-- name: admin_schedules
+SELECT name, task, args, queue, cron, every_seconds, timezone, paused, next_fire_at,
+       last_fire_at
+FROM {schema}.schedules
+ORDER BY name
+
+-- name: admin_pause_schedule
+UPDATE {schema}.schedules SET paused = %(paused)s, updated_at = now()
+WHERE name = %(name)s
+RETURNING name, task, args, queue, cron, every_seconds, timezone, paused, next_fire_at,
+          last_fire_at
+
+-- ---------------------------------------------------------------- health
+
+-- name: admin_ping
+SELECT 1
+
+-- name: admin_live_workers
+SELECT count(*) FROM {schema}.workers
+WHERE heartbeat_at > now() - make_interval(secs => %(stale)s)
