@@ -1,7 +1,8 @@
 """Create, upgrade and remove pgqueue's schema with Alembic, from the repo or an installed wheel.
 
-The migrations live in the repository's top-level ``migrations/`` and are copied into the wheel as
-``pgqueue/_migrations``; :func:`migrations_path` finds whichever this installation has.
+The migrations live in the repository's top-level ``migrations/``; ``pgqueue/_migrations`` links to
+it, so the wheel carries them and an app's alembic.ini can name them as the package resource
+``pgqueue:_migrations/versions``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ _MIGRATION_LOCK_KEY = 0x70675F71  # "pg_q"
 
 
 def migrations_path() -> Path:
-    """The Alembic script directory: inside the wheel, or the repo's ``migrations/`` in a checkout."""
+    """The Alembic script directory: inside the wheel, or ``migrations/`` in a checkout."""
     package = Path(__file__).resolve().parent
     for candidate in (package / "_migrations", package.parent / "migrations"):
         if (candidate / "env.py").is_file():
@@ -38,7 +39,8 @@ def current_schema() -> str:
     """The schema the running migration targets; used by ``env.py`` and every revision.
 
     Apps that fold pgqueue's revisions into their own Alembic history may set
-    ``config.attributes["pgqueue_schema"]`` or ``pgqueue_schema`` in alembic.ini; default ``pgqueue``.
+    ``config.attributes["pgqueue_schema"]`` or ``pgqueue_schema`` in alembic.ini; default
+    ``pgqueue``.
     """
     from alembic import context
 
@@ -83,7 +85,7 @@ def upgrade(dsn: str, *, schema: str = DEFAULT_SCHEMA, revision: str = "head") -
 
 
 def downgrade(dsn: str, *, schema: str = DEFAULT_SCHEMA, revision: str = "base") -> None:
-    """Step the schema down; to ``base`` it also drops the version table and the (then empty) schema.
+    """Step the schema down; to ``base`` it also drops the version table and the (empty) schema.
 
     The schema is dropped without CASCADE, so anything a user put there themselves is never lost:
     the drop fails instead.
@@ -111,7 +113,8 @@ def current_revision(dsn: str, *, schema: str = DEFAULT_SCHEMA) -> str | None:
     with _engine(dsn).connect() as conn:
         if not _has_version_table(conn, schema):
             return None
-        return conn.execute(text(f'SELECT version_num FROM "{check_schema_name(schema)}".alembic_version')).scalar()
+        table = f'"{check_schema_name(schema)}".alembic_version'
+        return conn.execute(text(f"SELECT version_num FROM {table}")).scalar()
 
 
 def head_revision() -> str:

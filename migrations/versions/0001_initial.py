@@ -15,6 +15,10 @@ branch_labels = ("pgqueue",)
 depends_on = None
 
 UPGRADE = """
+-- Also created here (not only by env.py) so an app that folds these revisions into its own
+-- Alembic history gets the schema too.
+CREATE SCHEMA IF NOT EXISTS {s};
+
 CREATE TYPE {s}.job_state AS ENUM ('queued', 'running', 'completed', 'cancelled');
 
 CREATE TABLE {s}.jobs (
