@@ -7,6 +7,7 @@ from pgqueue.aqueue import AsyncQueue
 from pgqueue.enqueue import JobSpec
 from pgqueue.errors import (
     ConfigurationError,
+    DatabaseUnavailableError,
     InvalidJobError,
     JobNotFoundError,
     PgQueueError,
@@ -16,7 +17,10 @@ from pgqueue.errors import (
 from pgqueue.jobs import Job, JobState
 from pgqueue.queue import Queue
 from pgqueue.retry import Abort, Backoff, Retry, exponential, fixed, linear
+from pgqueue.schedule_store import ScheduleNotFoundError
+from pgqueue.schedules import Schedule
 from pgqueue.tasks import Registry, Task, TaskOptions
+from pgqueue.worker.context import JobContext
 
 __version__ = "0.1.0"
 
@@ -25,8 +29,10 @@ __all__ = [
     "AsyncQueue",
     "Backoff",
     "ConfigurationError",
+    "DatabaseUnavailableError",
     "InvalidJobError",
     "Job",
+    "JobContext",
     "JobNotFoundError",
     "JobSpec",
     "JobState",
@@ -34,6 +40,8 @@ __all__ = [
     "Queue",
     "Registry",
     "Retry",
+    "Schedule",
+    "ScheduleNotFoundError",
     "SchemaNotReadyError",
     "Task",
     "TaskOptions",

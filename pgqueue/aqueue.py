@@ -11,14 +11,17 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from pgqueue import enqueue as ops
 from pgqueue.base import KEEP, UNIQUE_RACE_RETRIES, Keep, QueueBase, QueueSettings
 from pgqueue.connections import async_connection
 from pgqueue.enqueue import JobSpec
-from pgqueue.errors import JobNotFoundError, PgQueueError
+from pgqueue.errors import DatabaseUnavailableError, JobNotFoundError, PgQueueError
 from pgqueue.jobs import Job, JobRequest, job_from_row
+from pgqueue.notifications import settings_changed
+from pgqueue.schedule_store import ScheduleNotFoundError, schedule_from_row, schedule_params
+from pgqueue.schedules import MisfirePolicy, Schedule
 
 
 class AsyncQueue(QueueBase[Awaitable[int]]):
@@ -62,8 +65,11 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         if conn is not None:
             yield await async_connection(conn)
         else:
-            async with (await self.pool()).connection() as pooled:
-                yield pooled
+            try:
+                async with (await self.pool()).connection() as pooled:
+                    yield pooled
+            except PoolTimeout as exc:
+                raise DatabaseUnavailableError(f"cannot connect to the database: {exc}") from exc
 
     async def migrate(self, revision: str = "head") -> None:
         """Create or upgrade pgqueue's schema (in a thread: Alembic is synchronous)."""
@@ -211,6 +217,53 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         async with self.connection() as c, c.transaction():
             row = await (await c.execute(self.queries.set_queue, params)).fetchone()
             assert row is not None
-            await c.execute(self.queries.wake_queues, {"channel": self.queries.channel, "queues": [row[0]]})
+            await c.execute(self.queries.wake_queues, {"channel": self.queries.channel, "queues": [row[0], settings_changed(row[0])]})
         return QueueSettings(*row)
+
+    # ------------------------------------------------------------------ schedules at run time
+
+    async def add_schedule(
+        self,
+        name: str,
+        task: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        cron: str | None = None,
+        every: timedelta | None = None,
+        timezone: str = "UTC",
+        queue: str | None = None,
+        priority: int | None = None,
+        max_attempts: int | None = None,
+        paused: bool = False,
+        misfire: MisfirePolicy = "skip",
+        misfire_grace: timedelta = timedelta(minutes=1),
+    ) -> Schedule:
+        """Store (or replace) a schedule at run time; running schedulers pick it up within seconds."""
+        schedule = Schedule(
+            name=name, task=task, args=dict(args or {}), cron=cron, every=every, timezone=timezone,
+            queue=queue, priority=priority, max_attempts=max_attempts, paused=paused,
+            misfire=misfire, misfire_grace=misfire_grace,
+        )
+        async with self.connection() as c:
+            await c.execute(self.queries.upsert_schedule, schedule_params(schedule, from_code=False))
+        return schedule
+
+    async def list_schedules(self) -> list[Schedule]:
+        """Every stored schedule, with the next fire time the schedulers computed."""
+        async with self.connection() as c:
+            cur = await c.execute(self.queries.list_schedules)
+            return [schedule_from_row(row) for row in await cur.fetchall()]
+
+    async def pause_schedule(self, name: str) -> None:
+        await self._change_schedule(self.queries.set_schedule_paused, {"name": name, "paused": True})
+
+    async def resume_schedule(self, name: str) -> None:
+        await self._change_schedule(self.queries.set_schedule_paused, {"name": name, "paused": False})
+
+    async def remove_schedule(self, name: str) -> None:
+        await self._change_schedule(self.queries.delete_schedule, {"name": name})
+
+    async def _change_schedule(self, query: str, params: dict[str, Any]) -> None:
+        if await self._count(query, params, None) == 0:
+            raise ScheduleNotFoundError(f"no schedule named {params['name']!r}")
 

@@ -11,9 +11,9 @@ from pgqueue.connections import resolve_dsn
 from pgqueue.enqueue import JobSpec, make_request
 from pgqueue.errors import ConfigurationError, InvalidJobError
 from pgqueue.jobs import JobRequest
-from pgqueue.schedules import MisfirePolicy, Schedule
 from pgqueue.naming import check_queue_name
 from pgqueue.retry import Backoff
+from pgqueue.schedules import MisfirePolicy, Schedule
 from pgqueue.sql import Queries, queries_for
 from pgqueue.tasks import Handler, Registry, Task, make_options, task_name
 

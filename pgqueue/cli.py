@@ -95,7 +95,12 @@ def _worker(args: argparse.Namespace) -> int:
     finally:
         if scheduler is not None:
             scheduler.shutdown()
-    return 0
+    # A sync handler abandoned at the end of the grace period still runs in a pool thread, which
+    # the interpreter would join at exit: leave now (its job is already handed back).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _scheduler(args: argparse.Namespace) -> int:

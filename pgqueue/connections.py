@@ -37,17 +37,21 @@ def _not_psycopg(driver_conn: object) -> ConfigurationError:
 
 
 def sync_connection(conn: Any) -> psycopg.Connection[Any]:
-    """The psycopg connection behind ``conn``: a psycopg Connection, or a SQLAlchemy Session/Connection."""
+    """The psycopg connection behind ``conn`` (psycopg's, or a SQLAlchemy Session/Connection's)."""
     if isinstance(conn, psycopg.Connection):
         return conn
     try:
         from sqlalchemy.engine import Connection as SAConnection
         from sqlalchemy.orm import Session
     except ImportError:  # pragma: no cover - sqlalchemy is a dependency
-        SAConnection = Session = None  # type: ignore[assignment,misc]  # noqa: N806
+        SAConnection = Session = None  # type: ignore[assignment,misc]
     if Session is not None and isinstance(conn, Session):
         conn = conn.connection()
     if SAConnection is not None and isinstance(conn, SAConnection):
+        if not conn.in_transaction():
+            # Statements run on the driver connection bypass SQLAlchemy's autobegin: begin
+            # here, or the Connection's commit() would be a no-op and the job rolled back.
+            conn.begin()
         driver_conn = conn.connection.driver_connection
         if not isinstance(driver_conn, psycopg.Connection):
             raise _not_psycopg(driver_conn)
@@ -59,20 +63,30 @@ def sync_connection(conn: Any) -> psycopg.Connection[Any]:
 
 
 async def async_connection(conn: Any) -> psycopg.AsyncConnection[Any]:
-    """The psycopg async connection behind a psycopg AsyncConnection or SQLAlchemy AsyncSession/AsyncConnection."""
+    """The psycopg async connection behind ``conn``: psycopg's own, or a SQLAlchemy
+    AsyncSession/AsyncConnection's."""
     if isinstance(conn, psycopg.AsyncConnection):
         return conn
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+    try:
+        from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+    except ImportError:  # no greenlet, so no SQLAlchemy asyncio objects: conn is none of them
+        raise _not_async(conn) from None
 
     if isinstance(conn, AsyncSession):
         conn = await conn.connection()
     if isinstance(conn, AsyncConnection):
+        if not conn.in_transaction():
+            await conn.begin()  # as in sync_connection: SQLAlchemy must know a transaction is open
         raw = await conn.get_raw_connection()
         driver_conn = raw.driver_connection
         if not isinstance(driver_conn, psycopg.AsyncConnection):
             raise _not_psycopg(driver_conn)
         return driver_conn
-    raise ConfigurationError(
+    raise _not_async(conn)
+
+
+def _not_async(conn: object) -> ConfigurationError:
+    return ConfigurationError(
         "conn= takes a psycopg AsyncConnection or a SQLAlchemy AsyncSession/AsyncConnection, "
         f"not {type(conn).__name__} (use Queue for sync connections)"
     )

@@ -15,7 +15,9 @@ from pgqueue.jobs import JobRequest, build_request
 from pgqueue.sql import Queries
 from pgqueue.tasks import Registry, TaskOptions
 
-COPY_TYPES = ["int8", "text", "text", "jsonb", "int2", "timestamptz", "int4", "float8", "timestamptz"]
+COPY_TYPES = [
+    "int8", "text", "text", "jsonb", "int2", "timestamptz", "int4", "float8", "timestamptz",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +45,9 @@ def as_spec(item: JobSpec | Mapping[str, Any]) -> JobSpec:
     if isinstance(item, Mapping):
         unknown = set(item) - _SPEC_FIELDS
         if unknown:
-            raise InvalidJobError(f"unknown job fields {sorted(unknown)}; allowed: {sorted(_SPEC_FIELDS)}")
+            raise InvalidJobError(
+                f"unknown job fields {sorted(unknown)}; allowed: {sorted(_SPEC_FIELDS)}"
+            )
         if "task" not in item:
             raise InvalidJobError(f"job {dict(item)!r} has no 'task'")
         return JobSpec(**item)
@@ -51,7 +55,7 @@ def as_spec(item: JobSpec | Mapping[str, Any]) -> JobSpec:
 
 
 def make_request(registry: Registry, spec: JobSpec) -> JobRequest:
-    """Validate one job against its task's signature and defaults (an unknown task gets defaults)."""
+    """Validate one job against its task's signature and defaults (unknown tasks get defaults)."""
     task = registry.get(spec.task) if isinstance(spec.task, str) else None
     defaults = task.options if task is not None else TaskOptions()
     request = build_request(
@@ -71,7 +75,9 @@ def make_request(registry: Registry, spec: JobSpec) -> JobRequest:
     return request
 
 
-def make_requests(registry: Registry, jobs: Iterable[JobSpec | Mapping[str, Any]]) -> list[JobRequest]:
+def make_requests(
+    registry: Registry, jobs: Iterable[JobSpec | Mapping[str, Any]]
+) -> list[JobRequest]:
     """Validate every job before any is written: a bad one refuses the whole batch."""
     requests = []
     for index, item in enumerate(jobs):
@@ -99,8 +105,10 @@ def enqueue_params(queries: Queries, request: JobRequest, notify: bool) -> dict[
     }
 
 
-def copy_rows(requests: Sequence[JobRequest], ids: Sequence[int], now: datetime) -> Iterable[tuple[Any, ...]]:
-    """Rows for COPY; delays are resolved against the transaction's clock, as single enqueues are."""
+def copy_rows(
+    requests: Sequence[JobRequest], ids: Sequence[int], now: datetime
+) -> Iterable[tuple[Any, ...]]:
+    """Rows for COPY; delays resolve against the transaction's clock, as single enqueues do."""
     for job_id, r in zip(ids, requests, strict=True):
         run_at = r.run_at if r.run_at is not None else now + timedelta(seconds=r.delay_seconds)
         yield (job_id, r.queue, r.task, r.args_json, r.priority, run_at, r.max_attempts, r.timeout,

@@ -24,5 +24,9 @@ class ConfigurationError(PgQueueError):
     """A setting is missing or malformed (DSN, schema name, worker options…)."""
 
 
+class DatabaseUnavailableError(PgQueueError):
+    """No connection to PostgreSQL could be had in time (server down, wrong DSN, pool exhausted)."""
+
+
 class SchemaNotReadyError(PgQueueError):
     """The database has no pgqueue schema, or an older one: run ``pgqueue migrate``."""

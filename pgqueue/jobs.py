@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 from pgqueue.errors import InvalidJobError
 from pgqueue.naming import check_queue_name, check_task_name
+
+# A JSON "\u0000" escape (not an escaped backslash followed by "u0000").
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 1, 10, 5
 DEFAULT_QUEUE = "default"
@@ -91,14 +95,24 @@ class JobRequest:
 def dump_args(args: object) -> str:
     """Arguments are stored as a JSON object and passed to the handler as keyword arguments."""
     if not isinstance(args, Mapping):
-        raise InvalidJobError(f"job args must be a mapping of keyword arguments, not {type(args).__name__}")
+        raise InvalidJobError(
+            f"job args must be a mapping of keyword arguments, not {type(args).__name__}"
+        )
     for key in args:
         if not isinstance(key, str):
             raise InvalidJobError(f"job args keys must be strings, got {key!r}")
     try:
-        return json.dumps(args, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(args, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise InvalidJobError(f"job args are not JSON-serialisable: {exc}") from exc
+    # What JSON allows but PostgreSQL's jsonb refuses: refused here, before anything is written.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidJobError(f"job args hold a string that is not valid Unicode: {exc}") from exc
+    if _NUL_ESCAPE.search(text):
+        raise InvalidJobError("job args hold a NUL character (\\x00): PostgreSQL cannot store it")
+    return text
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
@@ -111,10 +125,18 @@ def _delay_seconds(delay: timedelta | float | int | None) -> float:
     if delay is None:
         return 0.0
     seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+    ):
         raise InvalidJobError(f"delay must be a timedelta or a number of seconds, got {delay!r}")
     if seconds < 0:
         raise InvalidJobError(f"delay must not be negative, got {delay!r}")
+    try:  # bulk enqueue resolves delays in Python: they must give a representable datetime
+        datetime.now(UTC) + timedelta(seconds=seconds)
+    except OverflowError as exc:
+        raise InvalidJobError(f"delay is too long, got {delay!r}") from exc
     return float(seconds)
 
 
@@ -140,8 +162,12 @@ def build_request(
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
     ):
         raise InvalidJobError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if unique_key is not None and (not isinstance(unique_key, str) or not unique_key):
-        raise InvalidJobError(f"unique_key must be a non-empty string, got {unique_key!r}")
+    if unique_key is not None and (
+        not isinstance(unique_key, str) or not unique_key or "\x00" in unique_key
+    ):
+        raise InvalidJobError(
+            f"unique_key must be a non-empty string without NUL characters, got {unique_key!r}"
+        )
     args = {} if args is None else args
     return JobRequest(
         queue=check_queue_name(queue),

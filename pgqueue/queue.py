@@ -11,14 +11,15 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from pgqueue import enqueue as ops
 from pgqueue.base import KEEP, UNIQUE_RACE_RETRIES, Keep, QueueBase, QueueSettings
 from pgqueue.connections import sync_connection
 from pgqueue.enqueue import JobSpec
-from pgqueue.errors import JobNotFoundError, PgQueueError
+from pgqueue.errors import DatabaseUnavailableError, JobNotFoundError, PgQueueError
 from pgqueue.jobs import Job, JobRequest, job_from_row
+from pgqueue.notifications import settings_changed
 from pgqueue.schedule_store import ScheduleStore
 from pgqueue.schedules import MisfirePolicy, Schedule
 
@@ -67,8 +68,11 @@ class Queue(QueueBase[int]):
         if conn is not None:
             yield sync_connection(conn)
         else:
-            with self.pool().connection() as pooled:
-                yield pooled
+            try:
+                with self.pool().connection() as pooled:
+                    yield pooled
+            except PoolTimeout as exc:
+                raise DatabaseUnavailableError(f"cannot connect to the database: {exc}") from exc
 
     def migrate(self, revision: str = "head") -> None:
         """Create or upgrade pgqueue's schema; running it again changes nothing."""
@@ -216,7 +220,7 @@ class Queue(QueueBase[int]):
         with self.connection() as c, c.transaction():
             row = c.execute(self.queries.set_queue, params).fetchone()
             assert row is not None
-            c.execute(self.queries.wake_queues, {"channel": self.queries.channel, "queues": [row[0]]})
+            c.execute(self.queries.wake_queues, {"channel": self.queries.channel, "queues": [row[0], settings_changed(row[0])]})
         return QueueSettings(*row)
 
     # ------------------------------------------------------------------ schedules at run time

@@ -24,11 +24,16 @@ def _seconds(value: timedelta | float, name: str) -> float:
     return seconds
 
 
-def _jittered(seconds: float, jitter: float) -> float:
-    """Spread retries of many jobs that failed together by ±``jitter`` of the delay."""
+def _jittered(seconds: float, jitter: float, cap: float = float("inf")) -> float:
+    """Spread retries of jobs that failed together over ±``jitter`` of the delay, never past ``cap``.
+
+    At the cap the spread goes downward only, so jobs that failed many times still do not retry
+    in lockstep.
+    """
+    base = min(seconds, cap)
     if jitter == 0:
-        return seconds
-    return max(0.0, seconds * (1 + random.uniform(-jitter, jitter)))
+        return base
+    return random.uniform(base * (1 - jitter), min(base * (1 + jitter), cap))
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +45,7 @@ class Exponential:
 
     def __call__(self, attempt: int) -> float:
         raw = self.base * self.factor ** max(attempt - 1, 0) if attempt < 64 else self.cap
-        return _jittered(min(raw, self.cap), self.jitter)
+        return _jittered(raw, self.jitter, self.cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +55,7 @@ class Linear:
     jitter: float
 
     def __call__(self, attempt: int) -> float:
-        return _jittered(min(self.step * max(attempt, 1), self.cap), self.jitter)
+        return _jittered(self.step * max(attempt, 1), self.jitter, self.cap)
 
 
 @dataclass(frozen=True, slots=True)

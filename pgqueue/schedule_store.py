@@ -18,7 +18,7 @@ class ScheduleNotFoundError(PgQueueError, LookupError):
     """No schedule has that name."""
 
 
-def _row_params(schedule: Schedule, from_code: bool) -> dict[str, Any]:
+def schedule_params(schedule: Schedule, from_code: bool) -> dict[str, Any]:
     return {
         "name": schedule.name,
         "task": schedule.task,
@@ -37,7 +37,7 @@ def _row_params(schedule: Schedule, from_code: bool) -> dict[str, Any]:
     }
 
 
-def _from_row(row: tuple[Any, ...]) -> Schedule:
+def schedule_from_row(row: tuple[Any, ...]) -> Schedule:
     (name, task, args, cron, every_seconds, zone, queue, priority, max_attempts, paused,
      misfire, grace, next_fire_at, last_fire_at, _updated_at) = row
     return Schedule(
@@ -61,18 +61,18 @@ class ScheduleStore:
         schedules = list(schedules)
         with self.queue.connection() as conn, conn.transaction():
             for schedule in schedules:
-                conn.execute(self.queries.upsert_schedule, _row_params(schedule, from_code=True))
+                conn.execute(self.queries.upsert_schedule, schedule_params(schedule, from_code=True))
             conn.execute(self.queries.delete_stale_code_schedules, {"names": [s.name for s in schedules]})
 
     def upsert(self, schedule: Schedule) -> bool:
         """Add or replace a run-time schedule; True when it is new."""
         with self.queue.connection() as conn:
-            row = conn.execute(self.queries.upsert_schedule, _row_params(schedule, from_code=False)).fetchone()
+            row = conn.execute(self.queries.upsert_schedule, schedule_params(schedule, from_code=False)).fetchone()
         return bool(row and row[0])
 
     def list(self) -> list[Schedule]:
         with self.queue.connection() as conn:
-            return [_from_row(row) for row in conn.execute(self.queries.list_schedules).fetchall()]
+            return [schedule_from_row(row) for row in conn.execute(self.queries.list_schedules).fetchall()]
 
     def get(self, name: str) -> Schedule:
         for schedule in self.list():

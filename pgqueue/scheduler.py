@@ -25,8 +25,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from pgqueue.base import QueueBase
 from pgqueue.enqueue import JobSpec, make_request
 from pgqueue.queue import Queue
-from pgqueue.schedules import Schedule, fire_key
 from pgqueue.schedule_store import ScheduleStore
+from pgqueue.schedules import Schedule, fire_key
 
 log = logging.getLogger("pgqueue.scheduler")
 ENQUEUE_EXECUTOR = "pgqueue-enqueue"

@@ -82,7 +82,7 @@ class Task(Generic[R]):
         return self._enqueue(self.name, kwargs)
 
     def with_options(self, **overrides: Any) -> BoundTask[R]:
-        """Enqueue with overrides: ``send_email.with_options(delay=60, conn=tx).enqueue(to=...)``."""
+        """Enqueue with overrides: ``send_email.with_options(delay=60, conn=tx).enqueue(to=…)``."""
         try:
             return BoundTask(self, EnqueueOptions(**overrides))
         except TypeError as exc:

@@ -121,6 +121,7 @@ async def pgqueue_async_queue(postgres_dsn: str, pgqueue_schema: str) -> AsyncIt
 def count_rows(dsn: str, schema: str, table: str, where: str = "true", params: Any = None) -> int:
     """How many rows of a pgqueue table match: for assertions in users' own tests."""
     with psycopg.connect(dsn) as conn:
-        row = conn.execute(f'SELECT count(*) FROM "{schema}".{table} WHERE {where}', params).fetchone()
+        query = f'SELECT count(*) FROM "{schema}".{table} WHERE {where}'
+        row = conn.execute(query, params).fetchone()
     assert row is not None
     return int(row[0])

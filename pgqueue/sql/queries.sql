@@ -69,7 +69,7 @@ SET state = CASE WHEN state = 'queued' THEN 'cancelled'::{schema}.job_state ELSE
     finished_at = CASE WHEN state = 'queued' THEN now() ELSE finished_at END,
     cancel_requested = (state = 'running')
 WHERE id = %(id)s AND state IN ('queued', 'running')
-RETURNING id, CASE WHEN state = 'running' THEN pg_notify(%(channel)s, 'cancel:' || id) END AS woke
+RETURNING id, CASE WHEN state = 'running' THEN pg_notify(%(channel)s, '!cancel ' || id) END AS woke
 
 -- name: cancel_by_key
 UPDATE {schema}.jobs
@@ -78,7 +78,7 @@ SET state = CASE WHEN state = 'queued' THEN 'cancelled'::{schema}.job_state ELSE
     cancel_requested = (state = 'running')
 WHERE unique_key = %(unique_key)s AND (%(queue)s::text IS NULL OR queue = %(queue)s)
   AND state IN ('queued', 'running')
-RETURNING id, CASE WHEN state = 'running' THEN pg_notify(%(channel)s, 'cancel:' || id) END AS woke
+RETURNING id, CASE WHEN state = 'running' THEN pg_notify(%(channel)s, '!cancel ' || id) END AS woke
 
 -- name: retry_dead
 -- Moves dead-lettered jobs back into the queue with fresh attempts, keeping their ids and history.
@@ -112,7 +112,8 @@ SELECT version_num FROM {schema}.alembic_version
 -- name: claim
 -- One statement claims a batch: per queue the best runnable rows (priority, then run time, then
 -- id) are locked with SKIP LOCKED through the claim index, then merged in the same order.
--- Paused queues are skipped here, in the same statement, so a pause takes effect at once.
+-- Paused and limited queues are skipped here, in the same statement, so a pause or a new cap
+-- takes effect at once even for a worker whose cached settings are stale.
 WITH candidates AS (
     SELECT c.id
     FROM unnest(%(queues)s::text[]) AS q(name)
@@ -123,7 +124,9 @@ WITH candidates AS (
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED
     ) AS c
-    WHERE q.name NOT IN (SELECT name FROM {schema}.queues WHERE paused)
+    -- Queues with a global cap or rate limit are claimed only through claim_limited.
+    WHERE q.name NOT IN (SELECT name FROM {schema}.queues
+                         WHERE paused OR concurrency IS NOT NULL OR rate_limit IS NOT NULL)
     ORDER BY c.priority, c.run_at, c.id
     LIMIT %(limit)s
 )
@@ -256,7 +259,7 @@ WITH beat AS (
 )
 UPDATE {schema}.jobs
 SET lease_expires_at = now() + make_interval(secs => %(lease)s)
-WHERE state = 'running' AND worker_id = %(id)s
+WHERE state = 'running' AND worker_id = %(id)s AND id = ANY(%(held)s::bigint[])
 RETURNING id, attempts, cancel_requested
 
 -- name: save_progress
@@ -357,18 +360,18 @@ WHERE id IN (
 -- the matching clear flag is set.
 INSERT INTO {schema}.queues AS q (name, paused, concurrency, rate_limit, rate_tokens,
                                   keep_completed, keep_completed_count, keep_dead)
-VALUES (%(name)s, coalesce(%(paused)s, false), %(concurrency)s, %(rate_limit)s,
-        coalesce(%(rate_limit)s, 0), make_interval(secs => %(keep_completed)s),
-        %(keep_completed_count)s, make_interval(secs => %(keep_dead)s))
+VALUES (%(name)s, coalesce(%(paused)s::bool, false), %(concurrency)s::int, %(rate_limit)s::float8,
+        coalesce(%(rate_limit)s::float8, 0), make_interval(secs => %(keep_completed)s::float8),
+        %(keep_completed_count)s::int, make_interval(secs => %(keep_dead)s::float8))
 ON CONFLICT (name) DO UPDATE SET
-    paused = coalesce(%(paused)s, q.paused),
-    concurrency = CASE WHEN %(clear_concurrency)s THEN NULL
-                       ELSE coalesce(%(concurrency)s, q.concurrency) END,
-    rate_limit = CASE WHEN %(clear_rate_limit)s THEN NULL
-                      ELSE coalesce(%(rate_limit)s, q.rate_limit) END,
-    keep_completed = coalesce(make_interval(secs => %(keep_completed)s), q.keep_completed),
-    keep_completed_count = coalesce(%(keep_completed_count)s, q.keep_completed_count),
-    keep_dead = coalesce(make_interval(secs => %(keep_dead)s), q.keep_dead),
+    paused = coalesce(%(paused)s::bool, q.paused),
+    concurrency = CASE WHEN %(clear_concurrency)s::bool THEN NULL
+                       ELSE coalesce(%(concurrency)s::int, q.concurrency) END,
+    rate_limit = CASE WHEN %(clear_rate_limit)s::bool THEN NULL
+                      ELSE coalesce(%(rate_limit)s::float8, q.rate_limit) END,
+    keep_completed = coalesce(make_interval(secs => %(keep_completed)s::float8), q.keep_completed),
+    keep_completed_count = coalesce(%(keep_completed_count)s::int, q.keep_completed_count),
+    keep_dead = coalesce(make_interval(secs => %(keep_dead)s::float8), q.keep_dead),
     updated_at = now()
 RETURNING name, paused, concurrency, rate_limit
 

@@ -93,6 +93,7 @@ class AsyncWorker:
         self.stats = WorkerStats()
         self._install_signals = install_signal_handlers
         self._running: dict[int, _Running] = {}
+        self._held: set[int] = set()
         self._per_queue: Counter[str] = Counter()
         self._limits: dict[str, QueueLimits] = {}
         self._limits_read_at = float("-inf")
@@ -100,6 +101,7 @@ class AsyncWorker:
         self._progress: dict[tuple[int, int], Any] = {}
         self._notifier = SystemdNotifier()
         self._signals = 0
+        self._stop_requested = False
         self._loop_alive_at = time.monotonic()
         self._stopping: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
@@ -112,6 +114,7 @@ class AsyncWorker:
 
     def stop(self) -> None:
         """Stop claiming and shut down gracefully (what SIGTERM does). Safe from any thread."""
+        self._stop_requested = True
         if self._loop is not None and self._stopping is not None:
             self._loop.call_soon_threadsafe(self._stopping.set)
 
@@ -120,6 +123,8 @@ class AsyncWorker:
         s = self.settings
         self._loop = asyncio.get_running_loop()
         self._stopping, self._wake = asyncio.Event(), asyncio.Event()
+        if self._stop_requested:
+            self._stopping.set()
         self._threads = ThreadPoolExecutor(max_workers=s.concurrency, thread_name_prefix="pgqueue-job")
         self._pool = AsyncConnectionPool(
             self.queue.dsn, min_size=2, max_size=5, kwargs={"autocommit": True},
@@ -244,6 +249,8 @@ class AsyncWorker:
                 except Exception as exc:
                     failures += 1
                     log.warning("claim failed (%s); retrying", exc)
+                    if failures == 1:  # drop every dead pooled connection at once, not one per retry
+                        await self._check_pool()
                     await self._sleep_or_stop(reconnect_delay(failures))
                     continue
             if saturated and self._free_slots() > 0:
@@ -299,8 +306,6 @@ class AsyncWorker:
         for name in s.queues:
             limits = self._limits.get(name, QueueLimits())
             local_cap = s.queue_concurrency.get(name)
-            if limits.paused:
-                continue
             if not limits.limited and local_cap is None:
                 plain.append(name)
                 continue
@@ -352,6 +357,7 @@ class AsyncWorker:
             task = self.registry.get(job.task)
             running = _Running(job, ctx, is_async=task is not None and task.is_async)
             self._running[job.id] = running
+            self._held.add(job.id)
             self._per_queue[job.queue] += 1
             running.task = self._loop.create_task(self._run_job(running))
 
@@ -371,6 +377,8 @@ class AsyncWorker:
         if outcome.kind == "retry":
             due = time.monotonic() + outcome.delay
             self._retry_due = due if self._retry_due is None else min(self._retry_due, due)
+        if (job.id, job.attempt) in self._progress:
+            await self._save_progress()
         self._acks.add(outcome)
         assert self._wake is not None
         self._wake.set()
@@ -423,6 +431,7 @@ class AsyncWorker:
 
     def _acknowledged(self, outcomes: list[Outcome]) -> None:
         for o in outcomes:
+            self._held.discard(o.job.id)
             name = _STAT[o.kind]
             setattr(self.stats, name, getattr(self.stats, name) + 1)
 
@@ -437,13 +446,22 @@ class AsyncWorker:
             if name in queues:
                 wake.set()
 
-        await listen(self.queue.dsn, self.queries.channel, on_queue, self._cancel, wake.set, reconnect_delay)
+        def on_settings(name: str) -> None:
+            if name in queues:
+                self._limits_read_at = float("-inf")  # re-read before the next claim
+                wake.set()
+
+        await listen(
+            self.queue.dsn, self.queries.channel, on_queue, self._cancel, on_settings, wake.set,
+            reconnect_delay,
+        )
 
     async def _heartbeat(self, c: Conn) -> None:
         s = self.settings
         params = {
             "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
             "queues": list(s.queues), "concurrency": s.concurrency, "lease": s.lease_seconds,
+            "held": list(self._held),
         }
         rows = await (await c.execute(self.queries.heartbeat, params)).fetchall()
         for job_id, _attempt, cancel_requested in rows:
@@ -510,6 +528,13 @@ class AsyncWorker:
             await asyncio.sleep(interval)
 
     # ------------------------------------------------------------------ database helpers
+
+    async def _check_pool(self) -> None:
+        assert self._pool is not None
+        try:
+            await self._pool.check()
+        except Exception as exc:
+            log.debug("pool check failed: %s", exc)
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         assert self._stopping is not None

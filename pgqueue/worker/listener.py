@@ -13,8 +13,9 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
+from pgqueue.notifications import CANCEL_PREFIX, SETTINGS_PREFIX
+
 log = logging.getLogger("pgqueue.worker")
-CANCEL_PREFIX = "cancel:"
 
 
 async def listen(
@@ -22,6 +23,7 @@ async def listen(
     channel: str,
     on_queue: Callable[[str], None],
     on_cancel: Callable[[int], None],
+    on_settings: Callable[[str], None],
     on_reconnect: Callable[[], None],
     retry_delay: Callable[[int], float],
 ) -> None:
@@ -38,6 +40,8 @@ async def listen(
                 async for note in conn.notifies():
                     if note.payload.startswith(CANCEL_PREFIX):
                         on_cancel(int(note.payload[len(CANCEL_PREFIX):]))
+                    elif note.payload.startswith(SETTINGS_PREFIX):
+                        on_settings(note.payload[len(SETTINGS_PREFIX):])
                     else:
                         on_queue(note.payload)
         except asyncio.CancelledError:

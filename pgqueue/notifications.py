@@ -1,0 +1,12 @@
+"""The payloads sent on a schema's NOTIFY channel (``pgqueue_<schema>``).
+
+A bare queue name wakes that queue's workers. Control messages start with ``!``, which no queue
+name can contain, so the two can never be confused.
+"""
+
+CANCEL_PREFIX = "!cancel "  # + job id: its worker stops it now (written by the cancel queries)
+SETTINGS_PREFIX = "!settings "  # + queue name: re-read the queue's shared settings
+
+
+def settings_changed(queue: str) -> str:
+    return SETTINGS_PREFIX + queue

@@ -1,0 +1,67 @@
+"""The worker embedded in an app's own event loop: ``await AsyncWorker(queue, ...).run()``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import worker_app
+from worker_helpers import Db
+
+from pgqueue import JobSpec
+from pgqueue.worker import AsyncWorker
+
+pytest_plugins = ["worker_helpers"]  # the wapp, wdb and wprocs fixtures
+pytestmark = pytest.mark.slow
+
+
+async def wait_for_db(db: Db, query: str, expected: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while db.one(query) != expected:
+        assert time.monotonic() < deadline, f"timed out: {query} != {expected!r}"
+        await asyncio.sleep(0.05)
+
+
+async def test_async_worker_runs_jobs_in_the_apps_loop_and_stops_cleanly(
+    wapp: worker_app.App, wdb: Db
+) -> None:
+    w = AsyncWorker(wapp.queue, install_signal_handlers=False, queues=("default",), concurrency=4)
+    task = asyncio.create_task(w.run())
+    try:
+        await wait_for_db(wdb, f"SELECT count(*) FROM {{workers}} WHERE id = '{w.id}'", 1, 15)
+        ids = wapp.queue.enqueue_many([JobSpec("record", {"sleep": 0.05}) for _ in range(8)])
+        await wait_for_db(
+            wdb, "SELECT count(*) FROM {jobs} WHERE state = 'completed'", len(ids), 10
+        )
+        w.stop()
+        await asyncio.wait_for(task, 10)
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await wapp.aclose()
+    assert w.stats.completed == len(ids)
+    assert w.stats.claimed == len(ids)
+    assert wdb.one("SELECT count(*) FROM {workers}") == 0  # deregistered on the way out
+
+
+async def test_stop_right_after_starting_run_is_not_lost(wapp: worker_app.App, wdb: Db) -> None:
+    """``task = create_task(w.run()); w.stop(); await task`` must return: an app that shuts down
+    right after starting its worker (or a stop from another thread while ``run`` is starting)
+    must not leave the worker running forever."""
+    w = AsyncWorker(wapp.queue, install_signal_handlers=False, queues=("default",))
+    task = asyncio.create_task(w.run())
+    w.stop()
+    try:
+        done, _ = await asyncio.wait({task}, timeout=3)
+        if not done:
+            w.stop()  # now that run() has started, a stop is heard: clean up, then fail
+            await asyncio.wait_for(task, 10)
+        assert done, "run() ignored the stop() made before it got going and kept running"
+        task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await wapp.aclose()

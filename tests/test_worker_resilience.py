@@ -1,0 +1,120 @@
+"""A worker that loses its database connections reconnects and loses nothing; leases save jobs."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import worker_app
+from worker_helpers import Db, Workers, terminate_backends, thread_worker, wait_until
+
+from pgqueue import JobSpec, JobState
+
+pytest_plugins = ["worker_helpers"]  # the wapp, wdb and wprocs fixtures
+pytestmark = pytest.mark.slow
+
+
+def test_worker_survives_pg_terminate_backend_of_all_its_connections(
+    wapp: worker_app.App, wdb: Db, wprocs: Workers
+) -> None:
+    # A long poll interval: after the reconnect, only LISTEN can wake the worker promptly.
+    worker = wprocs.start("--concurrency", "10", "--poll-interval", "5", log_level="INFO")
+    wprocs.wait_registered(wdb, worker)
+
+    ids: list[int] = []
+    terminated: list[int] = []
+    started = time.monotonic()
+    kills_at = [0.4, 1.0, 1.6]
+    while time.monotonic() - started < 2.2:  # jobs keep flowing while connections are killed
+        ids += wapp.queue.enqueue_many([JobSpec("record", {"sleep": 0.01}) for _ in range(20)])
+        if kills_at and time.monotonic() - started >= kills_at[0]:
+            kills_at.pop(0)
+            terminated.append(terminate_backends(wdb, worker.appname))
+        time.sleep(0.05)
+    assert all(n > 0 for n in terminated), terminated
+    assert worker.alive(), worker.log_tail()
+
+    wait_until(
+        lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == len(ids),
+        30,
+        lambda: f"states {wdb.states()}\n{worker.log_tail()}",
+    )
+    # Every job ran (at least once: a handler whose own connection died may have been retried).
+    logged = {r[0] for r in wdb.rows("SELECT DISTINCT job_id FROM {log}")}
+    assert logged == set(ids)
+    assert wdb.one("SELECT count(*) FROM {dead_letter}") == 0
+
+    # Jobs enqueued after the reconnects run too, woken by the re-established LISTEN.
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    late = wapp.queue.enqueue("record", {"note": "after"})
+    wait_until(lambda: wapp.queue.get_job(late).state is JobState.COMPLETED, 10, worker.log_tail)
+    assert time.monotonic() - t0 < 1.0, "the worker only found the job by polling: LISTEN is gone"
+    assert worker.alive(), worker.log_tail()
+    log_text = worker.log_text()
+    assert "listener connection lost" in log_text  # the loss was logged, not silent
+    # The worker still heartbeats (its row is kept fresh).
+    assert wdb.one("SELECT count(*) FROM {workers} WHERE pid = %s", [worker.pid]) == 1
+
+
+def test_a_claim_the_worker_never_received_is_rescued_by_lease(
+    wapp: worker_app.App, wdb: Db
+) -> None:
+    """A claim can commit while its reply is lost (the connection dies between COMMIT and the
+    result): the row says running under this worker's id, but the worker never started the job.
+    The heartbeat must renew only the leases of jobs the worker really runs, so the lease of such
+    a job expires and it is rescued (the lost attempt counted), not left running forever."""
+    with thread_worker(
+        wapp, wdb, queues=("orphans",), concurrency=2, lease_seconds=1.0, rescue_interval=0.2
+    ) as w:
+        job_id = wapp.queue.enqueue("record", {"note": "orphan"}, queue="orphans", delay=3600)
+        # What the lost claim left behind, written under the live worker's id.
+        wdb.rows(
+            "UPDATE {jobs} SET state = 'running', attempts = attempts + 1, started_at = now(),"
+            " run_at = now(), worker_id = %s, lease_expires_at = now() + interval '1 second'"
+            " WHERE id = %s RETURNING id",
+            [w.id, job_id],
+        )
+        wait_until(
+            lambda: wapp.queue.get_job(job_id).state is JobState.COMPLETED,
+            4,
+            lambda: f"job stuck: {wapp.queue.get_job(job_id)}",
+        )
+    job = wapp.queue.get_job(job_id)
+    assert job.attempts == 2
+    assert [e["type"] for e in job.errors] == ["LeaseExpired"]
+
+
+def test_expired_leases_are_rescued_and_an_exhausted_job_is_dead_lettered(
+    wapp: worker_app.App, wdb: Db
+) -> None:
+    """Jobs left running by a worker that vanished: a live worker re-queues them within its rescue
+    interval, counting the lost attempt; one with no attempts left goes to the dead letter table."""
+    with thread_worker(wapp, wdb, queues=("default",), concurrency=2, rescue_interval=0.2):
+        again = wapp.queue.enqueue("record", {"note": "again"}, delay=3600)
+        exhausted = wapp.queue.enqueue("record", {"note": "exhausted"}, delay=3600, max_attempts=1)
+        wdb.rows(
+            "UPDATE {jobs} SET state = 'running', attempts = 1, started_at = now(), run_at = now(),"
+            " worker_id = 'gone-host:999999:deadbeef',"
+            " lease_expires_at = now() - interval '1 second'"
+            " WHERE id IN (%s, %s) RETURNING id",
+            [again, exhausted],
+        )
+        rescued_from = time.monotonic()
+        wait_until(
+            lambda: (
+                wapp.queue.get_job(again).state is JobState.COMPLETED
+                and wapp.queue.get_job(exhausted).state is JobState.DEAD
+            ),
+            5,
+            lambda: f"{wapp.queue.get_job(again)}\n{wapp.queue.get_job(exhausted)}",
+        )
+        assert time.monotonic() - rescued_from < 1.5
+    job = wapp.queue.get_job(again)
+    assert job.attempts == 2
+    assert [e["type"] for e in job.errors] == ["LeaseExpired"]
+    assert "gone-host:999999:deadbeef" in job.errors[0]["message"]
+    dead = wapp.queue.get_job(exhausted)
+    assert dead.attempts == 1
+    assert [e["type"] for e in dead.errors] == ["LeaseExpired"]
+    assert wdb.one("SELECT count(*) FROM {log} WHERE job_id = %s", [exhausted]) == 0

@@ -1,0 +1,249 @@
+"""The app the worker tests run: a Queue whose handlers write what happened into test tables.
+
+Worker subprocesses load it as ``worker_app:queue`` (``tests/`` on ``PYTHONPATH``); the DSN comes
+from ``PGQUEUE_DSN`` and the schema from ``PGQUEUE_SCHEMA``. In-process tests call
+:func:`build_app` with their own DSN and schema.
+
+Every handler first inserts a row into ``<schema>.test_log`` (job id, attempt, task, the worker's
+pid, the database's ``clock_timestamp()`` at the handler's start) and, for jobs that take time,
+fills ``finished_at`` at the end, so tests judge order, timing and duplicates by the database's
+clock alone. ``<schema>.test_flags`` lets a test flip a handler from failing to succeeding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+import pgqueue
+from pgqueue import Abort, Queue, Retry
+from pgqueue.worker.context import JobContext
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS {schema}.test_log (
+    seq          bigserial PRIMARY KEY,
+    job_id       bigint NOT NULL,
+    task         text NOT NULL,
+    attempt      int NOT NULL,
+    pid          int NOT NULL,
+    note         text,
+    started_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+    finished_at  timestamptz,
+    cancelled_at timestamptz
+);
+CREATE INDEX IF NOT EXISTS test_log_job_idx ON {schema}.test_log (job_id);
+CREATE TABLE IF NOT EXISTS {schema}.test_flags (name text PRIMARY KEY);
+"""
+
+
+def create_tables(dsn: str, schema: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL(TABLES).format(schema=sql.Identifier(schema)))  # type: ignore[arg-type]
+
+
+class App:
+    """A queue with its handlers, plus the connections the handlers use to record their runs."""
+
+    def __init__(self, dsn: str | None, schema: str) -> None:
+        self.schema = schema
+        self.queue = Queue(dsn, schema=schema)
+        self._pools: dict[int, AsyncConnectionPool[Any]] = {}
+        ident = sql.Identifier(schema)
+        self.q_insert = sql.SQL(
+            "INSERT INTO {}.test_log (job_id, task, attempt, pid, note) VALUES (%s, %s, %s, %s, %s)"
+            " RETURNING seq"
+        ).format(ident)
+        self.q_insert_done = sql.SQL(
+            "INSERT INTO {}.test_log (job_id, task, attempt, pid, note, finished_at)"
+            " VALUES (%s, %s, %s, %s, %s, clock_timestamp())"
+        ).format(ident)
+        self.q_finish = sql.SQL(
+            "UPDATE {}.test_log SET finished_at = clock_timestamp() WHERE seq = %s"
+        ).format(ident)
+        self.q_cancelled = sql.SQL(
+            "UPDATE {}.test_log SET cancelled_at = clock_timestamp() WHERE seq = %s"
+        ).format(ident)
+        self.q_flag = sql.SQL("SELECT 1 FROM {}.test_flags WHERE name = %s").format(ident)
+        register(self)
+
+    # -- recording from async handlers (one small pool per event loop) ----------------------
+
+    def _pool(self) -> AsyncConnectionPool[Any]:
+        loop_id = id(asyncio.get_running_loop())
+        pool = self._pools.get(loop_id)
+        if pool is None:
+            pool = AsyncConnectionPool(
+                self.queue.dsn,
+                min_size=1,
+                max_size=3,
+                open=False,
+                kwargs={"autocommit": True},
+                name="worker-app",
+            )
+            self._pools[loop_id] = pool
+        return pool
+
+    async def _sql(self, query: sql.Composed, params: tuple[Any, ...]) -> Any:
+        """Run one statement; a connection killed under us (a test terminating backends) is
+        replaced and the statement tried again, so the handler's own bookkeeping survives."""
+        pool = self._pool()
+        if pool.closed:
+            await pool.open(wait=True, timeout=10)
+        tries = 8  # more than the pool holds: every dead connection is discarded on the way
+        for attempt in range(tries):
+            try:
+                async with pool.connection(timeout=10) as c:
+                    cur = await c.execute(query, params)
+                    return await cur.fetchone() if cur.description else None
+            except psycopg.OperationalError:
+                if attempt == tries - 1:
+                    raise
+                await asyncio.sleep(0.01)
+        return None
+
+    async def log_start(self, ctx: JobContext, note: str | None = None) -> int:
+        row = await self._sql(self.q_insert, (ctx.job_id, ctx.task, ctx.attempt, os.getpid(), note))
+        return int(row[0])
+
+    async def log_done(self, ctx: JobContext, note: str | None = None) -> None:
+        await self._sql(self.q_insert_done, (ctx.job_id, ctx.task, ctx.attempt, os.getpid(), note))
+
+    async def log_finish(self, seq: int) -> None:
+        await self._sql(self.q_finish, (seq,))
+
+    async def log_cancelled(self, seq: int) -> None:
+        await self._sql(self.q_cancelled, (seq,))
+
+    async def flag_set(self, name: str) -> bool:
+        return await self._sql(self.q_flag, (name,)) is not None
+
+    async def aclose(self) -> None:
+        """Close the pool of the running loop (call from the loop that used it)."""
+        pool = self._pools.pop(id(asyncio.get_running_loop()), None)
+        if pool is not None:
+            await pool.close()
+
+    # -- recording from sync handlers (threads: a connection per call) -----------------------
+
+    def log_start_sync(self, ctx: JobContext, note: str | None = None) -> int:
+        with psycopg.connect(self.queue.dsn, autocommit=True) as c:
+            row = c.execute(
+                self.q_insert, (ctx.job_id, ctx.task, ctx.attempt, os.getpid(), note)
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def log_finish_sync(self, seq: int) -> None:
+        with psycopg.connect(self.queue.dsn, autocommit=True) as c:
+            c.execute(self.q_finish, (seq,))
+
+
+def register(app: App) -> None:
+    q = app.queue
+
+    @q.task(name="record", max_attempts=5, backoff=pgqueue.fixed(0.1))
+    async def record(ctx: JobContext, sleep: float = 0.0, note: str | None = None) -> int:
+        """Record the run; with ``sleep``, also when it ended."""
+        if not sleep:
+            await app.log_done(ctx, note)
+            return ctx.job_id
+        seq = await app.log_start(ctx, note)
+        await asyncio.sleep(sleep)
+        await app.log_finish(seq)
+        return ctx.job_id
+
+    @q.task(name="record_sync")
+    def record_sync(ctx: JobContext, sleep: float = 0.0, note: str | None = None) -> int:
+        seq = app.log_start_sync(ctx, note)
+        if sleep:
+            time.sleep(sleep)
+        app.log_finish_sync(seq)
+        return ctx.job_id
+
+    @q.task(name="sleep_async")
+    async def sleep_async(ctx: JobContext, seconds: float) -> str:
+        """Sleeps; if cancelled (timeout, cancel, shutdown) it records when, then gives way."""
+        seq = await app.log_start(ctx)
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            await app.log_cancelled(seq)
+            raise
+        await app.log_finish(seq)
+        return "slept"
+
+    @q.task(name="sleep_sync")
+    def sleep_sync(ctx: JobContext, seconds: float) -> str:
+        seq = app.log_start_sync(ctx)
+        time.sleep(seconds)
+        app.log_finish_sync(seq)
+        return "slept"
+
+    @q.task(name="flaky_fixed", max_attempts=5, backoff=pgqueue.fixed(0.5))
+    async def flaky_fixed(ctx: JobContext, fails: int) -> int:
+        await app.log_start(ctx)
+        if ctx.attempt <= fails:
+            raise RuntimeError(f"planned failure {ctx.attempt} of {fails}")
+        return ctx.attempt
+
+    @q.task(
+        name="flaky_exp", max_attempts=5, backoff=pgqueue.exponential(base=0.2, factor=2, jitter=0)
+    )
+    async def flaky_exp(ctx: JobContext, fails: int) -> int:
+        await app.log_start(ctx)
+        if ctx.attempt <= fails:
+            raise RuntimeError(f"planned failure {ctx.attempt} of {fails}")
+        return ctx.attempt
+
+    @q.task(name="needs_flag", max_attempts=2, backoff=pgqueue.fixed(0.1))
+    async def needs_flag(ctx: JobContext, flag: str) -> str:
+        """Fails until the test sets ``flag`` in the flags table."""
+        await app.log_start(ctx)
+        if not await app.flag_set(flag):
+            raise ValueError(f"flag {flag!r} is not set")
+        return "flag found"
+
+    @q.task(name="abort_now")
+    async def abort_now(ctx: JobContext) -> None:
+        await app.log_start(ctx)
+        raise Abort("this input can never work")
+
+    @q.task(name="retry_later", max_attempts=3)
+    async def retry_later(ctx: JobContext, seconds: float) -> int:
+        await app.log_start(ctx)
+        if ctx.attempt == 1:
+            raise Retry(in_=seconds)
+        return ctx.attempt
+
+    @q.task(name="progress_then_sleep")
+    async def progress_then_sleep(ctx: JobContext, seconds: float) -> str:
+        seq = await app.log_start(ctx)
+        ctx.set_progress(30)
+        await asyncio.sleep(0.1)
+        ctx.set_progress({"step": "halfway", "percent": 50})
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            await app.log_cancelled(seq)
+            raise
+        await app.log_finish(seq)
+        return "done"
+
+    @q.task(name="progress_to_end")
+    def progress_to_end(ctx: JobContext) -> str:
+        seq = app.log_start_sync(ctx)
+        ctx.set_progress(40)
+        time.sleep(0.8)  # long enough for the worker to write 40 while the job runs
+        ctx.set_progress(100)
+        app.log_finish_sync(seq)
+        return "done"
+
+
+app = App(os.environ.get("PGQUEUE_DSN"), os.environ.get("PGQUEUE_SCHEMA", "pgqueue"))
+queue = app.queue
