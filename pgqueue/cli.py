@@ -13,6 +13,7 @@ from typing import Any
 
 from pgqueue.base import KEEP, QueueBase
 from pgqueue.connections import resolve_dsn
+from pgqueue.dev import add_arguments as dev_arguments
 from pgqueue.errors import ConfigurationError, PgQueueError
 from pgqueue.migrate import DEFAULT_SCHEMA, current_revision, downgrade, head_revision, upgrade
 from pgqueue.queue import Queue
@@ -205,6 +206,22 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin(args: argparse.Namespace) -> int:
+    from pgqueue.admin import serve
+
+    return serve(
+        args.dsn, schema=args.schema, host=args.host, port=args.port,
+        insecure_no_auth=args.insecure_no_auth, root_path=args.root_path,
+        log_level=args.log_level,
+    )
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from pgqueue.dev import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgqueue", description="Background jobs on PostgreSQL.")
     parser.add_argument(
@@ -279,6 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("status", help="jobs per queue and state")
     _database_options(p)
     p.set_defaults(handler=_status)
+
+    p = commands.add_parser("admin", help="serve the dashboard and admin API (needs credentials)")
+    _database_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="default: 8080")
+    p.add_argument("--root-path", default="", help="URL prefix when a proxy serves it under a path")
+    p.add_argument(
+        "--insecure-no-auth", action="store_true",
+        help="serve without credentials (local use only: refused unless --host is loopback)",
+    )
+    p.set_defaults(handler=_admin)
+
+    p = commands.add_parser("dev", help="try it: embedded PostgreSQL, demo jobs, worker, dashboard")
+    dev_arguments(p)
+    p.set_defaults(handler=_dev)
     return parser
 
 

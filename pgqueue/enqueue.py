@@ -43,8 +43,8 @@ def as_spec(item: JobSpec | Mapping[str, Any]) -> JobSpec:
     if isinstance(item, JobSpec):
         return item
     if isinstance(item, Mapping):
-        unknown = set(item) - _SPEC_FIELDS
-        if unknown:
+        if not item.keys() <= _SPEC_FIELDS:
+            unknown = set(item) - _SPEC_FIELDS
             raise InvalidJobError(
                 f"unknown job fields {sorted(unknown)}; allowed: {sorted(_SPEC_FIELDS)}"
             )

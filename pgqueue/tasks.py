@@ -61,6 +61,7 @@ class Task(Generic[R]):
     takes_context: bool = False
     is_async: bool = False
     _signature: inspect.Signature = field(init=False, repr=False)
+    _fitting: set[frozenset[str]] = field(init=False, repr=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.takes_context = CONTEXT_PARAMETER in inspect.signature(self.fn).parameters
@@ -72,10 +73,16 @@ class Task(Generic[R]):
 
     def check_args(self, args: Mapping[str, Any]) -> None:
         """Refuse arguments the handler could never accept, at enqueue instead of on the worker."""
+        # Whether keyword arguments bind depends only on their names: remember the sets that did.
+        names = frozenset(args)
+        if names in self._fitting:
+            return
         try:
             self._signature.bind(**args)
         except TypeError as exc:
             raise InvalidJobError(f"arguments do not fit task {self.name!r}: {exc}") from exc
+        if len(self._fitting) < 64:
+            self._fitting.add(names)
 
     def enqueue(self, **kwargs: Any) -> R:
         """Enqueue one job with this task's defaults; keyword arguments become the job's args."""

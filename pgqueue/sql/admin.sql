@@ -193,6 +193,16 @@ UPDATE {schema}.jobs SET run_at = now()
 WHERE id = %(id)s AND state = 'queued'
 RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END AS woke
 
+-- name: admin_run_retrying
+-- Every job of a queue that is backing off after a failure becomes due now (one wake-up).
+WITH due AS (
+    UPDATE {schema}.jobs SET run_at = now()
+    WHERE queue = %(queue)s AND state = 'queued' AND attempts > 0 AND run_at > now()
+    RETURNING id
+)
+SELECT count(*), CASE WHEN %(notify)s AND count(*) > 0 THEN pg_notify(%(channel)s, %(queue)s) END
+FROM due
+
 -- name: admin_copy_job
 -- "Retry" of a finished job: a new job with the same task, arguments and options (a new id,
 -- fresh attempts); the original stays as history. A live job holding the same unique key wins.

@@ -1,0 +1,63 @@
+"""What every admin route needs, built once per router: the queue, the guard, the hook, options.
+
+It also owns the one translation from database trouble to HTTP: an unreachable server or a
+pool that cannot hand out a connection in time is a 503 with a sentence, a schema that was
+never migrated says to run ``pgqueue migrate`` — never a bare 500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from fastapi import HTTPException
+from psycopg_pool import PoolTimeout
+
+from pgqueue.admin.alerts import AlertMonitor, AlertSettings
+from pgqueue.admin.auth import Guard
+from pgqueue.admin.redaction import Redactor
+from pgqueue.admin.settings import AdminOptions
+from pgqueue.queue import Queue
+from pgqueue.sql import Queries
+
+
+@dataclass(slots=True)
+class AdminContext:
+    queue: Queue
+    guard: Guard
+    redact: Redactor
+    options: AdminOptions
+    alerts: AlertSettings
+    monitor: AlertMonitor | None = None
+    read: Any = field(init=False)
+    write: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.read = self.guard.read_dependency()
+        self.write = self.guard.write_dependency()
+
+    @property
+    def queries(self) -> Queries:
+        return self.queue.queries
+
+    @contextmanager
+    def db_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except psycopg.errors.UndefinedTable as exc:
+            raise HTTPException(
+                503, f"schema {self.queue.schema!r} is not migrated: run `pgqueue migrate`"
+            ) from exc
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            raise HTTPException(503, f"database unavailable: {exc}".strip()) from exc
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled autocommit connection, waiting at most ``options.db_timeout`` for one."""
+        with self.db_errors(), self.queue.pool().connection(
+            timeout=self.options.db_timeout
+        ) as conn:
+            yield conn

@@ -1,0 +1,1 @@
+"""The admin's JSON API, one module per resource; each exposes ``build(ctx) -> APIRouter``."""

@@ -1,0 +1,92 @@
+"""Run the standalone admin: from the environment (``api/asgi.py``) or the CLI (``pgqueue admin``).
+
+Settings come from ``PGQUEUE_*`` variables so a systemd unit, a container and the CLI configure
+it the same way; the CLI's options override them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+
+from fastapi import FastAPI
+
+from pgqueue.admin.alerts import alerts_from_env
+from pgqueue.admin.app import create_admin_app
+from pgqueue.admin.auth import AdminAuth
+from pgqueue.admin.settings import AdminOptions
+from pgqueue.connections import resolve_dsn
+from pgqueue.errors import ConfigurationError
+from pgqueue.migrate import DEFAULT_SCHEMA
+from pgqueue.queue import Queue
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in _TRUE
+
+
+def app_from_env(
+    environ: Mapping[str, str] | None = None,
+    *,
+    dsn: str | None = None,
+    schema: str | None = None,
+    insecure_no_auth: bool = False,
+) -> FastAPI:
+    """The standalone app, configured by ``PGQUEUE_DSN``/``DATABASE_URL``, ``PGQUEUE_SCHEMA``,
+    ``PGQUEUE_ADMIN_TOKEN`` or ``PGQUEUE_ADMIN_USER``/``PGQUEUE_ADMIN_PASSWORD``,
+    ``PGQUEUE_ADMIN_PUBLIC_METRICS``/``PGQUEUE_ADMIN_PUBLIC_HEALTH`` and ``PGQUEUE_ADMIN_ALERT_*``.
+
+    Raises :class:`ConfigurationError` without credentials unless ``insecure_no_auth``.
+    """
+    env = os.environ if environ is None else environ
+    auth = AdminAuth.from_env(env, insecure_no_auth=insecure_no_auth)
+    queue = Queue(
+        resolve_dsn(dsn or env.get("PGQUEUE_DSN") or env.get("DATABASE_URL")),
+        schema=schema or env.get("PGQUEUE_SCHEMA") or DEFAULT_SCHEMA,
+    )
+    options = AdminOptions(
+        public_metrics=_flag(env, "PGQUEUE_ADMIN_PUBLIC_METRICS"),
+        public_health=_flag(env, "PGQUEUE_ADMIN_PUBLIC_HEALTH"),
+    )
+    return create_admin_app(queue, auth=auth, alerts=alerts_from_env(env), options=options,
+                            close_queue=True)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    dsn: str | None = None,
+    *,
+    schema: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    insecure_no_auth: bool = False,
+    root_path: str = "",
+    log_level: str = "info",
+) -> int:
+    """``pgqueue admin``: serve the dashboard and API with uvicorn until interrupted.
+
+    ``insecure_no_auth`` is refused on anything but a loopback address: an open admin on a
+    network interface lets anyone delete jobs.
+    """
+    import uvicorn
+
+    if insecure_no_auth and not is_loopback(host):
+        raise ConfigurationError(
+            f"--insecure-no-auth only binds to a loopback address (127.0.0.1), not {host!r}"
+        )
+    app = app_from_env(dsn=dsn, schema=schema, insecure_no_auth=insecure_no_auth)
+    print(f"pgqueue admin on http://{host}:{port}{root_path}/", flush=True)
+    uvicorn.run(app, host=host, port=port, root_path=root_path, log_level=log_level.lower(),
+                proxy_headers=True)
+    return 0
