@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from apscheduler.executors.base import BaseExecutor
@@ -68,6 +68,7 @@ class Scheduler:
 
     def __init__(self, queue: QueueBase[Any], *, reconcile_interval: float = 5.0) -> None:
         # Firing is synchronous work in APScheduler's threads: an async app's queue gets a sync twin.
+        self._owns_queue = not isinstance(queue, Queue)
         self.queue = queue if isinstance(queue, Queue) else Queue(
             queue._dsn, schema=queue.schema, registry=queue.registry, schedules=queue.declared_schedules
         )
@@ -98,6 +99,8 @@ class Scheduler:
     def shutdown(self) -> None:
         if self._aps.running:
             self._aps.shutdown(wait=True)
+        if self._owns_queue:
+            self.queue.close()
         log.info("scheduler stopped")
 
     def run(self) -> None:
@@ -121,7 +124,7 @@ class Scheduler:
         if schedule is None:
             return None
         fire_at = fire_time.astimezone(UTC)
-        next_fire = schedule.next_fire_time(fire_at)
+        next_fire = schedule.next_fire_time(fire_at + timedelta(microseconds=1))
         with self.queue.connection() as conn, conn.transaction():
             row = conn.execute(
                 self.queue.queries.claim_fire,
@@ -187,13 +190,13 @@ class Scheduler:
 
     def _catch_up(self, schedule: Schedule) -> None:
         """Missed fires (every scheduler down): ``coalesce`` runs the latest one once, in grace."""
-        if schedule.misfire != "coalesce" or schedule.paused:
-            return
+        if schedule.misfire != "coalesce" or schedule.paused or schedule.last_fire_at is None:
+            return  # a schedule that never fired has missed nothing (it may be brand new)
         now = datetime.now(UTC)
         latest = schedule.last_fire_time(now)
         if latest is None or now - latest > schedule.misfire_grace:
             return
-        if schedule.last_fire_at is None or schedule.last_fire_at < latest:
+        if schedule.last_fire_at < latest:
             log.info("schedule %s missed %s: running it once now", schedule.name, latest.isoformat())
             self.fire(schedule.name, latest)
 

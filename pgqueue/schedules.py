@@ -22,6 +22,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
@@ -105,7 +106,7 @@ class Schedule:
         fire = trigger.get_next_fire_time(None, start)
         while fire is not None and fire <= before:
             latest = fire
-            fire = trigger.get_next_fire_time(fire, fire + timedelta(microseconds=1))
+            fire = trigger.get_next_fire_time(fire, fire.astimezone(UTC) + timedelta(microseconds=1))
         return latest.astimezone(UTC) if latest is not None else None
 
 
@@ -141,24 +142,38 @@ class DstSafeCronTrigger(CronTrigger):  # type: ignore[misc]
     pinned_hour: bool = True
 
     @classmethod
-    def from_cron(cls, expression: str, zone: tzinfo) -> DstSafeCronTrigger:
+    def from_cron(cls, expression: str, zone: tzinfo) -> BaseTrigger:
+        """A trigger for a 5-field cron expression, read as cron reads it.
+
+        When both day of month and day of week are restricted, cron fires on days matching
+        either (``0 0 1 * 1``: the 1st and every Monday), so the trigger is the union of two.
+        """
         values = expression.split()
         if len(values) != 5:
             raise ValueError(f"expected 5 fields (minute hour day month weekday), got {len(values)}")
+        minute, hour, day, month, weekday = values
+        if day != "*" and weekday != "*":
+            return OrTrigger([
+                cls._build(minute, hour, day, month, "*", zone),
+                cls._build(minute, hour, "*", month, weekday, zone),
+            ])
+        return cls._build(minute, hour, day, month, weekday, zone)
+
+    @classmethod
+    def _build(cls, minute: str, hour: str, day: str, month: str, weekday: str, zone: tzinfo) -> DstSafeCronTrigger:
         trigger = cls(
-            minute=values[0], hour=values[1], day=values[2], month=values[3],
-            day_of_week=_cron_day_of_week(values[4]), timezone=zone,
+            minute=minute, hour=hour, day=day, month=month,
+            day_of_week=_cron_day_of_week(weekday), timezone=zone,
         )
-        trigger.pinned_hour = values[1] != "*"
+        trigger.pinned_hour = hour != "*"
         return trigger
 
     def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
         fire: datetime | None = super().get_next_fire_time(previous_fire_time, now)
-        if fire is not None and self.pinned_hour and _is_repeated_wall_time(fire):
-            # Ask again from the end of the repeated hour (wall-clock arithmetic inside the
-            # parent would land on the same repeated time if asked from just after it).
-            after = _end_of_repeat(fire)
-            fire = super().get_next_fire_time(None, after)
+        while fire is not None and self.pinned_hour and _is_repeated_wall_time(fire):
+            # Step past it in absolute time: wall-clock arithmetic would drop the fold and
+            # land on the same repeated time again.
+            fire = super().get_next_fire_time(fire, fire.astimezone(UTC) + timedelta(microseconds=1))
         return fire
 
 
@@ -171,16 +186,6 @@ def _is_repeated_wall_time(moment: datetime) -> bool:
     first = wall.replace(tzinfo=zone, fold=0)
     second = wall.replace(tzinfo=zone, fold=1)
     return first.utcoffset() != second.utcoffset() and moment.utcoffset() == second.utcoffset()
-
-
-def _end_of_repeat(moment: datetime) -> datetime:
-    zone = moment.tzinfo
-    assert zone is not None
-    wall = moment.replace(tzinfo=None)
-    first = wall.replace(tzinfo=zone, fold=0).utcoffset()
-    second = wall.replace(tzinfo=zone, fold=1).utcoffset()
-    assert first is not None and second is not None
-    return moment + (first - second) + timedelta(seconds=1)
 
 
 def fire_key(schedule_name: str, fire_time: datetime) -> str:
