@@ -93,8 +93,15 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
     ) -> int:
         """Insert one job and return its id (or, for a live ``unique_key``, the holder's id)."""
         request = self._request(
-            task, args, queue=queue, priority=priority, delay=delay, run_at=run_at,
-            max_attempts=max_attempts, timeout=timeout, unique_key=unique_key,
+            task,
+            args,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            unique_key=unique_key,
         )
         async with self.connection(conn) as c:
             return await self._insert_one(c, request)
@@ -167,11 +174,17 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
 
     async def cancel(self, job_id: int, *, conn: Any = None) -> bool:
         """Cancel a queued job or ask a running one to stop. False if it had already finished."""
-        return await self._count(self.queries.cancel, {"id": job_id, "channel": self.queries.channel}, conn) == 1
+        return (
+            await self._count(self.queries.cancel, {"id": job_id, "channel": self.queries.channel}, conn) == 1
+        )
 
     async def cancel_by_key(self, unique_key: str, *, queue: str | None = None, conn: Any = None) -> int:
         """Cancel the live job(s) holding ``unique_key``. Returns how many."""
-        return await self._count(self.queries.cancel_by_key, {"unique_key": unique_key, "queue": queue, "channel": self.queries.channel}, conn)
+        return await self._count(
+            self.queries.cancel_by_key,
+            {"unique_key": unique_key, "queue": queue, "channel": self.queries.channel},
+            conn,
+        )
 
     async def retry_dead(self, job_id: int, *, conn: Any = None) -> bool:
         """Move one dead-lettered job back to its queue with fresh attempts (same id)."""
@@ -182,7 +195,12 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         return await self._count(self.queries.retry_dead, self._retry_params(None, queue), conn)
 
     def _retry_params(self, job_id: int | None, queue: str | None) -> dict[str, Any]:
-        return {"id": job_id, "queue": queue, "notify": self.notify, "channel": self.queries.channel}
+        return {
+            "id": job_id,
+            "queue": queue,
+            "notify": self.notify,
+            "channel": self.queries.channel,
+        }
 
     async def _count(self, query: str, params: dict[str, Any], conn: Any) -> int:
         async with self.connection(conn) as c:
@@ -192,16 +210,20 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         self,
         name: str,
         *,
-        concurrency: int | None | Keep = KEEP,
-        rate_limit: float | None | Keep = KEEP,
+        concurrency: int | Keep | None = KEEP,
+        rate_limit: float | Keep | None = KEEP,
         keep_completed: timedelta | float | None = None,
         keep_completed_count: int | None = None,
         keep_dead: timedelta | float | None = None,
     ) -> QueueSettings:
         """Set a queue's cross-worker settings (see :meth:`Queue.configure_queue`)."""
         params = self._queue_settings_params(
-            name, concurrency=concurrency, rate_limit=rate_limit, keep_completed=keep_completed,
-            keep_completed_count=keep_completed_count, keep_dead=keep_dead,
+            name,
+            concurrency=concurrency,
+            rate_limit=rate_limit,
+            keep_completed=keep_completed,
+            keep_completed_count=keep_completed_count,
+            keep_dead=keep_dead,
         )
         return await self._set_queue(params)
 
@@ -217,7 +239,10 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         async with self.connection() as c, c.transaction():
             row = await (await c.execute(self.queries.set_queue, params)).fetchone()
             assert row is not None
-            await c.execute(self.queries.wake_queues, {"channel": self.queries.channel, "queues": [row[0], settings_changed(row[0])]})
+            await c.execute(
+                self.queries.wake_queues,
+                {"channel": self.queries.channel, "queues": [row[0], settings_changed(row[0])]},
+            )
         return QueueSettings(*row)
 
     # ------------------------------------------------------------------ schedules at run time
@@ -240,9 +265,18 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
     ) -> Schedule:
         """Store (or replace) a schedule at run time; running schedulers pick it up within seconds."""
         schedule = Schedule(
-            name=name, task=task, args=dict(args or {}), cron=cron, every=every, timezone=timezone,
-            queue=queue, priority=priority, max_attempts=max_attempts, paused=paused,
-            misfire=misfire, misfire_grace=misfire_grace,
+            name=name,
+            task=task,
+            args=dict(args or {}),
+            cron=cron,
+            every=every,
+            timezone=timezone,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            paused=paused,
+            misfire=misfire,
+            misfire_grace=misfire_grace,
         )
         async with self.connection() as c:
             await c.execute(self.queries.upsert_schedule, schedule_params(schedule, from_code=False))
@@ -266,4 +300,3 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
     async def _change_schedule(self, query: str, params: dict[str, Any]) -> None:
         if await self._count(query, params, None) == 0:
             raise ScheduleNotFoundError(f"no schedule named {params['name']!r}")
-

@@ -37,6 +37,8 @@ def _seconds_or_none(value: timedelta | float | None) -> float | None:
     if seconds < 0:
         raise InvalidJobError(f"retention must not be negative, got {value!r}")
     return seconds
+
+
 DEFAULT_SCHEMA = "pgqueue"
 UNIQUE_RACE_RETRIES = 20
 
@@ -85,21 +87,27 @@ class QueueBase(Generic[R]):
         name: str,
         *,
         paused: bool | None = None,
-        concurrency: int | None | Keep = KEEP,
-        rate_limit: float | None | Keep = KEEP,
+        concurrency: int | Keep | None = KEEP,
+        rate_limit: float | Keep | None = KEEP,
         keep_completed: timedelta | float | None = None,
         keep_completed_count: int | None = None,
         keep_dead: timedelta | float | None = None,
     ) -> dict[str, Any]:
         check_queue_name(name)
-        if not isinstance(concurrency, Keep) and concurrency is not None and (
-            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+        if (
+            not isinstance(concurrency, Keep)
+            and concurrency is not None
+            and (isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1)
         ):
             raise InvalidJobError(f"concurrency must be an integer >= 1 or None, got {concurrency!r}")
-        if not isinstance(rate_limit, Keep) and rate_limit is not None and (
-            isinstance(rate_limit, bool) or not isinstance(rate_limit, int | float) or rate_limit <= 0
+        if (
+            not isinstance(rate_limit, Keep)
+            and rate_limit is not None
+            and (isinstance(rate_limit, bool) or not isinstance(rate_limit, int | float) or rate_limit <= 0)
         ):
-            raise InvalidJobError(f"rate_limit must be a positive number of jobs/s or None, got {rate_limit!r}")
+            raise InvalidJobError(
+                f"rate_limit must be a positive number of jobs/s or None, got {rate_limit!r}"
+            )
         if keep_completed_count is not None and keep_completed_count < 0:
             raise InvalidJobError("keep_completed_count must not be negative")
         return {
@@ -186,8 +194,15 @@ class QueueBase(Generic[R]):
         from pgqueue.jobs import build_request
 
         build_request(
-            "_", {}, queue=options.queue, priority=options.priority, delay=None, run_at=None,
-            max_attempts=options.max_attempts, timeout=options.timeout, unique_key=None,
+            "_",
+            {},
+            queue=options.queue,
+            priority=options.priority,
+            delay=None,
+            run_at=None,
+            max_attempts=options.max_attempts,
+            timeout=options.timeout,
+            unique_key=None,
         )
 
         def register(handler: Handler) -> Task[R]:
@@ -218,9 +233,17 @@ class QueueBase(Generic[R]):
         schedule. ``name`` defaults to the task name and must be unique.
         """
         declared = Schedule(
-            name=name or task, task=task, args=dict(args or {}), cron=cron, every=every,
-            timezone=timezone, queue=queue, priority=priority, max_attempts=max_attempts,
-            misfire=misfire, misfire_grace=misfire_grace,
+            name=name or task,
+            task=task,
+            args=dict(args or {}),
+            cron=cron,
+            every=every,
+            timezone=timezone,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            misfire=misfire,
+            misfire_grace=misfire_grace,
         )
         if any(s.name == declared.name for s in self.declared_schedules):
             raise ConfigurationError(f"schedule {declared.name!r} is declared twice")
@@ -245,14 +268,26 @@ class QueueBase(Generic[R]):
         """Register a handler as a task and run it on a schedule: ``@queue.periodic(cron="0 2 * * *")``."""
 
         def register(handler: Handler) -> Task[R]:
-            registered = self.task(name=name, queue=queue, priority=priority,
-                                   max_attempts=max_attempts, timeout=timeout)(handler)
+            registered = self.task(
+                name=name,
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                timeout=timeout,
+            )(handler)
             self.schedule(
-                registered.name, args, cron=cron, every=every, timezone=timezone,
-                name=registered.name, queue=registered.options.queue, priority=priority,
-                max_attempts=max_attempts, misfire=misfire, misfire_grace=misfire_grace,
+                registered.name,
+                args,
+                cron=cron,
+                every=every,
+                timezone=timezone,
+                name=registered.name,
+                queue=registered.options.queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                misfire=misfire,
+                misfire_grace=misfire_grace,
             )
             return registered
 
         return register
-

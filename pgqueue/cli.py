@@ -127,15 +127,22 @@ def _schedules(args: argparse.Namespace) -> int:
             if not args.name or not args.task:
                 raise ConfigurationError("add needs NAME and --task")
             queue.add_schedule(
-                args.name, args.task, json.loads(args.args), cron=args.cron,
+                args.name,
+                args.task,
+                json.loads(args.args),
+                cron=args.cron,
                 every=timedelta(seconds=args.every) if args.every else None,
-                timezone=args.timezone, queue=args.queue,
+                timezone=args.timezone,
+                queue=args.queue,
             )
         elif args.action in ("pause", "resume", "remove"):
             if not args.name:
                 raise ConfigurationError(f"{args.action} needs the schedule NAME")
-            {"pause": queue.pause_schedule, "resume": queue.resume_schedule,
-             "remove": queue.remove_schedule}[args.action](args.name)
+            {
+                "pause": queue.pause_schedule,
+                "resume": queue.resume_schedule,
+                "remove": queue.remove_schedule,
+            }[args.action](args.name)
         schedules = queue.list_schedules()
     print(f"{'name':<24} {'when':<22} {'zone':<16} {'paused':<7} {'next fire (UTC)':<26} task")
     for s in schedules:
@@ -153,7 +160,11 @@ def _enqueue(args: argparse.Namespace) -> int:
         raise ConfigurationError(f"--args is not JSON: {exc}") from exc
     with _plain_queue(args) as queue:
         job_id = queue.enqueue(
-            args.task, job_args, queue=args.queue, priority=args.priority, delay=args.delay,
+            args.task,
+            job_args,
+            queue=args.queue,
+            priority=args.priority,
+            delay=args.delay,
             unique_key=args.unique_key,
         )
     print(job_id)
@@ -210,8 +221,12 @@ def _admin(args: argparse.Namespace) -> int:
     from pgqueue.admin import serve
 
     return serve(
-        args.dsn, schema=args.schema, host=args.host, port=args.port,
-        insecure_no_auth=args.insecure_no_auth, root_path=args.root_path,
+        args.dsn,
+        schema=args.schema,
+        host=args.host,
+        port=args.port,
+        insecure_no_auth=args.insecure_no_auth,
+        root_path=args.root_path,
         log_level=args.log_level,
     )
 
@@ -250,10 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("scheduler", help="enqueue recurring jobs (any number may run)")
     p.add_argument("app", nargs="?", help="the app's queue as MODULE:ATTRIBUTE (or $PGQUEUE_APP)")
     p.add_argument("--dsn", help="PostgreSQL URL (overrides the app's)")
-    p.add_argument("--reconcile-interval", type=float, default=5.0, help="seconds between reads of the schedules table")
+    p.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=5.0,
+        help="seconds between reads of the schedules table",
+    )
     p.set_defaults(handler=_scheduler)
 
-    p = commands.add_parser("schedules", help="list schedules with their next fire time; add/pause/resume/remove")
+    p = commands.add_parser(
+        "schedules", help="list schedules with their next fire time; add/pause/resume/remove"
+    )
     _database_options(p)
     p.add_argument("action", nargs="?", default="list", choices=["list", "add", "pause", "resume", "remove"])
     p.add_argument("name", nargs="?")
@@ -303,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="default: 8080")
     p.add_argument("--root-path", default="", help="URL prefix when a proxy serves it under a path")
     p.add_argument(
-        "--insecure-no-auth", action="store_true",
+        "--insecure-no-auth",
+        action="store_true",
         help="serve without credentials (local use only: refused unless --host is loopback)",
     )
     p.set_defaults(handler=_admin)

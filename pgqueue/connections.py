@@ -23,9 +23,7 @@ def resolve_dsn(dsn: str | None) -> str:
     """The DSN given, else ``PGQUEUE_DSN``, else ``DATABASE_URL``; SQLAlchemy URLs are accepted."""
     value = dsn or os.environ.get("PGQUEUE_DSN") or os.environ.get("DATABASE_URL")
     if not value:
-        raise ConfigurationError(
-            "no database given: pass dsn=..., or set PGQUEUE_DSN or DATABASE_URL"
-        )
+        raise ConfigurationError("no database given: pass dsn=..., or set PGQUEUE_DSN or DATABASE_URL")
     return _SQLALCHEMY_SCHEME.sub("postgresql://", value, count=1)
 
 

@@ -98,31 +98,42 @@ def demo_queue(dsn: str, schema: str) -> Queue:
         return "nothing to clean"
 
     queue.schedule("demo.cleanup", every=timedelta(seconds=20), name="demo-cleanup")
-    queue.schedule("demo.build_report", {"report": "nightly"}, cron="0 3 * * *",
-                   name="nightly-report")
+    queue.schedule("demo.build_report", {"report": "nightly"}, cron="0 3 * * *", name="nightly-report")
     return queue
 
 
 def enqueue_demo_jobs(queue: Queue, round_number: int) -> int:
     """One round of demo traffic; every few rounds brings a job that will dead-letter."""
     jobs: list[dict[str, Any]] = [
-        {"task": "demo.send_email",
-         "args": {"to": f"user{random.randint(1, 999)}@example.com", "subject": "Welcome",
-                  "api_token": secrets.token_hex(8)}}
+        {
+            "task": "demo.send_email",
+            "args": {
+                "to": f"user{random.randint(1, 999)}@example.com",
+                "subject": "Welcome",
+                "api_token": secrets.token_hex(8),
+            },
+        }
         for _ in range(random.randint(1, 4))
     ]
     jobs.append({"task": "demo.sync_account", "args": {"account_id": random.randint(1, 500)}})
-    jobs.append({"task": "demo.resize_image",
-                 "args": {"image": f"photo-{random.randint(1, 99)}.jpg"}})
+    jobs.append({"task": "demo.resize_image", "args": {"image": f"photo-{random.randint(1, 99)}.jpg"}})
     if round_number % 5 == 1:  # from the first round on, so the dead letter fills at once
         jobs.append({"task": "demo.build_report", "args": {"report": f"weekly-{round_number}"}})
         for order in (2 * round_number, 2 * round_number + 1):  # the odd one is declined
-            jobs.append({"task": "demo.charge_card",
-                         "args": {"order": order, "card_number": "4111111111111111"}})
+            jobs.append(
+                {
+                    "task": "demo.charge_card",
+                    "args": {"order": order, "card_number": "4111111111111111"},
+                }
+            )
     if round_number % 7 == 0:
-        jobs.append({"task": "demo.send_email", "delay": 60,
-                     "args": {"to": "later@example.com", "subject": "Reminder",
-                              "api_token": "t"}})
+        jobs.append(
+            {
+                "task": "demo.send_email",
+                "delay": 60,
+                "args": {"to": "later@example.com", "subject": "Reminder", "api_token": "t"},
+            }
+        )
     return len(queue.enqueue_many(jobs))
 
 
@@ -172,8 +183,9 @@ async def _feed(queue: Queue, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), FEED_SECONDS)
 
 
-async def serve_demo(queue: Queue, *, sock: socket.socket, token: str, database: str,
-                     feed: bool = True) -> None:
+async def serve_demo(
+    queue: Queue, *, sock: socket.socket, token: str, database: str, feed: bool = True
+) -> None:
     """Worker, scheduler, feeder and dashboard until SIGINT/SIGTERM; then stop them in order."""
     from pgqueue.admin import AdminAuth, AlertRule, AlertSettings, create_admin_app
     from pgqueue.scheduler import Scheduler
@@ -195,13 +207,22 @@ async def serve_demo(queue: Queue, *, sock: socket.socket, token: str, database:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     app = create_admin_app(
-        queue, auth=AdminAuth(token=token),
+        queue,
+        auth=AdminAuth(token=token),
         alerts=AlertSettings(rules=(AlertRule(backlog_above=200),), interval_seconds=10),
     )
     server = _web_server(app)
-    worker = AsyncWorker(queue, WorkerSettings(
-        queues=DEMO_QUEUES, concurrency=8, poll_interval=1.0, lease_seconds=15, grace_period=5,
-    ), install_signal_handlers=False)
+    worker = AsyncWorker(
+        queue,
+        WorkerSettings(
+            queues=DEMO_QUEUES,
+            concurrency=8,
+            poll_interval=1.0,
+            lease_seconds=15,
+            grace_period=5,
+        ),
+        install_signal_handlers=False,
+    )
     scheduler = Scheduler(queue)
     await asyncio.to_thread(scheduler.start)
     tasks = [
@@ -314,8 +335,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    return main(host=args.host, port=args.port, token=args.token, dsn=args.dsn,
-                schema=args.schema, feed=not args.no_feed, verbose=args.verbose)
+    return main(
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        dsn=args.dsn,
+        schema=args.schema,
+        feed=not args.no_feed,
+        verbose=args.verbose,
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m pgqueue.dev`

@@ -16,7 +16,15 @@ from pgqueue.sql import Queries
 from pgqueue.tasks import Registry, TaskOptions
 
 COPY_TYPES = [
-    "int8", "text", "text", "jsonb", "int2", "timestamptz", "int4", "float8", "timestamptz",
+    "int8",
+    "text",
+    "text",
+    "jsonb",
+    "int2",
+    "timestamptz",
+    "int4",
+    "float8",
+    "timestamptz",
 ]
 
 
@@ -45,9 +53,7 @@ def as_spec(item: JobSpec | Mapping[str, Any]) -> JobSpec:
     if isinstance(item, Mapping):
         if not item.keys() <= _SPEC_FIELDS:
             unknown = set(item) - _SPEC_FIELDS
-            raise InvalidJobError(
-                f"unknown job fields {sorted(unknown)}; allowed: {sorted(_SPEC_FIELDS)}"
-            )
+            raise InvalidJobError(f"unknown job fields {sorted(unknown)}; allowed: {sorted(_SPEC_FIELDS)}")
         if "task" not in item:
             raise InvalidJobError(f"job {dict(item)!r} has no 'task'")
         return JobSpec(**item)
@@ -75,9 +81,7 @@ def make_request(registry: Registry, spec: JobSpec) -> JobRequest:
     return request
 
 
-def make_requests(
-    registry: Registry, jobs: Iterable[JobSpec | Mapping[str, Any]]
-) -> list[JobRequest]:
+def make_requests(registry: Registry, jobs: Iterable[JobSpec | Mapping[str, Any]]) -> list[JobRequest]:
     """Validate every job before any is written: a bad one refuses the whole batch."""
     requests = []
     for index, item in enumerate(jobs):
@@ -105,14 +109,21 @@ def enqueue_params(queries: Queries, request: JobRequest, notify: bool) -> dict[
     }
 
 
-def copy_rows(
-    requests: Sequence[JobRequest], ids: Sequence[int], now: datetime
-) -> Iterable[tuple[Any, ...]]:
+def copy_rows(requests: Sequence[JobRequest], ids: Sequence[int], now: datetime) -> Iterable[tuple[Any, ...]]:
     """Rows for COPY; delays resolve against the transaction's clock, as single enqueues do."""
     for job_id, r in zip(ids, requests, strict=True):
         run_at = r.run_at if r.run_at is not None else now + timedelta(seconds=r.delay_seconds)
-        yield (job_id, r.queue, r.task, r.args_json, r.priority, run_at, r.max_attempts, r.timeout,
-               r.scheduled_for)
+        yield (
+            job_id,
+            r.queue,
+            r.task,
+            r.args_json,
+            r.priority,
+            run_at,
+            r.max_attempts,
+            r.timeout,
+            r.scheduled_for,
+        )
 
 
 def unique_params(requests: Sequence[JobRequest], ids: Sequence[int]) -> dict[str, Any]:

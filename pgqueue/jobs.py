@@ -97,9 +97,7 @@ class JobRequest:
 def dump_args(args: object) -> str:
     """Arguments are stored as a JSON object and passed to the handler as keyword arguments."""
     if not isinstance(args, Mapping):
-        raise InvalidJobError(
-            f"job args must be a mapping of keyword arguments, not {type(args).__name__}"
-        )
+        raise InvalidJobError(f"job args must be a mapping of keyword arguments, not {type(args).__name__}")
     for key in args:
         if type(key) is not str and not isinstance(key, str):
             raise InvalidJobError(f"job args keys must be strings, got {key!r}")
@@ -128,11 +126,7 @@ def _delay_seconds(delay: timedelta | float | int | None) -> float:
     if delay is None:
         return 0.0
     seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
-    if (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, int | float)
-        or not math.isfinite(seconds)
-    ):
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
         raise InvalidJobError(f"delay must be a timedelta or a number of seconds, got {delay!r}")
     if seconds < 0:
         raise InvalidJobError(f"delay must not be negative, got {delay!r}")
@@ -165,9 +159,7 @@ def build_request(
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
     ):
         raise InvalidJobError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if unique_key is not None and (
-        not isinstance(unique_key, str) or not unique_key or "\x00" in unique_key
-    ):
+    if unique_key is not None and (not isinstance(unique_key, str) or not unique_key or "\x00" in unique_key):
         raise InvalidJobError(
             f"unique_key must be a non-empty string without NUL characters, got {unique_key!r}"
         )

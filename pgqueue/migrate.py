@@ -58,7 +58,7 @@ def sqlalchemy_url(dsn: str) -> str:
     """A SQLAlchemy URL on the psycopg 3 driver for a ``postgresql://`` DSN."""
     for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
         if dsn.startswith(prefix):
-            return "postgresql+psycopg://" + dsn[len(prefix):]
+            return "postgresql+psycopg://" + dsn[len(prefix) :]
     raise ConfigurationError(f"expected a postgresql:// URL, got {dsn[:20]!r}…")
 
 

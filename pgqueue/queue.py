@@ -96,8 +96,15 @@ class Queue(QueueBase[int]):
     ) -> int:
         """Insert one job and return its id (or, for a live ``unique_key``, the holder's id)."""
         request = self._request(
-            task, args, queue=queue, priority=priority, delay=delay, run_at=run_at,
-            max_attempts=max_attempts, timeout=timeout, unique_key=unique_key,
+            task,
+            args,
+            queue=queue,
+            priority=priority,
+            delay=delay,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            unique_key=unique_key,
         )
         with self.connection(conn) as c:
             return self._insert_one(c, request)
@@ -114,9 +121,7 @@ class Queue(QueueBase[int]):
             # The holder of the key finished between the two statements: insert again.
         raise PgQueueError(f"unique key {request.unique_key!r} kept changing hands; gave up")
 
-    def enqueue_many(
-        self, jobs: Iterable[JobSpec | Mapping[str, Any]], *, conn: Any = None
-    ) -> list[int]:
+    def enqueue_many(self, jobs: Iterable[JobSpec | Mapping[str, Any]], *, conn: Any = None) -> list[int]:
         """Insert many jobs in one transaction (COPY) and return their ids in order.
 
         Every job is validated first: one bad job refuses the batch and nothing is written.
@@ -160,7 +165,9 @@ class Queue(QueueBase[int]):
     def get_job(self, job_id: int, *, conn: Any = None) -> Job:
         """The job as stored now; dead-lettered jobs come back with state ``dead``."""
         with self.connection(conn) as c, c.cursor(row_factory=dict_row) as cur:
-            row = cur.execute(self.queries.get_job, {"id": job_id, "channel": self.queries.channel}).fetchone()
+            row = cur.execute(
+                self.queries.get_job, {"id": job_id, "channel": self.queries.channel}
+            ).fetchone()
         if row is None:
             raise JobNotFoundError(f"no job with id {job_id}")
         return job_from_row(row)
@@ -168,12 +175,20 @@ class Queue(QueueBase[int]):
     def cancel(self, job_id: int, *, conn: Any = None) -> bool:
         """Cancel a queued job (it never runs) or ask a running one to stop. False if already finished."""
         with self.connection(conn) as c:
-            return c.execute(self.queries.cancel, {"id": job_id, "channel": self.queries.channel}).fetchone() is not None
+            return (
+                c.execute(self.queries.cancel, {"id": job_id, "channel": self.queries.channel}).fetchone()
+                is not None
+            )
 
     def cancel_by_key(self, unique_key: str, *, queue: str | None = None, conn: Any = None) -> int:
         """Cancel the live job(s) holding ``unique_key``, e.g. a follow-up made moot. Returns how many."""
         with self.connection(conn) as c:
-            return len(c.execute(self.queries.cancel_by_key, {"unique_key": unique_key, "queue": queue, "channel": self.queries.channel}).fetchall())
+            return len(
+                c.execute(
+                    self.queries.cancel_by_key,
+                    {"unique_key": unique_key, "queue": queue, "channel": self.queries.channel},
+                ).fetchall()
+            )
 
     def retry_dead(self, job_id: int, *, conn: Any = None) -> bool:
         """Move one dead-lettered job back to its queue with fresh attempts (same id)."""
@@ -184,7 +199,12 @@ class Queue(QueueBase[int]):
         return self._retry_dead(None, queue, conn)
 
     def _retry_dead(self, job_id: int | None, queue: str | None, conn: Any) -> int:
-        params = {"id": job_id, "queue": queue, "notify": self.notify, "channel": self.queries.channel}
+        params = {
+            "id": job_id,
+            "queue": queue,
+            "notify": self.notify,
+            "channel": self.queries.channel,
+        }
         with self.connection(conn) as c:
             return len(c.execute(self.queries.retry_dead, params).fetchall())
 
@@ -192,8 +212,8 @@ class Queue(QueueBase[int]):
         self,
         name: str,
         *,
-        concurrency: int | None | Keep = KEEP,
-        rate_limit: float | None | Keep = KEEP,
+        concurrency: int | Keep | None = KEEP,
+        rate_limit: float | Keep | None = KEEP,
         keep_completed: timedelta | float | None = None,
         keep_completed_count: int | None = None,
         keep_dead: timedelta | float | None = None,
@@ -203,8 +223,12 @@ class Queue(QueueBase[int]):
         Omitted settings stay as they are; ``concurrency=None`` / ``rate_limit=None`` remove a limit.
         """
         params = self._queue_settings_params(
-            name, concurrency=concurrency, rate_limit=rate_limit, keep_completed=keep_completed,
-            keep_completed_count=keep_completed_count, keep_dead=keep_dead,
+            name,
+            concurrency=concurrency,
+            rate_limit=rate_limit,
+            keep_completed=keep_completed,
+            keep_completed_count=keep_completed_count,
+            keep_dead=keep_dead,
         )
         return self._set_queue(params)
 
@@ -220,7 +244,10 @@ class Queue(QueueBase[int]):
         with self.connection() as c, c.transaction():
             row = c.execute(self.queries.set_queue, params).fetchone()
             assert row is not None
-            c.execute(self.queries.wake_queues, {"channel": self.queries.channel, "queues": [row[0], settings_changed(row[0])]})
+            c.execute(
+                self.queries.wake_queues,
+                {"channel": self.queries.channel, "queues": [row[0], settings_changed(row[0])]},
+            )
         return QueueSettings(*row)
 
     # ------------------------------------------------------------------ schedules at run time
@@ -243,9 +270,18 @@ class Queue(QueueBase[int]):
     ) -> Schedule:
         """Store (or replace) a schedule at run time; running schedulers pick it up within seconds."""
         schedule = Schedule(
-            name=name, task=task, args=dict(args or {}), cron=cron, every=every, timezone=timezone,
-            queue=queue, priority=priority, max_attempts=max_attempts, paused=paused,
-            misfire=misfire, misfire_grace=misfire_grace,
+            name=name,
+            task=task,
+            args=dict(args or {}),
+            cron=cron,
+            every=every,
+            timezone=timezone,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            paused=paused,
+            misfire=misfire,
+            misfire_grace=misfire_grace,
         )
         ScheduleStore(self).upsert(schedule)
         return schedule
@@ -262,4 +298,3 @@ class Queue(QueueBase[int]):
 
     def remove_schedule(self, name: str) -> None:
         ScheduleStore(self).delete(name)
-

@@ -85,9 +85,7 @@ def exponential(
     return Exponential(_seconds(base, "base"), factor, _seconds(cap, "cap"), _check_jitter(jitter))
 
 
-def linear(
-    step: timedelta | float = 10.0, cap: timedelta | float = 3600.0, jitter: float = 0.0
-) -> Backoff:
+def linear(step: timedelta | float = 10.0, cap: timedelta | float = 3600.0, jitter: float = 0.0) -> Backoff:
     """``step * attempt`` seconds, never more than ``cap``."""
     return Linear(_seconds(step, "step"), _seconds(cap, "cap"), _check_jitter(jitter))
 
@@ -100,7 +98,7 @@ def fixed(seconds: timedelta | float, jitter: float = 0.0) -> Backoff:
 DEFAULT_BACKOFF: Backoff = exponential()
 
 
-class Retry(Exception):  # noqa: N818 - raised by handlers as a request, not an error
+class Retry(Exception):
     """Raise from a handler to retry the job after a specific delay instead of the backoff.
 
     The attempt still counts: a job on its last attempt is dead-lettered.
@@ -111,5 +109,5 @@ class Retry(Exception):  # noqa: N818 - raised by handlers as a request, not an 
         self.delay = _seconds(in_, "in_")
 
 
-class Abort(Exception):  # noqa: N818 - raised by handlers as a request, not an error
+class Abort(Exception):
     """Raise from a handler to fail the job at once, with no further attempts."""

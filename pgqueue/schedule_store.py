@@ -38,13 +38,37 @@ def schedule_params(schedule: Schedule, from_code: bool) -> dict[str, Any]:
 
 
 def schedule_from_row(row: tuple[Any, ...]) -> Schedule:
-    (name, task, args, cron, every_seconds, zone, queue, priority, max_attempts, paused,
-     misfire, grace, next_fire_at, last_fire_at, _updated_at) = row
+    (
+        name,
+        task,
+        args,
+        cron,
+        every_seconds,
+        zone,
+        queue,
+        priority,
+        max_attempts,
+        paused,
+        misfire,
+        grace,
+        next_fire_at,
+        last_fire_at,
+        _updated_at,
+    ) = row
     return Schedule(
-        name=name, task=task, args=args, cron=cron,
+        name=name,
+        task=task,
+        args=args,
+        cron=cron,
         every=timedelta(seconds=every_seconds) if every_seconds is not None else None,
-        timezone=zone, queue=queue, priority=priority, max_attempts=max_attempts, paused=paused,
-        misfire=misfire, misfire_grace=timedelta(seconds=grace), next_fire_at=next_fire_at,
+        timezone=zone,
+        queue=queue,
+        priority=priority,
+        max_attempts=max_attempts,
+        paused=paused,
+        misfire=misfire,
+        misfire_grace=timedelta(seconds=grace),
+        next_fire_at=next_fire_at,
         last_fire_at=last_fire_at,
     )
 
@@ -67,7 +91,9 @@ class ScheduleStore:
     def upsert(self, schedule: Schedule) -> bool:
         """Add or replace a run-time schedule; True when it is new."""
         with self.queue.connection() as conn:
-            row = conn.execute(self.queries.upsert_schedule, schedule_params(schedule, from_code=False)).fetchone()
+            row = conn.execute(
+                self.queries.upsert_schedule, schedule_params(schedule, from_code=False)
+            ).fetchone()
         return bool(row and row[0])
 
     def list(self) -> list[Schedule]:

@@ -8,6 +8,7 @@ enqueue; the first wins and the others find nothing to do. So any number of sche
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -69,8 +70,15 @@ class Scheduler:
     def __init__(self, queue: QueueBase[Any], *, reconcile_interval: float = 5.0) -> None:
         # Firing is synchronous work in APScheduler's threads: an async app's queue gets a sync twin.
         self._owns_queue = not isinstance(queue, Queue)
-        self.queue = queue if isinstance(queue, Queue) else Queue(
-            queue._dsn, schema=queue.schema, registry=queue.registry, schedules=queue.declared_schedules
+        self.queue = (
+            queue
+            if isinstance(queue, Queue)
+            else Queue(
+                queue._dsn,
+                schema=queue.schema,
+                registry=queue.registry,
+                schedules=queue.declared_schedules,
+            )
         )
         self.store = ScheduleStore(self.queue)
         self.reconcile_interval = reconcile_interval
@@ -79,7 +87,10 @@ class Scheduler:
         self._lock = threading.Lock()
         self._aps = BackgroundScheduler(
             timezone=UTC,
-            executors={ENQUEUE_EXECUTOR: _EnqueueExecutor(self), "default": APThreadPoolExecutor(1)},
+            executors={
+                ENQUEUE_EXECUTOR: _EnqueueExecutor(self),
+                "default": APThreadPoolExecutor(1),
+            },
             job_defaults={"coalesce": True, "max_instances": 1},
         )
 
@@ -90,8 +101,11 @@ class Scheduler:
         self.store.sync_declared(declared)
         self._reconcile(catch_up=True)
         self._aps.add_job(
-            self._reconcile_quietly, "interval", seconds=self.reconcile_interval,
-            id=RECONCILE_JOB, executor="default",
+            self._reconcile_quietly,
+            "interval",
+            seconds=self.reconcile_interval,
+            id=RECONCILE_JOB,
+            executor="default",
         )
         self._aps.start()
         log.info("scheduler started with %d schedules", len(self._schedules))
@@ -135,13 +149,26 @@ class Scheduler:
             task, args, queue, priority, max_attempts = row
             request = make_request(
                 self.queue.registry,
-                JobSpec(task, args, queue=queue, priority=priority, max_attempts=max_attempts,
-                        unique_key=fire_key(name, fire_at), scheduled_for=fire_at),
+                JobSpec(
+                    task,
+                    args,
+                    queue=queue,
+                    priority=priority,
+                    max_attempts=max_attempts,
+                    unique_key=fire_key(name, fire_at),
+                    scheduled_for=fire_at,
+                ),
             )
             job_id = self.queue._insert_one(conn, request)
         lateness = time.time() - fire_at.timestamp()
         self.fired.append((name, fire_at, lateness))
-        log.info("schedule %s fired for %s: job %d (%.0f ms late)", name, fire_at.isoformat(), job_id, lateness * 1000)
+        log.info(
+            "schedule %s fired for %s: job %d (%.0f ms late)",
+            name,
+            fire_at.isoformat(),
+            job_id,
+            lateness * 1000,
+        )
         return job_id
 
     # ------------------------------------------------------------------ keeping up with the table
@@ -175,18 +202,21 @@ class Scheduler:
     def _add(self, schedule: Schedule) -> None:
         self._schedules[schedule.name] = schedule
         self._aps.add_job(
-            _never_called, trigger=schedule.trigger(), id=schedule.name, name=schedule.name,
-            executor=ENQUEUE_EXECUTOR, replace_existing=True, coalesce=True,
+            _never_called,
+            trigger=schedule.trigger(),
+            id=schedule.name,
+            name=schedule.name,
+            executor=ENQUEUE_EXECUTOR,
+            replace_existing=True,
+            coalesce=True,
             misfire_grace_time=max(1, int(schedule.misfire_grace.total_seconds())),
             next_run_time=None if schedule.paused else schedule.next_fire_time(),
         )
 
     def _remove(self, name: str) -> None:
         self._schedules.pop(name, None)
-        try:
+        with contextlib.suppress(JobLookupError):
             self._aps.remove_job(name)
-        except JobLookupError:
-            pass
 
     def _catch_up(self, schedule: Schedule) -> None:
         """Missed fires (every scheduler down): ``coalesce`` runs the latest one once, in grace."""
@@ -202,9 +232,15 @@ class Scheduler:
 
 
 def _definition(schedule: Schedule) -> tuple[Any, ...]:
-    return (schedule.task, schedule.cron, schedule.every, schedule.timezone, schedule.misfire, schedule.misfire_grace)
+    return (
+        schedule.task,
+        schedule.cron,
+        schedule.every,
+        schedule.timezone,
+        schedule.misfire,
+        schedule.misfire_grace,
+    )
 
 
 def _never_called() -> None:  # pragma: no cover - the enqueue executor never calls job functions
     raise AssertionError("pgqueue schedules are fired by their executor")
-

@@ -85,7 +85,9 @@ class Schedule:
         """The APScheduler trigger that computes this schedule's fire times."""
         zone = self.zone()
         if self.every is not None:
-            return IntervalTrigger(seconds=self.every.total_seconds(), start_date=INTERVAL_ANCHOR, timezone=zone)
+            return IntervalTrigger(
+                seconds=self.every.total_seconds(), start_date=INTERVAL_ANCHOR, timezone=zone
+            )
         assert self.cron is not None
         try:
             return DstSafeCronTrigger.from_cron(self.cron, zone)
@@ -153,17 +155,25 @@ class DstSafeCronTrigger(CronTrigger):  # type: ignore[misc]
             raise ValueError(f"expected 5 fields (minute hour day month weekday), got {len(values)}")
         minute, hour, day, month, weekday = values
         if day != "*" and weekday != "*":
-            return OrTrigger([
-                cls._build(minute, hour, day, month, "*", zone),
-                cls._build(minute, hour, "*", month, weekday, zone),
-            ])
+            return OrTrigger(
+                [
+                    cls._build(minute, hour, day, month, "*", zone),
+                    cls._build(minute, hour, "*", month, weekday, zone),
+                ]
+            )
         return cls._build(minute, hour, day, month, weekday, zone)
 
     @classmethod
-    def _build(cls, minute: str, hour: str, day: str, month: str, weekday: str, zone: tzinfo) -> DstSafeCronTrigger:
+    def _build(
+        cls, minute: str, hour: str, day: str, month: str, weekday: str, zone: tzinfo
+    ) -> DstSafeCronTrigger:
         trigger = cls(
-            minute=minute, hour=hour, day=day, month=month,
-            day_of_week=_cron_day_of_week(weekday), timezone=zone,
+            minute=minute,
+            hour=hour,
+            day=day,
+            month=month,
+            day_of_week=_cron_day_of_week(weekday),
+            timezone=zone,
         )
         trigger.pinned_hour = hour != "*"
         return trigger

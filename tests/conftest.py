@@ -17,6 +17,10 @@ from pgqueue.testing import count_rows
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+# Fixture modules shared by several test files: the worker tests' app, database and processes
+# (wapp, wdb, wprocs), and the admin tests' app, client and seeded data.
+pytest_plugins = ["worker_helpers", "test_admin_support"]
+
 
 @pytest.fixture
 def queue(pgqueue_queue: Queue) -> Queue:

@@ -20,18 +20,28 @@ from pgqueue.admin.checks import Snapshot, evaluate
 from pgqueue.errors import ConfigurationError
 
 
-def snap(queues: dict[str, dict[str, Any]], *, failures: dict[str, int] | None = None,
-         seen: dict[str, float] | None = None) -> Snapshot:
-    return Snapshot(queues=queues, failures={300.0: failures or {}}, worker_seen=seen or {},
-                    live_workers=len(seen or {}))
+def snap(
+    queues: dict[str, dict[str, Any]],
+    *,
+    failures: dict[str, int] | None = None,
+    seen: dict[str, float] | None = None,
+) -> Snapshot:
+    return Snapshot(
+        queues=queues,
+        failures={300.0: failures or {}},
+        worker_seen=seen or {},
+        live_workers=len(seen or {}),
+    )
 
 
 # ---------------------------------------------------------------------------- evaluation
 
 
 def test_backlog_and_failures_thresholds() -> None:
-    s = snap({"a": {"queued": 11, "delayed": 0}, "b": {"queued": 3, "delayed": 0}},
-             failures={"a": 2, "b": 9})
+    s = snap(
+        {"a": {"queued": 11, "delayed": 0}, "b": {"queued": 3, "delayed": 0}},
+        failures={"a": 2, "b": 9},
+    )
     rules = (AlertRule(backlog_above=10, failures_above=5),)
     found = {(b.queue, b.kind): b for b in evaluate(s, rules)}
     assert set(found) == {("a", "backlog"), ("b", "failures")}
@@ -40,13 +50,24 @@ def test_backlog_and_failures_thresholds() -> None:
 
 
 def test_no_worker_for_all_queues_only_concerns_queues_with_work() -> None:
-    s = snap({"busy": {"queued": 0, "delayed": 2}, "idle": {"queued": 0, "delayed": 0},
-              "served": {"queued": 5, "delayed": 0}}, seen={"served": 3.0})
+    s = snap(
+        {
+            "busy": {"queued": 0, "delayed": 2},
+            "idle": {"queued": 0, "delayed": 0},
+            "served": {"queued": 5, "delayed": 0},
+        },
+        seen={"served": 3.0},
+    )
     found = evaluate(s, (AlertRule(no_worker_seconds=60),))
     assert [(b.queue, b.kind, b.value) for b in found] == [("busy", "no_worker", None)]
     # Naming the queue alerts even while it is idle, and even if it has no row at all.
-    named = evaluate(s, (AlertRule(queue="idle", no_worker_seconds=60),
-                         AlertRule(queue="ghost", no_worker_seconds=60)))
+    named = evaluate(
+        s,
+        (
+            AlertRule(queue="idle", no_worker_seconds=60),
+            AlertRule(queue="ghost", no_worker_seconds=60),
+        ),
+    )
     assert {b.queue for b in named} == {"idle", "ghost"}
 
 
@@ -66,12 +87,15 @@ def test_rule_validation() -> None:
 
 
 def test_settings_from_the_environment() -> None:
-    settings = alerts_from_env({
-        "PGQUEUE_ADMIN_ALERT_BACKLOG": "100", "PGQUEUE_ADMIN_ALERT_NO_WORKER": "120",
-        "PGQUEUE_ADMIN_ALERT_WEBHOOK": "http://127.0.0.1:9/hook",
-        "PGQUEUE_ADMIN_ALERT_WEBHOOK_HEADERS": '{"Authorization": "Bearer x"}',
-        "PGQUEUE_ADMIN_ALERT_INTERVAL": "15",
-    })
+    settings = alerts_from_env(
+        {
+            "PGQUEUE_ADMIN_ALERT_BACKLOG": "100",
+            "PGQUEUE_ADMIN_ALERT_NO_WORKER": "120",
+            "PGQUEUE_ADMIN_ALERT_WEBHOOK": "http://127.0.0.1:9/hook",
+            "PGQUEUE_ADMIN_ALERT_WEBHOOK_HEADERS": '{"Authorization": "Bearer x"}',
+            "PGQUEUE_ADMIN_ALERT_INTERVAL": "15",
+        }
+    )
     assert settings.rules == (AlertRule(backlog_above=100, no_worker_seconds=120),)
     assert settings.webhook_headers == {"Authorization": "Bearer x"}
     assert settings.interval_seconds == 15 and settings.delivers
@@ -125,15 +149,13 @@ def receiver() -> Iterator[Receiver]:
 
 async def test_events_fire_once_and_resolve(pgqueue_queue: Queue) -> None:
     events: list[AlertEvent] = []
-    settings = AlertSettings(rules=(AlertRule(queue="email", backlog_above=2),),
-                             callback=events.append)
+    settings = AlertSettings(rules=(AlertRule(queue="email", backlog_above=2),), callback=events.append)
     monitor = AlertMonitor(pgqueue_queue, settings)
     with pgqueue_queue.connection() as c:
         ids = [insert_job(c, pgqueue_queue.schema) for _ in range(3)]
     await monitor.check()
     await monitor.check()  # still firing: not sent again
-    assert [(e.status, e.queue, e.kind, e.value) for e in events] == [
-        ("firing", "email", "backlog", 3.0)]
+    assert [(e.status, e.queue, e.kind, e.value) for e in events] == [("firing", "email", "backlog", 3.0)]
     assert [b.kind for b in monitor.firing] == ["backlog"]
     pgqueue_queue.cancel(ids[0])
     await monitor.check()
@@ -146,8 +168,9 @@ async def test_reminders_after_repeat_interval(pgqueue_queue: Queue) -> None:
     async def callback(event: AlertEvent) -> None:  # coroutine callbacks are awaited
         events.append(event)
 
-    settings = AlertSettings(rules=(AlertRule(failures_above=0),), callback=callback,
-                             repeat_after_seconds=0.01)
+    settings = AlertSettings(
+        rules=(AlertRule(failures_above=0),), callback=callback, repeat_after_seconds=0.01
+    )
     with pgqueue_queue.connection() as c:
         bury(c, pgqueue_queue.schema)
     monitor = AlertMonitor(pgqueue_queue, settings)
@@ -160,8 +183,11 @@ async def test_reminders_after_repeat_interval(pgqueue_queue: Queue) -> None:
 async def test_webhook_receives_json_and_failed_deliveries_are_retried(
     pgqueue_queue: Queue, receiver: Receiver
 ) -> None:
-    settings = AlertSettings(rules=(AlertRule(queue="email", no_worker_seconds=30),),
-                             webhook_url=receiver.url, webhook_headers={"X-Team": "ops"})
+    settings = AlertSettings(
+        rules=(AlertRule(queue="email", no_worker_seconds=30),),
+        webhook_url=receiver.url,
+        webhook_headers={"X-Team": "ops"},
+    )
     monitor = AlertMonitor(pgqueue_queue, settings)
     receiver.status = 500
     assert await monitor.check() == []  # delivery failed: not marked as sent
@@ -180,8 +206,9 @@ def test_the_app_runs_the_alert_loop(pgqueue_queue: Queue, receiver: Receiver) -
     with pgqueue_queue.connection() as c:
         for _ in range(4):
             insert_job(c, pgqueue_queue.schema, queue="bulk")
-    settings = AlertSettings(rules=(AlertRule(backlog_above=3),), webhook_url=receiver.url,
-                             interval_seconds=0.1)
+    settings = AlertSettings(
+        rules=(AlertRule(backlog_above=3),), webhook_url=receiver.url, interval_seconds=0.1
+    )
     with TestClient(admin_app(pgqueue_queue, alerts=settings)) as c:
         [event] = receiver.wait_for(1)
         assert (event["queue"], event["kind"], event["value"]) == ("bulk", "backlog", 4)

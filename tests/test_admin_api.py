@@ -13,8 +13,6 @@ from test_admin_support import AUTH, TOKEN, bury, insert_job
 from pgqueue import Queue
 from pgqueue.admin import AdminAuth, create_admin_router, mask_keys
 
-pytest_plugins = ["test_admin_support"]  # fixtures: app, client, seeded
-
 
 def get(client: TestClient, path: str, **params: Any) -> Any:
     response = client.get(path, headers=AUTH, params=params)
@@ -38,8 +36,13 @@ def queue_named(client: TestClient, name: str) -> dict[str, Any]:
 def test_queue_counts_by_state(client: TestClient, seeded: dict[str, int]) -> None:
     email = queue_named(client, "email")
     assert email["counts"] == {
-        "queued": 2, "delayed": 2, "retrying": 1, "running": 1, "completed": 3,
-        "cancelled": 1, "dead": 1,
+        "queued": 2,
+        "delayed": 2,
+        "retrying": 1,
+        "running": 1,
+        "completed": 3,
+        "cancelled": 1,
+        "dead": 1,
     }
     reports = queue_named(client, "reports")
     assert reports["counts"]["completed"] == 1 and reports["counts"]["dead"] == 1
@@ -69,10 +72,10 @@ def test_pause_resume_and_limits(client: TestClient, pgqueue_queue: Queue) -> No
     assert queue_named(client, "email")["paused"] is True
     assert post(client, "/api/queues/email/resume")["paused"] is False
 
-    limits = client.patch("/api/queues/email/limits", headers=AUTH,
-                          json={"concurrency": 3, "rate_limit": 2.5})
-    assert limits.json() == {"name": "email", "paused": False, "concurrency": 3,
-                             "rate_limit": 2.5}
+    limits = client.patch(
+        "/api/queues/email/limits", headers=AUTH, json={"concurrency": 3, "rate_limit": 2.5}
+    )
+    assert limits.json() == {"name": "email", "paused": False, "concurrency": 3, "rate_limit": 2.5}
     # Omitted keeps, null removes.
     cleared = client.patch("/api/queues/email/limits", headers=AUTH, json={"concurrency": None})
     assert cleared.json()["concurrency"] is None and cleared.json()["rate_limit"] == 2.5
@@ -120,8 +123,7 @@ def test_job_list_keyset_pagination(client: TestClient, pgqueue_queue: Queue) ->
     assert get(client, "/api/jobs", limit=27)["next_cursor"] is None
 
 
-def test_job_detail_with_errors_and_redaction(client: TestClient,
-                                              seeded: dict[str, int]) -> None:
+def test_job_detail_with_errors_and_redaction(client: TestClient, seeded: dict[str, int]) -> None:
     queued = get(client, f"/api/jobs/{seeded['queued']}")
     assert queued["args"] == {"to": "a@b.c", "password": "[redacted]"}
     assert queued["state"] == "queued" and queued["errors"] == []
@@ -280,8 +282,13 @@ def test_custom_redaction_hook_covers_api_and_dashboard(pgqueue_queue: Queue) ->
     from test_admin_support import admin_app
 
     with pgqueue_queue.connection() as c:
-        job = insert_job(c, pgqueue_queue.schema, args={"email": "me@x.y", "name": "Ann"},
-                         state="completed", result={"email": "me@x.y"})
+        job = insert_job(
+            c,
+            pgqueue_queue.schema,
+            args={"email": "me@x.y", "name": "Ann"},
+            state="completed",
+            result={"email": "me@x.y"},
+        )
     app = admin_app(pgqueue_queue, redact=mask_keys("email"))
     with TestClient(app) as c:
         body = c.get(f"/api/jobs/{job}", headers=AUTH).json()
@@ -293,8 +300,7 @@ def test_custom_redaction_hook_covers_api_and_dashboard(pgqueue_queue: Queue) ->
 
 def test_router_mounts_under_a_prefix(pgqueue_queue: Queue, seeded: dict[str, int]) -> None:
     host = FastAPI()
-    host.include_router(create_admin_router(pgqueue_queue, auth=AdminAuth(token=TOKEN)),
-                        prefix="/admin")
+    host.include_router(create_admin_router(pgqueue_queue, auth=AdminAuth(token=TOKEN)), prefix="/admin")
     with TestClient(host) as c:
         assert c.get("/admin/api/queues", headers=AUTH).status_code == 200
         page = c.get("/admin/", headers=AUTH)
@@ -306,8 +312,7 @@ def test_router_mounts_under_a_prefix(pgqueue_queue: Queue, seeded: dict[str, in
 def test_async_queue_is_accepted(postgres_dsn: str, pgqueue_schema: str) -> None:
     from pgqueue import AsyncQueue
 
-    router = create_admin_router(AsyncQueue(postgres_dsn, schema=pgqueue_schema),
-                                 auth=AdminAuth(token=TOKEN))
+    router = create_admin_router(AsyncQueue(postgres_dsn, schema=pgqueue_schema), auth=AdminAuth(token=TOKEN))
     host = FastAPI()
     host.include_router(router)
     with TestClient(host) as c:

@@ -15,8 +15,6 @@ from pgqueue.errors import ConfigurationError
 
 ORIGIN = "http://admin.test"
 
-pytest_plugins = ["test_admin_support"]  # fixtures: app, client, seeded
-
 
 def basic(user: str, password: str) -> dict[str, str]:
     raw = base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -51,10 +49,14 @@ def test_weak_or_partial_credentials_are_refused(kwargs: dict[str, str], message
 
 
 def test_credentials_from_the_environment() -> None:
-    auth = AdminAuth.from_env({
-        "PGQUEUE_ADMIN_TOKEN": TOKEN, "PGQUEUE_ADMIN_USER": "ops",
-        "PGQUEUE_ADMIN_PASSWORD": "correct horse", "PGQUEUE_ADMIN_TRUSTED_ORIGINS": "https://a.b, ",
-    })
+    auth = AdminAuth.from_env(
+        {
+            "PGQUEUE_ADMIN_TOKEN": TOKEN,
+            "PGQUEUE_ADMIN_USER": "ops",
+            "PGQUEUE_ADMIN_PASSWORD": "correct horse",
+            "PGQUEUE_ADMIN_TRUSTED_ORIGINS": "https://a.b, ",
+        }
+    )
     assert (auth.token, auth.username, auth.password) == (TOKEN, "ops", "correct horse")
     assert auth.trusted_origins == ("https://a.b",)
 
@@ -72,9 +74,12 @@ def test_reads_need_credentials(client: TestClient) -> None:
     assert response.status_code == 401
     assert response.headers["www-authenticate"].startswith("Bearer")
     assert "PGQUEUE_ADMIN_TOKEN" in response.json()["detail"]
-    for headers in ({"Authorization": "Bearer wrong-token-wrong-token"},
-                    {"Authorization": "Bearer"}, {"Authorization": "Basic !!!"},
-                    basic("ops", "correct horse")):
+    for headers in (
+        {"Authorization": "Bearer wrong-token-wrong-token"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Basic !!!"},
+        basic("ops", "correct horse"),
+    ):
         assert client.get("/api/queues", headers=headers).status_code == 401, headers
     assert client.get("/metrics").status_code == 401
     assert client.get("/health/detailed").status_code == 401
@@ -101,8 +106,12 @@ def test_openapi_lists_the_security_schemes(client: TestClient) -> None:
 
 
 def test_cross_site_writes_are_refused(client: TestClient) -> None:
-    for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
-                    {"Origin": "https://evil.example"}, {"Origin": "null"}):
+    for headers in (
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site"},
+        {"Origin": "https://evil.example"},
+        {"Origin": "null"},
+    ):
         response = client.post("/api/queues/email/pause", headers={**AUTH, **headers})
         assert response.status_code == 403, headers
         assert "cross-site" in response.json()["detail"]
@@ -111,12 +120,16 @@ def test_cross_site_writes_are_refused(client: TestClient) -> None:
 
 
 def test_same_origin_and_trusted_origins_may_write(pgqueue_queue: Queue) -> None:
-    app = admin_app(pgqueue_queue, auth=AdminAuth(
-        token=TOKEN, trusted_origins=("https://admin.example.com",)))
+    app = admin_app(
+        pgqueue_queue, auth=AdminAuth(token=TOKEN, trusted_origins=("https://admin.example.com",))
+    )
     with TestClient(app, base_url=ORIGIN) as c:
         for origin in (ORIGIN, "https://admin.example.com"):
-            response = c.post("/api/jobs/clean", json={"older_than_seconds": 60},
-                              headers={**AUTH, "Origin": origin, "Sec-Fetch-Site": "same-origin"})
+            response = c.post(
+                "/api/jobs/clean",
+                json={"older_than_seconds": 60},
+                headers={**AUTH, "Origin": origin, "Sec-Fetch-Site": "same-origin"},
+            )
             assert response.status_code == 200, origin
 
 
@@ -125,8 +138,7 @@ def test_same_origin_and_trusted_origins_may_write(pgqueue_queue: Queue) -> None
 
 def login(c: TestClient, token: str = TOKEN) -> str:
     """Sign in through the form; returns the page's CSRF token."""
-    response = c.post("/login", data={"token": token}, headers={"Origin": ORIGIN},
-                      follow_redirects=False)
+    response = c.post("/login", data={"token": token}, headers={"Origin": ORIGIN}, follow_redirects=False)
     assert response.status_code == 303, response.text
     page = c.get("/")
     assert page.status_code == 200
@@ -151,8 +163,7 @@ def test_login_sets_a_strict_http_only_cookie(client: TestClient) -> None:
     assert TOKEN not in cookie
 
 
-def test_cookie_session_writes_need_the_csrf_token(client: TestClient,
-                                                   seeded: dict[str, int]) -> None:
+def test_cookie_session_writes_need_the_csrf_token(client: TestClient, seeded: dict[str, int]) -> None:
     csrf = login(client)
     assert client.get("/api/queues").status_code == 200  # the cookie authenticates reads
     retry = f"/api/jobs/{seeded['dead']}/retry"
@@ -165,16 +176,22 @@ def test_cookie_session_writes_need_the_csrf_token(client: TestClient,
 
 
 def test_cross_site_login_and_tampered_sessions_are_refused(client: TestClient) -> None:
-    assert client.post("/login", data={"token": TOKEN},
-                       headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    assert (
+        client.post("/login", data={"token": TOKEN}, headers={"Sec-Fetch-Site": "cross-site"}).status_code
+        == 403
+    )
     client.cookies.set("pgqueue_admin_session", "1.abc.def")
     assert client.get("/", follow_redirects=False).status_code == 303
 
 
 def test_garbage_login_forms_are_refused(client: TestClient) -> None:
     many = "&".join(f"f{n}=x" for n in range(20))
-    assert client.post("/login", content=many, headers={
-        "Content-Type": "application/x-www-form-urlencoded"}).status_code == 400
+    assert (
+        client.post(
+            "/login", content=many, headers={"Content-Type": "application/x-www-form-urlencoded"}
+        ).status_code
+        == 400
+    )
     assert client.post("/login", content="token=" + "x" * 10_000).status_code == 413
     assert client.post("/login", content=b"\xff\xfe", follow_redirects=False).status_code == 401
 
@@ -185,8 +202,7 @@ def test_logout_ends_the_session(client: TestClient) -> None:
     assert client.get("/", follow_redirects=False).status_code == 303
 
 
-def test_pages_send_security_headers_and_escape_job_data(client: TestClient,
-                                                         pgqueue_queue: Queue) -> None:
+def test_pages_send_security_headers_and_escape_job_data(client: TestClient, pgqueue_queue: Queue) -> None:
     with pgqueue_queue.connection() as c:
         job = insert_job(c, pgqueue_queue.schema, args={"html": "<script>alert(1)</script>"})
     page = client.get(f"/jobs/{job}", headers=AUTH)
@@ -207,5 +223,4 @@ def test_insecure_mode_opens_reads_but_still_refuses_cross_site_writes(
     with TestClient(app) as c:
         assert c.get("/api/queues").status_code == 200
         assert c.get("/").status_code == 200
-        assert c.post("/api/queues/q/resume", headers={"Origin": "https://evil.example"}
-                      ).status_code == 403
+        assert c.post("/api/queues/q/resume", headers={"Origin": "https://evil.example"}).status_code == 403

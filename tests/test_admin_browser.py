@@ -25,16 +25,26 @@ from pgqueue.admin import AdminOptions
 from pgqueue.worker import AsyncWorker, WorkerSettings
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 
 
 def chromium_path() -> str:
     path = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
     if path is None:
-        pytest.fail("Chromium is not installed: run `apt-get install -y chromium` (Debian's "
-                    "package; the dashboard test drives it through Playwright)", pytrace=False)
+        pytest.fail(
+            "Chromium is not installed: run `apt-get install -y chromium` (Debian's "
+            "package; the dashboard test drives it through Playwright)",
+            pytrace=False,
+        )
     return path
 
 
@@ -46,8 +56,7 @@ class Served:
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> Served:
         self.thread.start()
@@ -65,9 +74,11 @@ class BackgroundWorker:
     """A real AsyncWorker on its own event loop, in a thread."""
 
     def __init__(self, queue: Queue, queues: tuple[str, ...]) -> None:
-        self.worker = AsyncWorker(queue, WorkerSettings(queues=queues, poll_interval=0.2,
-                                                        concurrency=2),
-                                  install_signal_handlers=False)
+        self.worker = AsyncWorker(
+            queue,
+            WorkerSettings(queues=queues, poll_interval=0.2, concurrency=2),
+            install_signal_handlers=False,
+        )
         self.thread = threading.Thread(target=asyncio.run, args=(self.worker.run(),), daemon=True)
 
     def __enter__(self) -> BackgroundWorker:
@@ -89,20 +100,52 @@ def dashboard(pgqueue_queue: Queue) -> Iterator[tuple[str, dict[str, int]]]:
     s = pgqueue_queue.schema
     with pgqueue_queue.connection() as c:
         for n in range(3):
-            insert_job(c, s, queue="billing", task="billing.charge", state="completed",
-                       args={"order": n, "card_number": "4111"}, result={"charged": n},
-                       finished_ago=30 * n)
-        insert_job(c, s, queue="billing", task="billing.charge", run_in=3600,
-                   args={"order": 9, "card_number": "4111"})
-        dead = bury(c, s, queue="billing", task="billing.charge",
-                    args={"order": 7, "card_number": "4111 1111 1111 1111"})
+            insert_job(
+                c,
+                s,
+                queue="billing",
+                task="billing.charge",
+                state="completed",
+                args={"order": n, "card_number": "4111"},
+                result={"charged": n},
+                finished_ago=30 * n,
+            )
+        insert_job(
+            c,
+            s,
+            queue="billing",
+            task="billing.charge",
+            run_in=3600,
+            args={"order": 9, "card_number": "4111"},
+        )
+        dead = bury(
+            c,
+            s,
+            queue="billing",
+            task="billing.charge",
+            args={"order": 7, "card_number": "4111 1111 1111 1111"},
+        )
         # Scenery for the screenshots: a queue no worker here serves, with some history.
         for n in range(40):
-            insert_job(c, s, queue="email", task="email.send", state="completed",
-                       args={"to": f"user{n}@example.com"}, ran_for=0.05 + (n % 7) / 20,
-                       finished_ago=60 * (n % 23) + n)
-        insert_job(c, s, queue="email", task="email.send", run_in=120, attempts=1,
-                   errors=[error(1, "SMTP 451: try again later")])
+            insert_job(
+                c,
+                s,
+                queue="email",
+                task="email.send",
+                state="completed",
+                args={"to": f"user{n}@example.com"},
+                ran_for=0.05 + (n % 7) / 20,
+                finished_ago=60 * (n % 23) + n,
+            )
+        insert_job(
+            c,
+            s,
+            queue="email",
+            task="email.send",
+            run_in=120,
+            attempts=1,
+            errors=[error(1, "SMTP 451: try again later")],
+        )
         insert_job(c, s, queue="email", task="email.send")
         bury(c, s, queue="email", task="email.send", args={"to": "bounce@example.com"})
         c.execute(f"""INSERT INTO "{s}".schedules (name, task, queue, cron, next_fire_at,

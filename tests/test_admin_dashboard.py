@@ -9,8 +9,6 @@ from test_admin_support import AUTH, insert_job
 
 from pgqueue import Queue
 
-pytest_plugins = ["test_admin_support"]  # fixtures: app, client, seeded
-
 
 def page(client: TestClient, path: str) -> str:
     response = client.get(path, headers=AUTH)
@@ -18,8 +16,7 @@ def page(client: TestClient, path: str) -> str:
     return response.text
 
 
-def test_overview_shows_counts_workers_and_schedules(client: TestClient,
-                                                     seeded: dict[str, int]) -> None:
+def test_overview_shows_counts_workers_and_schedules(client: TestClient, seeded: dict[str, int]) -> None:
     html = page(client, "/")
     row = re.search(r'<tr data-queue="email">(.*?)</tr>', html, re.S)
     assert row is not None

@@ -45,7 +45,10 @@ def test_dev_serves_demo_jobs_and_stops_cleanly_on_ctrl_c() -> None:
     env.pop("PGQUEUE_ADMIN_TOKEN", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "pgqueue.dev", "--port", "0", "--token", TOKEN],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
         start_new_session=True,  # Ctrl-C goes to the whole foreground group: so do we
     )
     try:

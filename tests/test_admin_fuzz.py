@@ -29,8 +29,11 @@ EXAMPLES = 25
 def operations() -> list[Any]:
     """(method, path) of every documented operation, read from an app that never connects."""
     app = create_admin_app(Queue("postgresql://unused/none"), auth=AdminAuth(token=TOKEN))
-    return [pytest.param(m.upper(), p, id=f"{m.upper()} {p}")
-            for p, ops in app.openapi()["paths"].items() for m in ops]
+    return [
+        pytest.param(m.upper(), p, id=f"{m.upper()} {p}")
+        for p, ops in app.openapi()["paths"].items()
+        for m in ops
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +54,19 @@ def test_api_answers_every_input_with_a_documented_response(
     api_schema: schemathesis.schemas.BaseSchema, method: str, path: str
 ) -> None:
     operation = api_schema[path][method]
-    cases = st.one_of(operation.as_strategy(GenerationMode.POSITIVE),
-                      operation.as_strategy(GenerationMode.NEGATIVE))
+    cases = st.one_of(
+        operation.as_strategy(GenerationMode.POSITIVE),
+        operation.as_strategy(GenerationMode.NEGATIVE),
+    )
 
     @given(case=cases)
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     def check(case: schemathesis.Case[Any]) -> None:
         case.call_and_validate(headers=AUTH)
 

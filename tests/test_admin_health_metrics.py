@@ -15,8 +15,6 @@ from pgqueue import Queue
 from pgqueue.admin import AdminAuth, AdminOptions, AlertRule, AlertSettings
 from pgqueue.migrate import head_revision, upgrade
 
-pytest_plugins = ["test_admin_support"]  # fixtures: app, client, seeded
-
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample as {(name, sorted labels): value}."""
@@ -46,8 +44,7 @@ def old_schema(postgres_dsn: str) -> Iterator[str]:
         conn.execute(f'DROP SCHEMA "{name}" CASCADE')
 
 
-def test_not_ready_when_the_schema_is_behind_or_missing(postgres_dsn: str,
-                                                        old_schema: str) -> None:
+def test_not_ready_when_the_schema_is_behind_or_missing(postgres_dsn: str, old_schema: str) -> None:
     for schema, expected in ((old_schema, "is at 0001"), ("pgq_never_migrated", "not migrated")):
         with Queue(postgres_dsn, schema=schema) as q, TestClient(admin_app(q)) as c:
             response = c.get("/health/ready")
@@ -84,11 +81,11 @@ def test_detailed_is_ok_without_thresholds(client: TestClient, seeded: dict[str,
     assert email["worker_seen_seconds"] < 5
 
 
-def test_detailed_is_503_when_a_threshold_is_crossed(pgqueue_queue: Queue,
-                                                     seeded: dict[str, int]) -> None:
+def test_detailed_is_503_when_a_threshold_is_crossed(pgqueue_queue: Queue, seeded: dict[str, int]) -> None:
     rules = (AlertRule(queue="email", backlog_above=1), AlertRule(no_worker_seconds=60))
-    app = admin_app(pgqueue_queue, alerts=AlertSettings(rules=rules),
-                    options=AdminOptions(public_health=True))
+    app = admin_app(
+        pgqueue_queue, alerts=AlertSettings(rules=rules), options=AdminOptions(public_health=True)
+    )
     with TestClient(app) as c:
         response = c.get("/health/detailed")  # public_health: no credentials needed
     assert response.status_code == 503
@@ -148,7 +145,6 @@ def test_metrics_counters_and_histogram_add_what_finished_between_scrapes(
 
 
 def test_public_metrics_option(pgqueue_queue: Queue) -> None:
-    app = admin_app(pgqueue_queue, auth=AdminAuth(token=TOKEN),
-                    options=AdminOptions(public_metrics=True))
+    app = admin_app(pgqueue_queue, auth=AdminAuth(token=TOKEN), options=AdminOptions(public_metrics=True))
     with TestClient(app) as c:
         assert c.get("/metrics").status_code == 200

@@ -25,8 +25,13 @@ TRACEBACK = 'Traceback (most recent call last):\n  File "jobs.py", line 3\nValue
 
 
 def error(attempt: int, message: str = "smtp down", *, at: str = "now") -> dict[str, Any]:
-    return {"attempt": attempt, "at": at, "type": "ValueError", "message": message,
-            "traceback": TRACEBACK}
+    return {
+        "attempt": attempt,
+        "at": at,
+        "type": "ValueError",
+        "message": message,
+        "traceback": TRACEBACK,
+    }
 
 
 def _errors_json(conn: psycopg.Connection[Any], entries: list[dict[str, Any]]) -> str:
@@ -37,11 +42,23 @@ def _errors_json(conn: psycopg.Connection[Any], entries: list[dict[str, Any]]) -
     return json.dumps([{**e, "at": now if e["at"] == "now" else e["at"]} for e in entries])
 
 
-def insert_job(conn: psycopg.Connection[Any], schema: str, *, queue: str = "email",
-               task: str = "send_email", state: str = "queued", args: Any = None,
-               run_in: float = 0.0, attempts: int = 0, errors: list[dict[str, Any]] | None = None,
-               result: Any = None, worker_id: str | None = None, ran_for: float = 0.25,
-               finished_ago: float = 1.0, unique_key: str | None = None) -> int:
+def insert_job(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    *,
+    queue: str = "email",
+    task: str = "send_email",
+    state: str = "queued",
+    args: Any = None,
+    run_in: float = 0.0,
+    attempts: int = 0,
+    errors: list[dict[str, Any]] | None = None,
+    result: Any = None,
+    worker_id: str | None = None,
+    ran_for: float = 0.25,
+    finished_ago: float = 1.0,
+    unique_key: str | None = None,
+) -> int:
     """One row of ``jobs`` in any state, with consistent timestamps."""
     finished = state in ("completed", "cancelled")
     started = finished or state == "running"
@@ -56,19 +73,37 @@ def insert_job(conn: psycopg.Connection[Any], schema: str, *, queue: str = "emai
                     CASE WHEN %(state)s::text = 'running' THEN now() + interval '30 seconds' END,
                     %(unique_key)s)
             RETURNING id""",
-        {"queue": queue, "task": task, "args": json.dumps(args or {}), "state": state,
-         "run_in": run_in, "attempts": attempts, "errors": _errors_json(conn, errors or []),
-         "result": None if result is None else json.dumps(result), "worker": worker_id,
-         "started": started, "finished": finished, "ago": finished_ago if finished else 0.0,
-         "ran": ran_for, "unique_key": unique_key},
+        {
+            "queue": queue,
+            "task": task,
+            "args": json.dumps(args or {}),
+            "state": state,
+            "run_in": run_in,
+            "attempts": attempts,
+            "errors": _errors_json(conn, errors or []),
+            "result": None if result is None else json.dumps(result),
+            "worker": worker_id,
+            "started": started,
+            "finished": finished,
+            "ago": finished_ago if finished else 0.0,
+            "ran": ran_for,
+            "unique_key": unique_key,
+        },
     ).fetchone()
     assert row is not None
     return int(row[0])
 
 
-def bury(conn: psycopg.Connection[Any], schema: str, *, queue: str = "email",
-         task: str = "send_email", args: Any = None, attempts: int = 3,
-         unique_key: str | None = None) -> int:
+def bury(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    *,
+    queue: str = "email",
+    task: str = "send_email",
+    args: Any = None,
+    attempts: int = 3,
+    unique_key: str | None = None,
+) -> int:
     """A dead-lettered job, as the worker leaves it after the last failed attempt."""
     row = conn.execute(
         f"""INSERT INTO "{schema}".dead_letter (id, queue, task, args, priority, attempts,
@@ -77,8 +112,15 @@ def bury(conn: psycopg.Connection[Any], schema: str, *, queue: str = "email",
                     5, %s, %s, %s, %s::jsonb, now() - interval '1 hour',
                     now() - interval '1 minute', now())
             RETURNING id""",
-        [queue, task, json.dumps(args or {}), attempts, attempts, unique_key,
-         _errors_json(conn, [error(i + 1) for i in range(attempts)])],
+        [
+            queue,
+            task,
+            json.dumps(args or {}),
+            attempts,
+            attempts,
+            unique_key,
+            _errors_json(conn, [error(i + 1) for i in range(attempts)]),
+        ],
     ).fetchone()
     assert row is not None
     return int(row[0])
@@ -96,13 +138,18 @@ def seed(queue: Queue) -> dict[str, int]:
         ids["running"] = insert_job(c, s, state="running", attempts=1, worker_id="w1")
         for n in range(3):
             ids[f"completed{n}"] = insert_job(
-                c, s, state="completed", attempts=1, result={"ok": True, "token": "abc"},
+                c,
+                s,
+                state="completed",
+                attempts=1,
+                result={"ok": True, "token": "abc"},
                 ran_for=0.1 * (n + 1),
             )
         ids["cancelled"] = insert_job(c, s, state="cancelled")
         ids["dead"] = bury(c, s, args={"to": "x@y.z", "api_key": "k-123"})
-        ids["reports_completed"] = insert_job(c, s, queue="reports", task="build_report",
-                                              state="completed", attempts=1, result=42)
+        ids["reports_completed"] = insert_job(
+            c, s, queue="reports", task="build_report", state="completed", attempts=1, result=42
+        )
         ids["reports_dead"] = bury(c, s, queue="reports", task="build_report")
         c.execute(
             f"""INSERT INTO "{s}".workers (id, host, pid, queues, concurrency, heartbeat_at)

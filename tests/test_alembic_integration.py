@@ -49,7 +49,11 @@ def downgrade():
 def _alembic(workdir: Path, env: dict[str, str], *args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "alembic", "-c", str(workdir / "alembic.ini"), *args],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=120,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout + done.stderr

@@ -30,8 +30,15 @@ def jobs_table(queue: Queue) -> sql.Composed:
     return sql.SQL("{}.jobs").format(sql.Identifier(queue.schema))
 
 
-def bury(db: psycopg.Connection[Any], queue: Queue, job_id: int, *, queue_name: str = "default",
-         task: str = "flaky", unique_key: str | None = None) -> None:
+def bury(
+    db: psycopg.Connection[Any],
+    queue: Queue,
+    job_id: int,
+    *,
+    queue_name: str = "default",
+    task: str = "flaky",
+    unique_key: str | None = None,
+) -> None:
     """Put a dead-lettered job in place, as a worker does after the last failed attempt."""
     db.execute(
         sql.SQL(
@@ -40,9 +47,15 @@ def bury(db: psycopg.Connection[Any], queue: Queue, job_id: int, *, queue_name: 
             " (%s, %s, %s, %s::jsonb, 3, 3, 3, 12.5, %s, %s::jsonb, now() - interval '1 hour',"
             " now() - interval '1 minute', now())"
         ).format(sql.Identifier(queue.schema)),
-        [job_id, queue_name, task, '{"order": 7}', unique_key,
-         '[{"attempt": 1, "message": "boom"}, {"attempt": 2, "message": "boom"},'
-         ' {"attempt": 3, "message": "boom"}]'],
+        [
+            job_id,
+            queue_name,
+            task,
+            '{"order": 7}',
+            unique_key,
+            '[{"attempt": 1, "message": "boom"}, {"attempt": 2, "message": "boom"},'
+            ' {"attempt": 3, "message": "boom"}]',
+        ],
     )
 
 
@@ -76,16 +89,36 @@ def test_enqueue_without_args_stores_an_empty_object(queue: Queue) -> None:
 
 
 def test_enqueue_options_are_stored(queue: Queue) -> None:
-    job_id = queue.enqueue("x", {"a": 1}, queue="email", priority=1, max_attempts=7, timeout=2.5,
-                           unique_key="welcome:42")
+    job_id = queue.enqueue(
+        "x",
+        {"a": 1},
+        queue="email",
+        priority=1,
+        max_attempts=7,
+        timeout=2.5,
+        unique_key="welcome:42",
+    )
     job = queue.get_job(job_id)
     assert (job.queue, job.priority, job.max_attempts, job.timeout, job.unique_key) == (
-        "email", 1, 7, 2.5, "welcome:42")
+        "email",
+        1,
+        7,
+        2.5,
+        "welcome:42",
+    )
 
 
 def test_args_round_trip_exactly(queue: Queue) -> None:
-    args = {"text": "héllo — 日本 🎉", "big": 2**62, "neg": -1.5, "none": None, "flag": False,
-            "nested": {"list": [1, "two", {"three": 3}]}, "empty": {}, "quote": "it's \"x\""}
+    args = {
+        "text": "héllo — 日本 🎉",
+        "big": 2**62,
+        "neg": -1.5,
+        "none": None,
+        "flag": False,
+        "nested": {"list": [1, "two", {"three": 3}]},
+        "empty": {},
+        "quote": 'it\'s "x"',
+    }
     assert queue.get_job(queue.enqueue("x", args)).args == args
 
 
@@ -133,7 +166,12 @@ def test_task_decorator_defaults_and_overrides(queue: Queue) -> None:
 
     job = queue.get_job(send_email.enqueue(to="a@b.c", subject="hello"))
     assert (job.task, job.queue, job.priority, job.max_attempts, job.timeout) == (
-        "send_email", "email", 4, 5, 30.0)
+        "send_email",
+        "email",
+        4,
+        5,
+        30.0,
+    )
     assert job.args == {"to": "a@b.c", "subject": "hello"}
 
     # By name, with per-call options winning over the task's defaults.
@@ -170,11 +208,17 @@ def test_enqueue_by_name_of_a_task_this_process_never_registered(
     """A producer-only app: no handlers imported, jobs still go in with the defaults."""
     with Queue(postgres_dsn, schema=pgqueue_schema) as producer:
         assert len(producer.registry) == 0
-        job_id = producer.enqueue("billing.invoices:send-reminder", {"invoice": 17},
-                                  queue="billing", priority=2)
+        job_id = producer.enqueue(
+            "billing.invoices:send-reminder", {"invoice": 17}, queue="billing", priority=2
+        )
         job = producer.get_job(job_id)
     assert (job.task, job.args, job.queue, job.priority, job.max_attempts) == (
-        "billing.invoices:send-reminder", {"invoice": 17}, "billing", 2, 3)
+        "billing.invoices:send-reminder",
+        {"invoice": 17},
+        "billing",
+        2,
+        3,
+    )
 
 
 # ---------------------------------------------------------------------------- cancel
@@ -197,18 +241,28 @@ def test_cancel_unknown_job_returns_false(queue: Queue) -> None:
 
 def test_cancel_a_running_job_asks_it_to_stop(queue: Queue, db: psycopg.Connection[Any]) -> None:
     job_id = queue.enqueue("long")
-    db.execute(sql.SQL("UPDATE {} SET state = 'running', attempts = 1, started_at = now() "
-                       "WHERE id = %s").format(jobs_table(queue)), [job_id])
+    db.execute(
+        sql.SQL("UPDATE {} SET state = 'running', attempts = 1, started_at = now() WHERE id = %s").format(
+            jobs_table(queue)
+        ),
+        [job_id],
+    )
     assert queue.cancel(job_id) is True
-    row = db.execute(sql.SQL("SELECT state::text, cancel_requested FROM {} WHERE id = %s").format(
-        jobs_table(queue)), [job_id]).fetchone()
+    row = db.execute(
+        sql.SQL("SELECT state::text, cancel_requested FROM {} WHERE id = %s").format(jobs_table(queue)),
+        [job_id],
+    ).fetchone()
     assert row == ("running", True)  # the worker stops it and records the outcome
 
 
 def test_cancel_a_finished_job_returns_false(queue: Queue, db: psycopg.Connection[Any]) -> None:
     job_id = queue.enqueue("done")
-    db.execute(sql.SQL("UPDATE {} SET state = 'completed', finished_at = now() WHERE id = %s")
-               .format(jobs_table(queue)), [job_id])
+    db.execute(
+        sql.SQL("UPDATE {} SET state = 'completed', finished_at = now() WHERE id = %s").format(
+            jobs_table(queue)
+        ),
+        [job_id],
+    )
     assert queue.cancel(job_id) is False
     assert queue.get_job(job_id).state is JobState.COMPLETED
 
@@ -252,11 +306,14 @@ def test_unique_key_is_held_while_running_and_released_when_finished(
     queue: Queue, db: psycopg.Connection[Any]
 ) -> None:
     first = queue.enqueue("welcome", unique_key="k")
-    db.execute(sql.SQL("UPDATE {} SET state = 'running' WHERE id = %s").format(jobs_table(queue)),
-               [first])
+    db.execute(sql.SQL("UPDATE {} SET state = 'running' WHERE id = %s").format(jobs_table(queue)), [first])
     assert queue.enqueue("welcome", unique_key="k") == first
-    db.execute(sql.SQL("UPDATE {} SET state = 'completed', finished_at = now() WHERE id = %s")
-               .format(jobs_table(queue)), [first])
+    db.execute(
+        sql.SQL("UPDATE {} SET state = 'completed', finished_at = now() WHERE id = %s").format(
+            jobs_table(queue)
+        ),
+        [first],
+    )
     second = queue.enqueue("welcome", unique_key="k")
     assert second != first
     assert queue.get_job(second).state is JobState.QUEUED
@@ -275,8 +332,7 @@ def test_50_threads_enqueue_the_same_key_and_get_one_job(
         try:
             with conns[i].transaction():
                 barrier.wait(timeout=30)
-                results[i] = queue.enqueue("signup", {"caller": i}, unique_key="signup:7",
-                                           conn=conns[i])
+                results[i] = queue.enqueue("signup", {"caller": i}, unique_key="signup:7", conn=conns[i])
         except BaseException as exc:
             results[i] = exc
 
@@ -303,6 +359,7 @@ def test_50_threads_through_the_pool(
     barrier = threading.Barrier(n)
     results: list[int | BaseException] = [0] * n
     with Queue(postgres_dsn, schema=pgqueue_schema, pool_size=20) as queue:
+
         def enqueue(i: int) -> None:
             try:
                 barrier.wait(timeout=30)
@@ -362,21 +419,24 @@ def test_unique_key_holder_committing_gives_the_waiter_its_id(
 # ---------------------------------------------------------------------------- enqueue_many
 
 
-def test_enqueue_many_10000_jobs_each_with_its_own_args(
-    queue: Queue, db: psycopg.Connection[Any]
-) -> None:
+def test_enqueue_many_10000_jobs_each_with_its_own_args(queue: Queue, db: psycopg.Connection[Any]) -> None:
     n = 10_000
-    ids = queue.enqueue_many({"task": "bulk.item", "args": {"i": i, "tag": f"t{i}"}}
-                             for i in range(n))
+    ids = queue.enqueue_many({"task": "bulk.item", "args": {"i": i, "tag": f"t{i}"}} for i in range(n))
     assert len(ids) == n and len(set(ids)) == n
-    rows = db.execute(sql.SQL("SELECT id, task, args, queue, priority, state::text FROM {}")
-                      .format(jobs_table(queue))).fetchall()
+    rows = db.execute(
+        sql.SQL("SELECT id, task, args, queue, priority, state::text FROM {}").format(jobs_table(queue))
+    ).fetchall()
     assert len(rows) == n
     by_id = {row[0]: row for row in rows}
     for i, job_id in enumerate(ids):
         _, task, args, queue_name, priority, state = by_id[job_id]
         assert (task, args, queue_name, priority, state) == (
-            "bulk.item", {"i": i, "tag": f"t{i}"}, "default", 5, "queued")
+            "bulk.item",
+            {"i": i, "tag": f"t{i}"},
+            "default",
+            5,
+            "queued",
+        )
     assert queue.get_job(ids[1234]).args == {"i": 1234, "tag": "t1234"}
 
 
@@ -388,15 +448,22 @@ def test_enqueue_many_applies_per_job_options_and_task_defaults(
 
     when = datetime(2030, 5, 6, 7, 8, 9, tzinfo=UTC)
     before = server_now(db)
-    ids = queue.enqueue_many([
-        JobSpec("send", {"to": "a"}),
-        {"task": "send", "args": {"to": "b"}, "priority": 1, "queue": "vip"},
-        JobSpec("other", {"n": 1}, delay=timedelta(minutes=10), max_attempts=1),
-        {"task": "other", "run_at": when, "timeout": 0.5},
-    ])
+    ids = queue.enqueue_many(
+        [
+            JobSpec("send", {"to": "a"}),
+            {"task": "send", "args": {"to": "b"}, "priority": 1, "queue": "vip"},
+            JobSpec("other", {"n": 1}, delay=timedelta(minutes=10), max_attempts=1),
+            {"task": "other", "run_at": when, "timeout": 0.5},
+        ]
+    )
     a, b, c, d = (queue.get_job(i) for i in ids)
-    assert (a.queue, a.priority, a.max_attempts, a.timeout, a.args) == ("email", 3, 6, 9.0,
-                                                                          {"to": "a"})
+    assert (a.queue, a.priority, a.max_attempts, a.timeout, a.args) == (
+        "email",
+        3,
+        6,
+        9.0,
+        {"to": "a"},
+    )
     assert (b.queue, b.priority, b.max_attempts) == ("vip", 1, 6)
     assert (c.queue, c.priority, c.max_attempts, c.is_delayed) == ("default", 5, 1, True)
     assert c.run_at is not None and c.run_at >= before + timedelta(minutes=10)
@@ -412,15 +479,17 @@ def test_enqueue_many_of_nothing(queue: Queue, count: Callable[..., int]) -> Non
 def test_enqueue_many_with_unique_keys(queue: Queue, count: Callable[..., int]) -> None:
     held = queue.enqueue("welcome", {"v": "old"}, unique_key="held")
     other_queue = queue.enqueue("welcome", unique_key="k1", queue="elsewhere")
-    ids = queue.enqueue_many([
-        {"task": "welcome", "args": {"v": 0}, "unique_key": "k1"},
-        {"task": "welcome", "args": {"v": 1}, "unique_key": "k2"},
-        {"task": "welcome", "args": {"v": 2}, "unique_key": "k1"},  # duplicate in the batch
-        {"task": "welcome", "args": {"v": 3}},  # no key
-        {"task": "welcome", "args": {"v": 4}, "unique_key": "held"},  # already held
-        {"task": "welcome", "args": {"v": 5}, "unique_key": "k2"},
-        {"task": "welcome", "args": {"v": 6}},
-    ])
+    ids = queue.enqueue_many(
+        [
+            {"task": "welcome", "args": {"v": 0}, "unique_key": "k1"},
+            {"task": "welcome", "args": {"v": 1}, "unique_key": "k2"},
+            {"task": "welcome", "args": {"v": 2}, "unique_key": "k1"},  # duplicate in the batch
+            {"task": "welcome", "args": {"v": 3}},  # no key
+            {"task": "welcome", "args": {"v": 4}, "unique_key": "held"},  # already held
+            {"task": "welcome", "args": {"v": 5}, "unique_key": "k2"},
+            {"task": "welcome", "args": {"v": 6}},
+        ]
+    )
     k1, k2, dup, free, again, dup2, free2 = ids
     assert dup == k1 and dup2 == k2 and again == held
     assert len({k1, k2, free, free2, held, other_queue}) == 6
@@ -431,8 +500,11 @@ def test_enqueue_many_with_unique_keys(queue: Queue, count: Callable[..., int]) 
     assert queue.get_job(free2).args == {"v": 6}
     assert queue.get_job(held).args == {"v": "old"}
     # Enqueueing the same batch again inserts nothing and returns the same ids.
-    assert queue.enqueue_many([{"task": "welcome", "unique_key": k} for k in ("k1", "k2", "held")]
-                              ) == [k1, k2, held]
+    assert queue.enqueue_many([{"task": "welcome", "unique_key": k} for k in ("k1", "k2", "held")]) == [
+        k1,
+        k2,
+        held,
+    ]
     assert count() == 6
 
 
@@ -457,7 +529,13 @@ def test_retry_dead_moves_the_job_back_with_its_id(
     job = queue.get_job(700)
     assert job.state is JobState.QUEUED and not job.is_delayed
     assert (job.task, job.args, job.queue, job.priority, job.max_attempts, job.timeout) == (
-        "flaky", {"order": 7}, "default", 3, 3, 12.5)
+        "flaky",
+        {"order": 7},
+        "default",
+        3,
+        3,
+        12.5,
+    )
     assert job.attempts == 0  # fresh attempts
     assert len(job.errors) == 3  # history kept
     assert job.unique_key == "order:7"
@@ -471,8 +549,7 @@ def test_retry_dead_of_unknown_id_returns_false(queue: Queue) -> None:
     assert queue.retry_dead(424242) is False
 
 
-def test_retry_all_dead(queue: Queue, db: psycopg.Connection[Any],
-                        count: Callable[..., int]) -> None:
+def test_retry_all_dead(queue: Queue, db: psycopg.Connection[Any], count: Callable[..., int]) -> None:
     bury(db, queue, 801, queue_name="a")
     bury(db, queue, 802, queue_name="a")
     bury(db, queue, 803, queue_name="b")
@@ -513,7 +590,18 @@ def test_retry_all_dead_moves_one_of_the_dead_jobs_sharing_a_key(
 
 def test_enqueue_many_copies_awkward_text_exactly(queue: Queue) -> None:
     """Bulk enqueue goes through COPY, whose text format has escapes of its own."""
-    awkward = ["tab\there", "new\nline", "back\\slash", "\\N", "\\.", "crlf\r\n", "日本 🎉",
-               "\\u0000 as text", "quote\"s", "", "end\\"]
+    awkward = [
+        "tab\there",
+        "new\nline",
+        "back\\slash",
+        "\\N",
+        "\\.",
+        "crlf\r\n",
+        "日本 🎉",
+        "\\u0000 as text",
+        'quote"s',
+        "",
+        "end\\",
+    ]
     ids = queue.enqueue_many([{"task": "x", "args": {"s": s}} for s in awkward])
     assert [queue.get_job(i).args for i in ids] == [{"s": s} for s in awkward]

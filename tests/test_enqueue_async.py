@@ -14,13 +14,18 @@ from psycopg import sql
 from pgqueue import AsyncQueue, JobNotFoundError, JobSpec, JobState, Queue
 
 
-def bury(db: psycopg.Connection[Any], schema: str, job_id: int, queue_name: str = "default",
-         unique_key: str | None = None) -> None:
+def bury(
+    db: psycopg.Connection[Any],
+    schema: str,
+    job_id: int,
+    queue_name: str = "default",
+    unique_key: str | None = None,
+) -> None:
     db.execute(
         sql.SQL(
             "INSERT INTO {}.dead_letter (id, queue, task, args, priority, attempts, max_attempts,"
             " unique_key, errors, created_at) VALUES (%s, %s, 'flaky', '{{\"n\": 1}}', 5, 2, 2,"
-            " %s, '[{{\"attempt\": 1}}, {{\"attempt\": 2}}]', now())"
+            ' %s, \'[{{"attempt": 1}}, {{"attempt": 2}}]\', now())'
         ).format(sql.Identifier(schema)),
         [job_id, queue_name, unique_key],
     )
@@ -34,11 +39,24 @@ def test_the_twins_have_the_same_public_methods() -> None:
 
 
 async def test_enqueue_and_get_job(async_queue: AsyncQueue) -> None:
-    job_id = await async_queue.enqueue("reports.build", {"month": "2026-11"}, queue="reports",
-                                       priority=2, max_attempts=4, timeout=1.5)
+    job_id = await async_queue.enqueue(
+        "reports.build",
+        {"month": "2026-11"},
+        queue="reports",
+        priority=2,
+        max_attempts=4,
+        timeout=1.5,
+    )
     job = await async_queue.get_job(job_id)
     assert (job.id, job.task, job.args, job.queue, job.priority, job.max_attempts, job.timeout) == (
-        job_id, "reports.build", {"month": "2026-11"}, "reports", 2, 4, 1.5)
+        job_id,
+        "reports.build",
+        {"month": "2026-11"},
+        "reports",
+        2,
+        4,
+        1.5,
+    )
     assert job.state is JobState.QUEUED and job.attempts == 0 and job.errors == []
     assert not job.is_delayed
 
@@ -54,18 +72,25 @@ async def test_task_decorator(async_queue: AsyncQueue) -> None:
 
     job = await async_queue.get_job(await send_email.enqueue(to="a@b.c", subject="hi"))
     assert (job.task, job.queue, job.max_attempts, job.timeout, job.args) == (
-        "send_email", "email", 5, 30.0, {"to": "a@b.c", "subject": "hi"})
+        "send_email",
+        "email",
+        5,
+        30.0,
+        {"to": "a@b.c", "subject": "hi"},
+    )
     delayed = await send_email.with_options(delay=timedelta(minutes=5)).enqueue(to="x", subject="y")
     assert (await async_queue.get_job(delayed)).is_delayed
 
 
-async def test_enqueue_by_name_without_a_registered_task(
-    postgres_dsn: str, pgqueue_schema: str
-) -> None:
+async def test_enqueue_by_name_without_a_registered_task(postgres_dsn: str, pgqueue_schema: str) -> None:
     async with AsyncQueue(postgres_dsn, schema=pgqueue_schema) as producer:
         job = await producer.get_job(await producer.enqueue("elsewhere.defined", {"a": [1]}))
-    assert (job.task, job.args, job.queue, job.priority) == ("elsewhere.defined", {"a": [1]},
-                                                             "default", 5)
+    assert (job.task, job.args, job.queue, job.priority) == (
+        "elsewhere.defined",
+        {"a": [1]},
+        "default",
+        5,
+    )
 
 
 async def test_delay_and_run_at(async_queue: AsyncQueue) -> None:
@@ -128,7 +153,8 @@ async def test_50_concurrent_enqueues_through_the_pool(
     async_queue: AsyncQueue, count: Callable[..., int]
 ) -> None:
     results = await asyncio.gather(
-        *(async_queue.enqueue("signup", {"i": i}, unique_key="signup:2") for i in range(50)))
+        *(async_queue.enqueue("signup", {"i": i}, unique_key="signup:2") for i in range(50))
+    )
     assert len(set(results)) == 1
     assert count() == 1
 
@@ -138,24 +164,27 @@ async def test_enqueue_many_10000_jobs(
 ) -> None:
     n = 10_000
     ids = await async_queue.enqueue_many(
-        JobSpec("bulk.item", {"i": i}, priority=1 + i % 10) for i in range(n))
+        JobSpec("bulk.item", {"i": i}, priority=1 + i % 10) for i in range(n)
+    )
     assert len(ids) == n and len(set(ids)) == n
-    rows = db.execute(sql.SQL("SELECT id, task, args, priority FROM {}.jobs").format(
-        sql.Identifier(pgqueue_schema))).fetchall()
+    rows = db.execute(
+        sql.SQL("SELECT id, task, args, priority FROM {}.jobs").format(sql.Identifier(pgqueue_schema))
+    ).fetchall()
     assert len(rows) == n
     by_id = {row[0]: row[1:] for row in rows}
     assert all(by_id[job_id] == ("bulk.item", {"i": i}, 1 + i % 10) for i, job_id in enumerate(ids))
 
 
-async def test_enqueue_many_with_unique_keys(async_queue: AsyncQueue,
-                                             count: Callable[..., int]) -> None:
+async def test_enqueue_many_with_unique_keys(async_queue: AsyncQueue, count: Callable[..., int]) -> None:
     held = await async_queue.enqueue("x", {"v": "held"}, unique_key="held")
-    ids = await async_queue.enqueue_many([
-        {"task": "x", "args": {"v": 0}, "unique_key": "a"},
-        {"task": "x", "args": {"v": 1}, "unique_key": "held"},
-        {"task": "x", "args": {"v": 2}, "unique_key": "a"},
-        {"task": "x", "args": {"v": 3}},
-    ])
+    ids = await async_queue.enqueue_many(
+        [
+            {"task": "x", "args": {"v": 0}, "unique_key": "a"},
+            {"task": "x", "args": {"v": 1}, "unique_key": "held"},
+            {"task": "x", "args": {"v": 2}, "unique_key": "a"},
+            {"task": "x", "args": {"v": 3}},
+        ]
+    )
     a, again, dup, free = ids
     assert again == held and dup == a and len({a, held, free}) == 3
     assert count() == 3
@@ -169,8 +198,10 @@ async def test_enqueue_many_of_nothing(async_queue: AsyncQueue, count: Callable[
 
 
 async def test_dead_letter_and_retry(
-    async_queue: AsyncQueue, db: psycopg.Connection[Any], pgqueue_schema: str,
-    count: Callable[..., int]
+    async_queue: AsyncQueue,
+    db: psycopg.Connection[Any],
+    pgqueue_schema: str,
+    count: Callable[..., int],
 ) -> None:
     bury(db, pgqueue_schema, 41, queue_name="a")
     bury(db, pgqueue_schema, 42, queue_name="a")
@@ -179,8 +210,7 @@ async def test_dead_letter_and_retry(
     assert dead.state is JobState.DEAD and len(dead.errors) == 2
     assert await async_queue.retry_dead(41) is True
     job = await async_queue.get_job(41)
-    assert (job.state, job.attempts, job.args, len(job.errors)) == (JobState.QUEUED, 0,
-                                                                    {"n": 1}, 2)
+    assert (job.state, job.attempts, job.args, len(job.errors)) == (JobState.QUEUED, 0, {"n": 1}, 2)
     assert await async_queue.retry_dead(41) is False
     assert await async_queue.retry_all_dead("a") == 1
     assert await async_queue.retry_all_dead() == 1

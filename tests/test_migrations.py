@@ -83,8 +83,7 @@ def catalog_snapshot(dsn: str) -> dict[str, Any]:
             snapshot[key] = sorted(tuple(map(str, row)) for row in conn.execute(query))
         versions = []
         for (schema,) in conn.execute(
-            "SELECT table_schema FROM information_schema.tables "
-            "WHERE table_name = 'alembic_version'"
+            "SELECT table_schema FROM information_schema.tables WHERE table_name = 'alembic_version'"
         ).fetchall():
             for (version,) in conn.execute(
                 sql.SQL("SELECT version_num FROM {}.alembic_version").format(sql.Identifier(schema))
@@ -106,8 +105,7 @@ def tables_in(dsn: str, schema: str) -> set[str]:
 
 def schema_exists(dsn: str, schema: str) -> bool:
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s",
-                           [schema]).fetchone()
+        row = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", [schema]).fetchone()
     assert row is not None
     return bool(row[0])
 
@@ -137,13 +135,22 @@ def pgqueue_command() -> list[str]:
     return [script]
 
 
-def run_cli(args: list[str], *, module: bool = False, env: dict[str, str] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str],
+    *,
+    module: bool = False,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "pgqueue"] if module else pgqueue_command()
     base_env = {k: v for k, v in os.environ.items() if k not in ("PGQUEUE_DSN", "DATABASE_URL")}
     return subprocess.run(
-        [*command, *args], capture_output=True, text=True, timeout=60,
-        env={**base_env, **(env or {})}, cwd=cwd,
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base_env, **(env or {})},
+        cwd=cwd,
     )
 
 
@@ -212,9 +219,23 @@ def test_plain_alembic_builds_the_same_schema(postgres_dsn: str, new_schema: str
     other = new_schema + "_cli"
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "alembic", "-c", str(REPO / "alembic.ini"),
-             "-x", f"dsn={postgres_dsn}", "-x", f"schema={new_schema}", "upgrade", "head"],
-            capture_output=True, text=True, timeout=60, cwd=REPO,
+            [
+                sys.executable,
+                "-m",
+                "alembic",
+                "-c",
+                str(REPO / "alembic.ini"),
+                "-x",
+                f"dsn={postgres_dsn}",
+                "-x",
+                f"schema={new_schema}",
+                "upgrade",
+                "head",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
         )
         assert done.returncode == 0, done.stderr
         upgrade(postgres_dsn, schema=other)
@@ -224,9 +245,13 @@ def test_plain_alembic_builds_the_same_schema(postgres_dsn: str, new_schema: str
             """The schema's objects with its own name blanked out, so two schemas compare."""
             name = re.compile(rf"\b{re.escape(schema)}\b")
             return {
-                key: sorted(tuple(name.sub("S", field) for field in row[1:])
-                            for row in rows if row and row[0] == schema)
-                for key, rows in by_alembic.items() if key != "extensions"
+                key: sorted(
+                    tuple(name.sub("S", field) for field in row[1:])
+                    for row in rows
+                    if row and row[0] == schema
+                )
+                for key, rows in by_alembic.items()
+                if key != "extensions"
             }
 
         assert only(new_schema) == only(other)
@@ -246,8 +271,7 @@ def test_every_revision_steps_up_and_back_down_exactly(postgres_dsn: str, new_sc
         upgrade(postgres_dsn, schema=new_schema, revision=revision)
         assert current_revision(postgres_dsn, schema=new_schema) == revision
         snapshots[revision] = catalog_snapshot(postgres_dsn)
-    for revision, previous in zip(reversed(revisions), reversed(["base", *revisions[:-1]]),
-                                  strict=True):
+    for revision, previous in zip(reversed(revisions), reversed(["base", *revisions[:-1]]), strict=True):
         assert catalog_snapshot(postgres_dsn) == snapshots[revision]
         downgrade(postgres_dsn, schema=new_schema, revision=previous)
     assert catalog_snapshot(postgres_dsn) == snapshots["base"]
@@ -261,8 +285,7 @@ def test_downgrade_to_base_via_main_leaves_nothing(postgres_dsn: str, new_schema
     before = catalog_snapshot(postgres_dsn)
     assert cli_main(["migrate", "--dsn", postgres_dsn, "--schema", new_schema]) == 0
     assert tables_in(postgres_dsn, new_schema) >= PGQUEUE_TABLES
-    assert cli_main(["migrate", "--dsn", postgres_dsn, "--schema", new_schema,
-                     "--downgrade", "base"]) == 0
+    assert cli_main(["migrate", "--dsn", postgres_dsn, "--schema", new_schema, "--downgrade", "base"]) == 0
     assert not schema_exists(postgres_dsn, new_schema)
     assert objects_in(postgres_dsn, new_schema) == []
     assert catalog_snapshot(postgres_dsn) == before
@@ -277,8 +300,10 @@ def test_downgrade_to_base_via_subprocess_leaves_nothing(
     up = run_cli(["migrate", "--dsn", postgres_dsn, "--schema", new_schema], module=module)
     assert up.returncode == 0, up.stderr
     assert tables_in(postgres_dsn, new_schema) >= PGQUEUE_TABLES
-    down = run_cli(["migrate", "--dsn", postgres_dsn, "--schema", new_schema,
-                    "--downgrade", "base"], module=module)
+    down = run_cli(
+        ["migrate", "--dsn", postgres_dsn, "--schema", new_schema, "--downgrade", "base"],
+        module=module,
+    )
     assert down.returncode == 0, down.stderr
     assert not schema_exists(postgres_dsn, new_schema)
     assert catalog_snapshot(postgres_dsn) == before
@@ -296,12 +321,9 @@ def test_downgrade_drops_jobs_and_can_migrate_again(postgres_dsn: str, new_schem
     assert tables_in(postgres_dsn, new_schema) >= PGQUEUE_TABLES
 
 
-def test_downgrade_of_a_schema_never_migrated_is_a_no_op(
-    postgres_dsn: str, new_schema: str
-) -> None:
+def test_downgrade_of_a_schema_never_migrated_is_a_no_op(postgres_dsn: str, new_schema: str) -> None:
     before = catalog_snapshot(postgres_dsn)
-    assert cli_main(["migrate", "--dsn", postgres_dsn, "--schema", new_schema,
-                     "--downgrade", "base"]) == 0
+    assert cli_main(["migrate", "--dsn", postgres_dsn, "--schema", new_schema, "--downgrade", "base"]) == 0
     assert catalog_snapshot(postgres_dsn) == before
 
 
@@ -321,8 +343,7 @@ def test_downgrade_never_drops_what_the_user_put_in_the_schema(
     assert db.execute(sql.SQL("SELECT x FROM {}.mine").format(ident)).fetchall() == [(42,)]
     assert current_revision(postgres_dsn, schema=new_schema) == head_revision()
     # The command line reports it as an error, not a traceback.
-    assert cli_main(["migrate", "--dsn", postgres_dsn, "--schema", new_schema,
-                     "--downgrade", "base"]) == 2
+    assert cli_main(["migrate", "--dsn", postgres_dsn, "--schema", new_schema, "--downgrade", "base"]) == 2
 
 
 def test_downgrade_never_breaks_the_users_objects_that_use_pgqueue(
@@ -330,15 +351,19 @@ def test_downgrade_never_breaks_the_users_objects_that_use_pgqueue(
 ) -> None:
     upgrade(postgres_dsn, schema=new_schema)
     view = f"pgq_view_{new_schema}"
-    db.execute(sql.SQL("CREATE VIEW public.{} AS SELECT id FROM {}.jobs").format(
-        sql.Identifier(view), sql.Identifier(new_schema)))
+    db.execute(
+        sql.SQL("CREATE VIEW public.{} AS SELECT id FROM {}.jobs").format(
+            sql.Identifier(view), sql.Identifier(new_schema)
+        )
+    )
     try:
         before = catalog_snapshot(postgres_dsn)
         with pytest.raises(PgQueueError):
             downgrade(postgres_dsn, schema=new_schema)
         assert catalog_snapshot(postgres_dsn) == before
-        assert db.execute(sql.SQL("SELECT count(*) FROM public.{}").format(
-            sql.Identifier(view))).fetchone() == (0,)
+        assert db.execute(
+            sql.SQL("SELECT count(*) FROM public.{}").format(sql.Identifier(view))
+        ).fetchone() == (0,)
     finally:
         db.execute(sql.SQL("DROP VIEW public.{}").format(sql.Identifier(view)))
 
@@ -358,16 +383,22 @@ def test_custom_schema_touches_nothing_outside_it(
         before = catalog_snapshot(postgres_dsn)
         upgrade(postgres_dsn, schema=new_schema)
         after = catalog_snapshot(postgres_dsn)
-        for key in ("relations", "columns", "indexes", "constraints", "types", "functions",
-                    "triggers"):
+        for key in (
+            "relations",
+            "columns",
+            "indexes",
+            "constraints",
+            "types",
+            "functions",
+            "triggers",
+        ):
             added = set(after[key]) - set(before[key])
             removed = set(before[key]) - set(after[key])
             assert removed == set(), key
             assert {row[0] for row in added} <= {new_schema}, key
         assert after["extensions"] == before["extensions"]
         assert tables_in(postgres_dsn, new_schema) >= PGQUEUE_TABLES
-        assert "pgqueue" not in {row[0] for row in after["schemas"]} - {
-            row[0] for row in before["schemas"]}
+        assert "pgqueue" not in {row[0] for row in after["schemas"]} - {row[0] for row in before["schemas"]}
 
         with Queue(postgres_dsn, schema=new_schema) as queue:
             job_id = queue.enqueue("in.custom.schema")
@@ -395,8 +426,7 @@ def test_default_schema_is_pgqueue(postgres_dsn: str) -> None:
     assert not schema_exists(postgres_dsn, "pgqueue")
 
 
-@pytest.mark.parametrize("schema", ["Upper", "with-dash", "semi;colon", 'quo"te', "", "9lead",
-                                    "x" * 49])
+@pytest.mark.parametrize("schema", ["Upper", "with-dash", "semi;colon", 'quo"te', "", "9lead", "x" * 49])
 def test_unsafe_schema_names_are_refused(postgres_dsn: str, schema: str) -> None:
     before = catalog_snapshot(postgres_dsn)
     with pytest.raises(ConfigurationError):
@@ -454,8 +484,10 @@ def test_sqlalchemy_style_urls_are_accepted(
 
 
 def test_dsn_from_the_environment_in_a_subprocess(postgres_dsn: str, new_schema: str) -> None:
-    done = run_cli(["migrate", "--schema", new_schema],
-                   env={"PGQUEUE_DSN": postgres_dsn, "DATABASE_URL": UNREACHABLE_DSN})
+    done = run_cli(
+        ["migrate", "--schema", new_schema],
+        env={"PGQUEUE_DSN": postgres_dsn, "DATABASE_URL": UNREACHABLE_DSN},
+    )
     assert done.returncode == 0, done.stderr
     assert tables_in(postgres_dsn, new_schema) >= PGQUEUE_TABLES
 

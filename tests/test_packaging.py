@@ -23,15 +23,28 @@ DIST_INFO = f"pgqueue-{pgqueue.__version__}.dist-info"
 
 def clean_env() -> dict[str, str]:
     """The environment of a user's shell: nothing that points back at this checkout or venv."""
-    drop = {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PGQUEUE_DSN", "DATABASE_URL",
-            "PGQUEUE_SCHEMA", "PYTHONSTARTUP"}
+    drop = {
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "VIRTUAL_ENV",
+        "PGQUEUE_DSN",
+        "DATABASE_URL",
+        "PGQUEUE_SCHEMA",
+        "PYTHONSTARTUP",
+    }
     return {k: v for k, v in os.environ.items() if k not in drop}
 
 
-def run(command: list[str | Path], *, cwd: Path, timeout: float = 600
-        ) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([str(c) for c in command], cwd=cwd, env=clean_env(), capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+def run(command: list[str | Path], *, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [str(c) for c in command],
+        cwd=cwd,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
     assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
     return done
 
@@ -59,8 +72,9 @@ def test_the_wheel_ships_the_migrations_and_the_sql(wheel_names: list[str]) -> N
     assert "pgqueue/_migrations/env.py" in names
     assert "pgqueue/_migrations/script.py.mako" in names
     versions = {n for n in names if n.startswith("pgqueue/_migrations/versions/")}
-    expected = {f"pgqueue/_migrations/versions/{p.name}"
-                for p in (REPO / "migrations" / "versions").glob("*.py")}
+    expected = {
+        f"pgqueue/_migrations/versions/{p.name}" for p in (REPO / "migrations" / "versions").glob("*.py")
+    }
     assert expected and versions == expected
     for source in (REPO / "pgqueue").rglob("*"):
         if source.suffix in (".py", ".sql") and "__pycache__" not in source.parts:
@@ -68,8 +82,13 @@ def test_the_wheel_ships_the_migrations_and_the_sql(wheel_names: list[str]) -> N
 
 
 def test_the_wheel_holds_no_build_litter(wheel_names: list[str]) -> None:
-    litter = [n for n in wheel_names if "__pycache__" in n or n.endswith((".pyc", ".pyo"))
-              or n.split("/")[0] in ("tests", "api", "workers", "bench", "docs", "migrations")]
+    litter = [
+        n
+        for n in wheel_names
+        if "__pycache__" in n
+        or n.endswith((".pyc", ".pyo"))
+        or n.split("/")[0] in ("tests", "api", "workers", "bench", "docs", "migrations")
+    ]
     assert litter == []
 
 
@@ -92,18 +111,34 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     # No pip inside the venv (bootstrapping it costs seconds): this interpreter's pip installs
     # into it with --python, resolving the wheel's dependencies from the index as a user's would.
     run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=venv.parent)
-    run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install",
-         "--disable-pip-version-check", "--quiet", "--no-compile", wheel], cwd=venv.parent)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            venv / "bin" / "python",
+            "install",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--no-compile",
+            wheel,
+        ],
+        cwd=venv.parent,
+    )
     print(f"fresh venv + pip install of the wheel: {time.monotonic() - started:.1f}s")
     yield venv
 
 
-def test_the_installed_package_does_not_come_from_the_repository(
-    installed: Path, tmp_path: Path
-) -> None:
-    done = run([installed / "bin" / "python", "-c",
-                "import pgqueue, pgqueue.migrate as m; print(pgqueue.__file__); "
-                "print(m.migrations_path())"], cwd=tmp_path)
+def test_the_installed_package_does_not_come_from_the_repository(installed: Path, tmp_path: Path) -> None:
+    done = run(
+        [
+            installed / "bin" / "python",
+            "-c",
+            "import pgqueue, pgqueue.migrate as m; print(pgqueue.__file__); print(m.migrations_path())",
+        ],
+        cwd=tmp_path,
+    )
     module, migrations = done.stdout.split()
     site = installed.resolve()
     assert Path(module).resolve().is_relative_to(site)
@@ -115,19 +150,37 @@ def test_the_wheel_alone_can_migrate_a_database(
     installed: Path, tmp_path: Path, postgres_dsn: str, new_schema: str
 ) -> None:
     pgqueue_cli = installed / "bin" / "pgqueue"
-    done = run([pgqueue_cli, "migrate", "--dsn", postgres_dsn, "--schema", new_schema],
-               cwd=tmp_path)
+    done = run([pgqueue_cli, "migrate", "--dsn", postgres_dsn, "--schema", new_schema], cwd=tmp_path)
     assert new_schema in done.stdout
     with psycopg.connect(postgres_dsn) as conn:
-        tables = {row[0] for row in conn.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
-            [new_schema])}
+        tables = {
+            row[0]
+            for row in conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                [new_schema],
+            )
+        }
         assert {"jobs", "dead_letter", "queues", "workers", "alembic_version"} <= tables
-        conn.execute(sql.SQL("INSERT INTO {}.jobs (queue, task) VALUES ('default', 'smoke')")
-                     .format(sql.Identifier(new_schema)))
+        conn.execute(
+            sql.SQL("INSERT INTO {}.jobs (queue, task) VALUES ('default', 'smoke')").format(
+                sql.Identifier(new_schema)
+            )
+        )
     # And it removes what it made.
-    run([pgqueue_cli, "migrate", "--dsn", postgres_dsn, "--schema", new_schema,
-         "--downgrade", "base"], cwd=tmp_path)
+    run(
+        [
+            pgqueue_cli,
+            "migrate",
+            "--dsn",
+            postgres_dsn,
+            "--schema",
+            new_schema,
+            "--downgrade",
+            "base",
+        ],
+        cwd=tmp_path,
+    )
     with psycopg.connect(postgres_dsn) as conn:
-        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s",
-                            [new_schema]).fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = %s", [new_schema]
+        ).fetchone() == (0,)

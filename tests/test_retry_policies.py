@@ -75,9 +75,11 @@ def test_fixed_is_the_same_every_time() -> None:
 
 @pytest.mark.parametrize("jitter", [0.1, 0.5, 1.0])
 def test_jitter_stays_within_its_fraction_and_spreads(jitter: float) -> None:
-    for policy, nominal in ((fixed(100, jitter=jitter), 100.0),
-                            (linear(step=20, cap=1000, jitter=jitter), 100.0),  # attempt 5
-                            (exponential(base=6.25, factor=2, cap=1000, jitter=jitter), 100.0)):
+    for policy, nominal in (
+        (fixed(100, jitter=jitter), 100.0),
+        (linear(step=20, cap=1000, jitter=jitter), 100.0),  # attempt 5
+        (exponential(base=6.25, factor=2, cap=1000, jitter=jitter), 100.0),
+    ):
         draws = [policy(5) for _ in range(SAMPLES)]
         assert all(nominal * (1 - jitter) <= d <= nominal * (1 + jitter) for d in draws)
         assert all(d >= 0 for d in draws)
@@ -101,19 +103,22 @@ def test_no_jitter_is_exact() -> None:
     assert [policy(3) for _ in range(10)] == [13.5] * 10
 
 
-@pytest.mark.parametrize("make", [
-    lambda: exponential(base=-1),
-    lambda: exponential(cap=-1),
-    lambda: exponential(factor=0.5),
-    lambda: exponential(jitter=-0.1),
-    lambda: exponential(jitter=1.5),
-    lambda: linear(step=-1),
-    lambda: linear(cap=timedelta(seconds=-1)),
-    lambda: linear(jitter=2),
-    lambda: fixed(-0.5),
-    lambda: fixed(timedelta(seconds=-3)),
-    lambda: fixed(1, jitter=-1),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: exponential(base=-1),
+        lambda: exponential(cap=-1),
+        lambda: exponential(factor=0.5),
+        lambda: exponential(jitter=-0.1),
+        lambda: exponential(jitter=1.5),
+        lambda: linear(step=-1),
+        lambda: linear(cap=timedelta(seconds=-1)),
+        lambda: linear(jitter=2),
+        lambda: fixed(-0.5),
+        lambda: fixed(timedelta(seconds=-3)),
+        lambda: fixed(1, jitter=-1),
+    ],
+)
 def test_nonsense_policies_are_refused(make: object) -> None:
     with pytest.raises(ConfigurationError) as caught:
         make()  # type: ignore[operator]

@@ -44,9 +44,7 @@ def wait_until(predicate: Callable[[], T], timeout: float, message: str | Callab
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout}s: {message() if callable(message) else message}"
-            )
+            raise AssertionError(f"timed out after {timeout}s: {message() if callable(message) else message}")
         time.sleep(0.05)
 
 
@@ -103,9 +101,7 @@ class Proc:
 
 @pytest.fixture
 def app_env(postgres_dsn: str, pgqueue_schema: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("PGQUEUE_") and k != "NOTIFY_SOCKET"
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGQUEUE_") and k != "NOTIFY_SOCKET"}
     env.update(PGQUEUE_DSN=postgres_dsn, PGQUEUE_SCHEMA=pgqueue_schema, PGQUEUE_LOG_LEVEL="INFO")
     env.pop(BAD_CRON_VARIABLE, None)
     return env
@@ -129,9 +125,7 @@ def procs(tmp_path: Path, app_env: dict[str, str]) -> Iterator[Callable[..., Pro
             proc.proc.wait(5)
 
 
-def run_cli(
-    env: dict[str, str], *args: str, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
+def run_cli(env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pgqueue", *args],
         cwd=REPO,
@@ -208,9 +202,7 @@ def test_three_scheduler_processes_enqueue_each_fire_time_exactly_once(
     assert min(lateness) >= 0, "a job was enqueued before its fire time"
     assert p99 < 1.0
     for scheduler in schedulers:
-        assert "Traceback" not in scheduler.log() and " ERROR " not in scheduler.log(), (
-            scheduler.tail()
-        )
+        assert "Traceback" not in scheduler.log() and " ERROR " not in scheduler.log(), scheduler.tail()
 
 
 def test_worker_with_scheduler_enqueues_and_runs_periodic_jobs_and_exits_0(
@@ -282,9 +274,7 @@ def test_cli_lists_every_schedule_with_its_next_fire_time(
         cron="0 8 * * mon-fri",
         timezone="America/New_York",
     )
-    pgqueue_queue.add_schedule(
-        "refresh", "refresh_stats", every=timedelta(hours=1), queue="reports"
-    )
+    pgqueue_queue.add_schedule("refresh", "refresh_stats", every=timedelta(hours=1), queue="reports")
     pgqueue_queue.add_schedule("on-hold", "cleanup", cron="*/5 * * * *")
 
     added = run_cli(

@@ -42,9 +42,7 @@ def wait_until(predicate: Callable[[], T], timeout: float, message: str | Callab
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"timed out after {timeout}s: {message() if callable(message) else message}"
-            )
+            raise AssertionError(f"timed out after {timeout}s: {message() if callable(message) else message}")
         time.sleep(0.05)
 
 
@@ -65,9 +63,7 @@ class Jobs:
     def __init__(self, dsn: str, schema: str) -> None:
         self.dsn, self.schema = dsn, schema
 
-    def rows(
-        self, where: str = "true", params: Any = None, table: str = "jobs"
-    ) -> list[dict[str, Any]]:
+    def rows(self, where: str = "true", params: Any = None, table: str = "jobs") -> list[dict[str, Any]]:
         query = sql.SQL("SELECT * FROM {}.{} WHERE {} ORDER BY 1").format(
             sql.Identifier(self.schema),
             sql.Identifier(table),
@@ -119,9 +115,7 @@ def start_scheduler(
 def test_one_job_per_instant_whatever_offset_the_fire_time_is_given_in(
     queue: Queue, jobs: Jobs, schedulers: list[Scheduler], postgres_dsn: str, pgqueue_schema: str
 ) -> None:
-    queue.add_schedule(
-        "paris-0230", "cleanup", cron="30 2 * * *", timezone="Europe/Paris", queue="dst"
-    )
+    queue.add_schedule("paris-0230", "cleanup", cron="30 2 * * *", timezone="Europe/Paris", queue="dst")
     scheduler = start_scheduler(schedulers, postgres_dsn, pgqueue_schema, reconcile_interval=60)
     paris = ZoneInfo("Europe/Paris")
     # On the spring-forward night 02:30 Paris does not exist: it is the instant of 03:30 CEST.

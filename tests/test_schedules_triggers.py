@@ -119,9 +119,7 @@ def test_hourly_cron_fires_every_real_hour_across_dst_transitions(
     zone = ZoneInfo(zone_name)
     schedule = Schedule(name="hourly", task="tick", cron="0 * * * *", timezone=zone_name)
 
-    on_the_day = both_ways(
-        schedule, local_midnight(day, zone), local_midnight(day + timedelta(days=1), zone)
-    )
+    on_the_day = both_ways(schedule, local_midnight(day, zone), local_midnight(day + timedelta(days=1), zone))
     assert len(on_the_day) == hours
 
     around = both_ways(
@@ -131,9 +129,7 @@ def test_hourly_cron_fires_every_real_hour_across_dst_transitions(
     )
     assert len(around) == 24 + hours + 24
     gaps = {b - a for a, b in itertools.pairwise(around)}
-    assert gaps == {HOUR}, (
-        f"not one fire per real hour: {sorted(gaps)}"
-    )  # so strictly increasing too
+    assert gaps == {HOUR}, f"not one fire per real hour: {sorted(gaps)}"  # so strictly increasing too
     assert all(f.minute == 0 and f.second == 0 for f in around)
 
 
@@ -179,9 +175,7 @@ def test_pinned_hours_skip_only_the_repeated_wall_times(
 ) -> None:
     zone = ZoneInfo(zone_name)
     schedule = Schedule(name="pinned", task="tick", cron=cron, timezone=zone_name)
-    fires = both_ways(
-        schedule, local_midnight(day, zone), local_midnight(day + timedelta(days=1), zone)
-    )
+    fires = both_ways(schedule, local_midnight(day, zone), local_midnight(day + timedelta(days=1), zone))
     assert fires == expected
 
 
@@ -237,9 +231,7 @@ WEEKDAY_CASES = [
 @pytest.mark.parametrize(("weekday_field", "days"), WEEKDAY_CASES)
 def test_cron_day_of_week_follows_cron(weekday_field: str, days: set[int], zone_name: str) -> None:
     zone = ZoneInfo(zone_name)
-    schedule = Schedule(
-        name="weekly", task="report", cron=f"0 8 * * {weekday_field}", timezone=zone_name
-    )
+    schedule = Schedule(name="weekly", task="report", cron=f"0 8 * * {weekday_field}", timezone=zone_name)
     start = local_midnight(date(2026, 6, 1), zone)  # a Monday
     fires = both_ways(schedule, start, start + timedelta(weeks=3))
     local = [f.astimezone(zone) for f in fires]
@@ -250,9 +242,7 @@ def test_cron_day_of_week_follows_cron(weekday_field: str, days: set[int], zone_
 
 def test_day_of_week_is_the_local_day_not_the_utc_day() -> None:
     # Friday 20:00 in New York is already Saturday in UTC.
-    schedule = Schedule(
-        name="friday-night", task="report", cron="0 20 * * 5", timezone="America/New_York"
-    )
+    schedule = Schedule(name="friday-night", task="report", cron="0 20 * * 5", timezone="America/New_York")
     fires = both_ways(schedule, utc(2026, 6, 1), utc(2026, 6, 22))
     assert fires == [utc(2026, 6, 6, 0), utc(2026, 6, 13, 0), utc(2026, 6, 20, 0)]
 

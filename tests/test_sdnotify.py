@@ -165,9 +165,7 @@ def test_watchdog_meant_for_another_process_is_off(monkeypatch: pytest.MonkeyPat
 
 
 @pytest.mark.parametrize("usec", ["", "0", "-5", "thirty", "1.5"])
-def test_watchdog_off_when_unset_zero_or_malformed(
-    monkeypatch: pytest.MonkeyPatch, usec: str
-) -> None:
+def test_watchdog_off_when_unset_zero_or_malformed(monkeypatch: pytest.MonkeyPatch, usec: str) -> None:
     monkeypatch.setenv("WATCHDOG_USEC", usec)
 
     assert SystemdNotifier().watchdog_interval is None
@@ -205,9 +203,7 @@ def test_a_vanished_socket_does_not_raise_and_is_logged_once(
     notifier.close()
 
 
-def test_a_socket_nobody_listens_on_does_not_raise(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_socket_nobody_listens_on_does_not_raise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "never-bound"))
     with SystemdNotifier() as notifier:
         assert notifier.ready() is False

@@ -71,8 +71,12 @@ def sync_tx(kind: str, dsn: str, engine: Engine) -> Iterator[Tx]:
             yield Tx(session, lambda q: session.execute(text(q)), session.commit, session.rollback)
     else:
         with engine.connect() as connection:
-            yield Tx(connection, lambda q: connection.execute(text(q)), connection.commit,
-                     connection.rollback)
+            yield Tx(
+                connection,
+                lambda q: connection.execute(text(q)),
+                connection.commit,
+                connection.rollback,
+            )
 
 
 @asynccontextmanager
@@ -85,8 +89,12 @@ async def async_tx(kind: str, dsn: str, engine: AsyncEngine) -> AsyncIterator[Tx
             yield Tx(session, lambda q: session.execute(text(q)), session.commit, session.rollback)
     else:
         async with engine.connect() as connection:
-            yield Tx(connection, lambda q: connection.execute(text(q)), connection.commit,
-                     connection.rollback)
+            yield Tx(
+                connection,
+                lambda q: connection.execute(text(q)),
+                connection.commit,
+                connection.rollback,
+            )
 
 
 @pytest.fixture
@@ -98,8 +106,9 @@ def orders(db: psycopg.Connection[Any], pgqueue_schema: str) -> str:
 
 
 def visible_jobs(db: psycopg.Connection[Any], schema: str) -> list[tuple[str, Any]]:
-    return db.execute(sql.SQL("SELECT task, args FROM {}.jobs ORDER BY id").format(
-        sql.Identifier(schema))).fetchall()
+    return db.execute(
+        sql.SQL("SELECT task, args FROM {}.jobs ORDER BY id").format(sql.Identifier(schema))
+    ).fetchall()
 
 
 def visible_orders(db: psycopg.Connection[Any], orders: str) -> list[int]:
@@ -117,8 +126,14 @@ def assert_woken_once_per_queue(listener: Listener, queues: set[str]) -> None:
 
 @pytest.mark.parametrize("kind", SYNC_KINDS)
 def test_rollback_discards_the_jobs_with_the_transaction(
-    kind: str, queue: Queue, postgres_dsn: str, sa_engine: Engine, db: psycopg.Connection[Any],
-    orders: str, listener_for: Callable[..., Listener], count: Callable[..., int]
+    kind: str,
+    queue: Queue,
+    postgres_dsn: str,
+    sa_engine: Engine,
+    db: psycopg.Connection[Any],
+    orders: str,
+    listener_for: Callable[..., Listener],
+    count: Callable[..., int],
 ) -> None:
     listener = listener_for(queue)
     with sync_tx(kind, postgres_dsn, sa_engine) as tx:
@@ -140,8 +155,14 @@ def test_rollback_discards_the_jobs_with_the_transaction(
 
 @pytest.mark.parametrize("kind", SYNC_KINDS)
 def test_commit_publishes_the_jobs_and_wakes_each_queue_once(
-    kind: str, queue: Queue, postgres_dsn: str, sa_engine: Engine, db: psycopg.Connection[Any],
-    orders: str, listener_for: Callable[..., Listener], pgqueue_schema: str
+    kind: str,
+    queue: Queue,
+    postgres_dsn: str,
+    sa_engine: Engine,
+    db: psycopg.Connection[Any],
+    orders: str,
+    listener_for: Callable[..., Listener],
+    pgqueue_schema: str,
 ) -> None:
     listener = listener_for(queue)
     with sync_tx(kind, postgres_dsn, sa_engine) as tx:
@@ -167,8 +188,12 @@ def test_commit_publishes_the_jobs_and_wakes_each_queue_once(
 
 @pytest.mark.parametrize("kind", SYNC_KINDS)
 def test_a_refused_enqueue_leaves_the_callers_transaction_usable(
-    kind: str, queue: Queue, postgres_dsn: str, sa_engine: Engine, db: psycopg.Connection[Any],
-    pgqueue_schema: str
+    kind: str,
+    queue: Queue,
+    postgres_dsn: str,
+    sa_engine: Engine,
+    db: psycopg.Connection[Any],
+    pgqueue_schema: str,
 ) -> None:
     with sync_tx(kind, postgres_dsn, sa_engine) as tx:
         queue.enqueue("good", conn=tx.handle)
@@ -193,8 +218,10 @@ def test_sqlalchemy_engine_begin_block(
 
 
 def test_notify_off_sends_nothing(
-    postgres_dsn: str, pgqueue_schema: str, listener_for: Callable[..., Listener],
-    count: Callable[..., int]
+    postgres_dsn: str,
+    pgqueue_schema: str,
+    listener_for: Callable[..., Listener],
+    count: Callable[..., int],
 ) -> None:
     with Queue(postgres_dsn, schema=pgqueue_schema, notify=False) as quiet:
         listener = listener_for(quiet)
@@ -209,8 +236,10 @@ def test_notify_off_sends_nothing(
 
 
 def test_without_conn_each_enqueue_commits_and_wakes_its_queue(
-    queue: Queue, listener_for: Callable[..., Listener], db: psycopg.Connection[Any],
-    pgqueue_schema: str
+    queue: Queue,
+    listener_for: Callable[..., Listener],
+    db: psycopg.Connection[Any],
+    pgqueue_schema: str,
 ) -> None:
     listener = listener_for(queue)
     queue.enqueue("a", queue="one")
@@ -246,16 +275,20 @@ async def test_sync_queue_refuses_an_async_psycopg_connection(
 
 @pytest.mark.parametrize("kind", ASYNC_KINDS)
 async def test_async_rollback_discards_the_jobs(
-    kind: str, async_queue: AsyncQueue, postgres_dsn: str, sa_async_engine: AsyncEngine,
-    db: psycopg.Connection[Any], orders: str, listener_for: Callable[..., Listener],
-    count: Callable[..., int]
+    kind: str,
+    async_queue: AsyncQueue,
+    postgres_dsn: str,
+    sa_async_engine: AsyncEngine,
+    db: psycopg.Connection[Any],
+    orders: str,
+    listener_for: Callable[..., Listener],
+    count: Callable[..., int],
 ) -> None:
     listener = listener_for(async_queue)
     async with async_tx(kind, postgres_dsn, sa_async_engine) as tx:
         await tx.execute(f"INSERT INTO {orders} VALUES (1)")
         job_id = await async_queue.enqueue("ship", {"order": 1}, conn=tx.handle)
-        await async_queue.enqueue_many([{"task": "bulk", "args": {"i": i}} for i in range(5)],
-                                       conn=tx.handle)
+        await async_queue.enqueue_many([{"task": "bulk", "args": {"i": i}} for i in range(5)], conn=tx.handle)
         await async_queue.enqueue("keyed", unique_key="order:1", conn=tx.handle)
         await async_queue.enqueue_many([{"task": "keyed", "unique_key": "k2"}], conn=tx.handle)
         assert (await async_queue.get_job(job_id, conn=tx.handle)).state is JobState.QUEUED
@@ -269,9 +302,14 @@ async def test_async_rollback_discards_the_jobs(
 
 @pytest.mark.parametrize("kind", ASYNC_KINDS)
 async def test_async_commit_publishes_the_jobs_and_wakes_each_queue_once(
-    kind: str, async_queue: AsyncQueue, postgres_dsn: str, sa_async_engine: AsyncEngine,
-    db: psycopg.Connection[Any], orders: str, listener_for: Callable[..., Listener],
-    pgqueue_schema: str
+    kind: str,
+    async_queue: AsyncQueue,
+    postgres_dsn: str,
+    sa_async_engine: AsyncEngine,
+    db: psycopg.Connection[Any],
+    orders: str,
+    listener_for: Callable[..., Listener],
+    pgqueue_schema: str,
 ) -> None:
     listener = listener_for(async_queue)
     async with async_tx(kind, postgres_dsn, sa_async_engine) as tx:
@@ -279,8 +317,7 @@ async def test_async_commit_publishes_the_jobs_and_wakes_each_queue_once(
         await tx.execute(f"INSERT INTO {orders} VALUES (2)")
         for i in range(20):
             await async_queue.enqueue("ship", {"n": i}, queue="email", conn=tx.handle)
-        await async_queue.enqueue_many([{"task": "bulk", "queue": "email"}, {"task": "bulk"}],
-                                       conn=tx.handle)
+        await async_queue.enqueue_many([{"task": "bulk", "queue": "email"}, {"task": "bulk"}], conn=tx.handle)
         assert visible_jobs(db, pgqueue_schema) == []
         assert visible_orders(db, orders) == []
         with pytest.raises(JobNotFoundError):
@@ -295,16 +332,19 @@ async def test_async_commit_publishes_the_jobs_and_wakes_each_queue_once(
 
 @pytest.mark.parametrize("kind", ASYNC_KINDS)
 async def test_async_refused_enqueue_leaves_the_transaction_usable(
-    kind: str, async_queue: AsyncQueue, postgres_dsn: str, sa_async_engine: AsyncEngine,
-    db: psycopg.Connection[Any], pgqueue_schema: str
+    kind: str,
+    async_queue: AsyncQueue,
+    postgres_dsn: str,
+    sa_async_engine: AsyncEngine,
+    db: psycopg.Connection[Any],
+    pgqueue_schema: str,
 ) -> None:
     async with async_tx(kind, postgres_dsn, sa_async_engine) as tx:
         await async_queue.enqueue("good", conn=tx.handle)
         with pytest.raises(PgQueueError):
             await async_queue.enqueue("bad", {"x": {1, 2}}, conn=tx.handle)
         with pytest.raises(PgQueueError):
-            await async_queue.enqueue_many([{"task": "good"}, {"task": "bad", "delay": -1}],
-                                           conn=tx.handle)
+            await async_queue.enqueue_many([{"task": "good"}, {"task": "bad", "delay": -1}], conn=tx.handle)
         await async_queue.enqueue("also_good", conn=tx.handle)
         await tx.commit()
     assert [t for t, _ in visible_jobs(db, pgqueue_schema)] == ["good", "also_good"]
@@ -336,8 +376,11 @@ def test_enqueue_as_the_only_statement_commits(
 
 @pytest.mark.parametrize("kind", ASYNC_KINDS)
 async def test_async_enqueue_as_the_only_statement_commits(
-    kind: str, async_queue: AsyncQueue, postgres_dsn: str, sa_async_engine: AsyncEngine,
-    count: Callable[..., int]
+    kind: str,
+    async_queue: AsyncQueue,
+    postgres_dsn: str,
+    sa_async_engine: AsyncEngine,
+    count: Callable[..., int],
 ) -> None:
     async with async_tx(kind, postgres_dsn, sa_async_engine) as tx:
         ids = await async_queue.enqueue_many([{"task": "only"}], conn=tx.handle)

@@ -124,8 +124,10 @@ async def refusing_async_queue(postgres_dsn: str, shared_schema: str) -> AsyncIt
 @pytest.fixture
 def written(postgres_dsn: str, shared_schema: str) -> Callable[[], int]:
     """Rows in the shared schema's jobs and dead-letter tables (0 unless something leaked)."""
-    return lambda: (count_rows(postgres_dsn, shared_schema, "jobs")
-                    + count_rows(postgres_dsn, shared_schema, "dead_letter"))
+    return lambda: (
+        count_rows(postgres_dsn, shared_schema, "jobs")
+        + count_rows(postgres_dsn, shared_schema, "dead_letter")
+    )
 
 
 def register_send_email(q: Queue | AsyncQueue) -> None:
@@ -133,26 +135,35 @@ def register_send_email(q: Queue | AsyncQueue) -> None:
     def send_email(ctx: Any, flag: bool = False, /, *, to: str, subject: str = "hi") -> None: ...
 
 
-@pytest.mark.parametrize(("task", "args", "options"),
-                         [case[1:] for case in BAD_ENQUEUES], ids=[c[0] for c in BAD_ENQUEUES])
+@pytest.mark.parametrize(
+    ("task", "args", "options"),
+    [case[1:] for case in BAD_ENQUEUES],
+    ids=[c[0] for c in BAD_ENQUEUES],
+)
 def test_bad_enqueue_is_refused_and_writes_nothing(
-    refusing_queue: Queue, written: Callable[[], int], task: Any, args: Any,
-    options: dict[str, Any]
+    refusing_queue: Queue, written: Callable[[], int], task: Any, args: Any, options: dict[str, Any]
 ) -> None:
     with pytest.raises(InvalidJobError) as caught:
         refusing_queue.enqueue(task, args, **options)
     assert isinstance(caught.value, PgQueueError)
     with pytest.raises(InvalidJobError):
-        refusing_queue.enqueue_many([{"task": "fine"}, {"task": task, "args": args, **options},
-                                     {"task": "fine"}])
+        refusing_queue.enqueue_many(
+            [{"task": "fine"}, {"task": task, "args": args, **options}, {"task": "fine"}]
+        )
     assert written() == 0
 
 
-@pytest.mark.parametrize(("task", "args", "options"),
-                         [case[1:] for case in BAD_ENQUEUES], ids=[c[0] for c in BAD_ENQUEUES])
+@pytest.mark.parametrize(
+    ("task", "args", "options"),
+    [case[1:] for case in BAD_ENQUEUES],
+    ids=[c[0] for c in BAD_ENQUEUES],
+)
 async def test_bad_async_enqueue_is_refused_and_writes_nothing(
-    refusing_async_queue: AsyncQueue, written: Callable[[], int], task: Any, args: Any,
-    options: dict[str, Any]
+    refusing_async_queue: AsyncQueue,
+    written: Callable[[], int],
+    task: Any,
+    args: Any,
+    options: dict[str, Any],
 ) -> None:
     with pytest.raises(InvalidJobError):
         await refusing_async_queue.enqueue(task, args, **options)
@@ -161,8 +172,7 @@ async def test_bad_async_enqueue_is_refused_and_writes_nothing(
     assert written() == 0
 
 
-@pytest.mark.parametrize("args", [case[1] for case in BAD_TASK_ARGS],
-                         ids=[case[0] for case in BAD_TASK_ARGS])
+@pytest.mark.parametrize("args", [case[1] for case in BAD_TASK_ARGS], ids=[case[0] for case in BAD_TASK_ARGS])
 def test_args_that_do_not_fit_the_registered_task_are_refused(
     refusing_queue: Queue, written: Callable[[], int], args: dict[str, Any]
 ) -> None:
@@ -173,8 +183,9 @@ def test_args_that_do_not_fit_the_registered_task_are_refused(
     with pytest.raises(InvalidJobError):
         task.enqueue(**args)
     with pytest.raises(InvalidJobError):
-        refusing_queue.enqueue_many([{"task": "send_email", "args": {"to": "ok"}},
-                                     {"task": "send_email", "args": args}])
+        refusing_queue.enqueue_many(
+            [{"task": "send_email", "args": {"to": "ok"}}, {"task": "send_email", "args": args}]
+        )
     assert written() == 0
 
 
@@ -211,9 +222,7 @@ def test_a_bad_job_in_the_middle_of_a_batch_writes_nothing_of_it(
     assert written() == 0
 
 
-def test_a_batch_refuses_a_job_it_cannot_read(
-    refusing_queue: Queue, written: Callable[[], int]
-) -> None:
+def test_a_batch_refuses_a_job_it_cannot_read(refusing_queue: Queue, written: Callable[[], int]) -> None:
     for bad in ({"task": "x", "priorty": 1}, {"args": {}}, ("x", {}), "x", None):
         with pytest.raises(InvalidJobError):
             refusing_queue.enqueue_many([{"task": "ok"}, bad])  # type: ignore[list-item]
@@ -223,8 +232,15 @@ def test_a_batch_refuses_a_job_it_cannot_read(
 def test_task_options_are_checked_at_declaration(refusing_queue: Queue) -> None:
     def handler() -> None: ...
 
-    for options in ({"priority": 0}, {"priority": 11}, {"priority": True}, {"queue": "bad queue"},
-                    {"max_attempts": 0}, {"timeout": -1}, {"name": "bad name"}):
+    for options in (
+        {"priority": 0},
+        {"priority": 11},
+        {"priority": True},
+        {"queue": "bad queue"},
+        {"max_attempts": 0},
+        {"timeout": -1},
+        {"name": "bad name"},
+    ):
         with pytest.raises(InvalidJobError):
             refusing_queue.task(**options)(handler)
     with pytest.raises(ConfigurationError):
@@ -243,9 +259,7 @@ def test_registering_two_handlers_under_one_name_is_refused(refusing_queue: Queu
     assert refusing_queue.registry.require("dup").fn is first.fn
 
 
-def test_unknown_per_call_option_is_refused(
-    refusing_queue: Queue, written: Callable[[], int]
-) -> None:
+def test_unknown_per_call_option_is_refused(refusing_queue: Queue, written: Callable[[], int]) -> None:
     @refusing_queue.task
     def ping() -> None: ...
 
@@ -259,7 +273,12 @@ def test_unknown_per_call_option_is_refused(
 def test_every_error_is_a_pgqueue_error() -> None:
     import pgqueue
 
-    for name in ("InvalidJobError", "UnknownTaskError", "JobNotFoundError", "ConfigurationError",
-                 "SchemaNotReadyError"):
+    for name in (
+        "InvalidJobError",
+        "UnknownTaskError",
+        "JobNotFoundError",
+        "ConfigurationError",
+        "SchemaNotReadyError",
+    ):
         assert issubclass(getattr(pgqueue, name), pgqueue.PgQueueError), name
     assert issubclass(InvalidJobError, ValueError)

@@ -10,7 +10,6 @@ from worker_helpers import Db, thread_worker, wait_until
 
 from pgqueue import JobState
 
-pytest_plugins = ["worker_helpers"]  # the wapp, wdb and wprocs fixtures
 pytestmark = pytest.mark.slow
 
 
@@ -24,9 +23,7 @@ def test_cancelling_a_running_async_job_stops_it_promptly(wapp: worker_app.App, 
                 == {"step": "halfway", "percent": 50}
             ),
             5,
-            lambda: (
-                f"progress is {wdb.one('SELECT progress FROM {jobs} WHERE id = %s', [job_id])!r}"
-            ),
+            lambda: f"progress is {wdb.one('SELECT progress FROM {jobs} WHERE id = %s', [job_id])!r}",
         )
         asked = time.monotonic()
         assert wapp.queue.cancel(job_id)
@@ -45,9 +42,7 @@ def test_cancelling_a_running_async_job_stops_it_promptly(wapp: worker_app.App, 
     assert job.finished_at is not None
     assert job.attempts == 1
     assert [e["type"] for e in job.errors] == ["JobCancelled"]
-    finished, cancelled = wdb.one(
-        "SELECT finished_at, cancelled_at FROM {log} WHERE job_id = %s", [job_id]
-    )
+    finished, cancelled = wdb.one("SELECT finished_at, cancelled_at FROM {log} WHERE job_id = %s", [job_id])
     assert finished is None and cancelled is not None  # the coroutine itself was cancelled
     assert not wapp.queue.cancel(job_id)  # already finished
 
@@ -62,8 +57,6 @@ def test_the_last_progress_a_handler_reports_is_kept(wapp: worker_app.App, wdb: 
             5,
             "progress 40 never written while the job ran",
         )
-        wait_until(
-            lambda: wapp.queue.get_job(job_id).state is JobState.COMPLETED, 5, "job never completed"
-        )
+        wait_until(lambda: wapp.queue.get_job(job_id).state is JobState.COMPLETED, 5, "job never completed")
         time.sleep(0.7)  # one more round of the worker's progress writer
     assert wapp.queue.get_job(job_id).progress == 100

@@ -12,7 +12,6 @@ from worker_helpers import Db, thread_worker, wait_until
 
 from pgqueue import JobState
 
-pytest_plugins = ["worker_helpers"]  # the wapp, wdb and wprocs fixtures
 pytestmark = pytest.mark.slow
 
 
@@ -21,8 +20,7 @@ def attempt_starts(db: Db, job_id: int) -> list[float]:
     return [
         r[0]
         for r in db.rows(
-            "SELECT extract(epoch FROM started_at)::float8 FROM {log}"
-            " WHERE job_id = %s ORDER BY attempt",
+            "SELECT extract(epoch FROM started_at)::float8 FROM {log} WHERE job_id = %s ORDER BY attempt",
             [job_id],
         )
     ]
@@ -53,9 +51,7 @@ def test_backoff_schedules_are_followed(wapp: worker_app.App, wdb: Db) -> None:
         assert all("planned failure" in e["traceback"] for e in job.errors)
 
 
-def test_last_failed_attempt_dead_letters_and_retry_dead_runs_it_again(
-    wapp: worker_app.App, wdb: Db
-) -> None:
+def test_last_failed_attempt_dead_letters_and_retry_dead_runs_it_again(wapp: worker_app.App, wdb: Db) -> None:
     with thread_worker(wapp, wdb, queues=("default",), concurrency=2):
         job_id = wapp.queue.enqueue("needs_flag", {"flag": "go"})  # max_attempts=2
         wait_until(
@@ -64,9 +60,7 @@ def test_last_failed_attempt_dead_letters_and_retry_dead_runs_it_again(
             lambda: f"states {wdb.states()}",
         )
         assert wdb.one("SELECT count(*) FROM {jobs} WHERE id = %s", [job_id]) == 0
-        attempts, errors = wdb.one(
-            "SELECT attempts, errors FROM {dead_letter} WHERE id = %s", [job_id]
-        )
+        attempts, errors = wdb.one("SELECT attempts, errors FROM {dead_letter} WHERE id = %s", [job_id])
         assert attempts == 2
         assert [e["attempt"] for e in errors] == [1, 2]
         for e in errors:
@@ -127,9 +121,7 @@ def test_cli_retry_of_a_queue_puts_its_dead_jobs_back(wapp: worker_app.App, wdb:
             10,
             lambda: f"states {wdb.states()}",
         )
-    assert sorted(
-        r[0] for r in wdb.rows("SELECT id FROM {jobs} WHERE state = 'completed'")
-    ) == sorted(mail)
+    assert sorted(r[0] for r in wdb.rows("SELECT id FROM {jobs} WHERE state = 'completed'")) == sorted(mail)
     assert [r[0] for r in wdb.rows("SELECT id FROM {dead_letter}")] == [other]
 
 
@@ -144,9 +136,7 @@ def test_abort_dead_letters_at_once(wapp: worker_app.App, wdb: Db) -> None:
     job = wapp.queue.get_job(job_id)
     assert job.state is JobState.DEAD
     assert job.attempts == 1
-    assert [(e["type"], e["message"]) for e in job.errors] == [
-        ("Abort", "this input can never work")
-    ]
+    assert [(e["type"], e["message"]) for e in job.errors] == [("Abort", "this input can never work")]
     assert job.errors[0]["traceback"]
     assert wdb.one("SELECT count(*) FROM {log} WHERE job_id = %s", [job_id]) == 1
 
@@ -204,9 +194,7 @@ def test_timeout_fails_the_attempt_and_backoff_applies(wapp: worker_app.App, wdb
     assert starts[1] - starts[0] >= 0.2 + 2.0  # the default backoff: 2 s after the first failure
 
 
-def test_sync_handler_past_its_timeout_is_recorded_as_timed_out(
-    wapp: worker_app.App, wdb: Db
-) -> None:
+def test_sync_handler_past_its_timeout_is_recorded_as_timed_out(wapp: worker_app.App, wdb: Db) -> None:
     with thread_worker(wapp, wdb, queues=("default",), concurrency=2):
         job_id = wapp.queue.enqueue("sleep_sync", {"seconds": 1.5}, timeout=0.3, max_attempts=1)
         wait_until(
@@ -215,8 +203,7 @@ def test_sync_handler_past_its_timeout_is_recorded_as_timed_out(
             lambda: f"states {wdb.states()}",
         )
         failed_after = wdb.one(
-            "SELECT extract(epoch FROM failed_at - started_at)::float8"
-            " FROM {dead_letter} WHERE id = %s",
+            "SELECT extract(epoch FROM failed_at - started_at)::float8 FROM {dead_letter} WHERE id = %s",
             [job_id],
         )
         # The attempt failed at the timeout (counted from the claim), not when the thread returned.
@@ -233,9 +220,7 @@ def test_sync_handler_past_its_timeout_is_recorded_as_timed_out(
     assert "timed out after 0.3s" in job.errors[0]["message"]
 
 
-def test_unknown_task_is_dead_lettered_and_the_worker_goes_on(
-    wapp: worker_app.App, wdb: Db
-) -> None:
+def test_unknown_task_is_dead_lettered_and_the_worker_goes_on(wapp: worker_app.App, wdb: Db) -> None:
     with thread_worker(wapp, wdb, queues=("default",), concurrency=1) as w:
         unknown = wapp.queue.enqueue("no_such_task", {"x": 1})  # enqueue by name is allowed
         known = wapp.queue.enqueue("record", {"note": "after"})

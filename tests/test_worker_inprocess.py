@@ -12,7 +12,6 @@ from worker_helpers import Db
 from pgqueue import JobSpec
 from pgqueue.worker import AsyncWorker
 
-pytest_plugins = ["worker_helpers"]  # the wapp, wdb and wprocs fixtures
 pytestmark = pytest.mark.slow
 
 
@@ -31,9 +30,7 @@ async def test_async_worker_runs_jobs_in_the_apps_loop_and_stops_cleanly(
     try:
         await wait_for_db(wdb, f"SELECT count(*) FROM {{workers}} WHERE id = '{w.id}'", 1, 15)
         ids = wapp.queue.enqueue_many([JobSpec("record", {"sleep": 0.05}) for _ in range(8)])
-        await wait_for_db(
-            wdb, "SELECT count(*) FROM {jobs} WHERE state = 'completed'", len(ids), 10
-        )
+        await wait_for_db(wdb, "SELECT count(*) FROM {jobs} WHERE state = 'completed'", len(ids), 10)
         w.stop()
         await asyncio.wait_for(task, 10)
     finally:

@@ -15,7 +15,6 @@ from worker_helpers import Db, Workers, thread_worker, wait_until
 
 from pgqueue import JobSpec, JobState
 
-pytest_plugins = ["worker_helpers"]  # the wapp, wdb and wprocs fixtures
 pytestmark = pytest.mark.slow
 
 
@@ -30,10 +29,7 @@ class RunningSampler:
 
     def _run(self) -> None:
         with psycopg.connect(self.db.dsn, autocommit=True) as conn:
-            query = (
-                f'SELECT count(*) FROM "{self.db.schema}".jobs'
-                " WHERE state = 'running' AND queue = %s"
-            )
+            query = f"SELECT count(*) FROM \"{self.db.schema}\".jobs WHERE state = 'running' AND queue = %s"
             while not self._stop.is_set():
                 row = conn.execute(query, [self.queue]).fetchone()
                 assert row is not None
@@ -81,9 +77,7 @@ def test_global_concurrency_cap_holds_across_three_workers(
     wprocs.wait_registered(wdb, *procs)
     jobs = 16
     with sampling(wdb, "reports") as sampler:
-        wapp.queue.enqueue_many(
-            [JobSpec("record", {"sleep": 0.2}, queue="reports") for _ in range(jobs)]
-        )
+        wapp.queue.enqueue_many([JobSpec("record", {"sleep": 0.2}, queue="reports") for _ in range(jobs)])
         wait_until(
             lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == jobs,
             30,
@@ -107,9 +101,7 @@ def test_global_cap_set_while_workers_run_holds_at_once(
     wapp.queue.configure_queue("reports", concurrency=2)
     jobs = 8
     with sampling(wdb, "reports") as sampler:
-        wapp.queue.enqueue_many(
-            [JobSpec("record", {"sleep": 0.2}, queue="reports") for _ in range(jobs)]
-        )
+        wapp.queue.enqueue_many([JobSpec("record", {"sleep": 0.2}, queue="reports") for _ in range(jobs)])
         wait_until(
             lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == jobs,
             30,
@@ -119,15 +111,10 @@ def test_global_cap_set_while_workers_run_holds_at_once(
     assert sampler.max <= 2
 
 
-def test_rate_limit_holds_across_two_workers(
-    wapp: worker_app.App, wdb: Db, wprocs: Workers
-) -> None:
+def test_rate_limit_holds_across_two_workers(wapp: worker_app.App, wdb: Db, wprocs: Workers) -> None:
     rate = 50.0
     wapp.queue.configure_queue("push", rate_limit=rate)
-    procs = [
-        wprocs.start("--queues", "push", "--concurrency", "10", log_level="WARNING")
-        for _ in range(2)
-    ]
+    procs = [wprocs.start("--queues", "push", "--concurrency", "10", log_level="WARNING") for _ in range(2)]
     wprocs.wait_registered(wdb, *procs)
     jobs = 210  # about 4 s at 50/s
     wapp.queue.enqueue_many([JobSpec("record", {}, queue="push") for _ in range(jobs)])
@@ -136,10 +123,7 @@ def test_rate_limit_holds_across_two_workers(
         20,
         lambda: f"states {wdb.states()}\n{wprocs.logs()}",
     )
-    starts = [
-        r[0]
-        for r in wdb.rows("SELECT extract(epoch FROM started_at)::float8 FROM {log} ORDER BY 1")
-    ]
+    starts = [r[0] for r in wdb.rows("SELECT extract(epoch FROM started_at)::float8 FROM {log} ORDER BY 1")]
     assert len(starts) == jobs
     t0 = starts[0]
     steady = [t for t in starts if t >= t0 + 0.5]
@@ -214,6 +198,4 @@ def test_resume_takes_effect_at_once_on_a_worker_that_saw_the_queue_paused(
             lambda: f"states {wdb.states()}",
         )
         took = time.monotonic() - resumed
-    assert took < 0.5, (
-        f"resume took {took:.2f}s to take effect: the worker waited for its next poll"
-    )
+    assert took < 0.5, f"resume took {took:.2f}s to take effect: the worker waited for its next poll"

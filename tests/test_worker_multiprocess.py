@@ -10,7 +10,6 @@ from worker_helpers import Db, Workers, wait_until
 
 from pgqueue import JobSpec
 
-pytest_plugins = ["worker_helpers"]  # the wapp, wdb and wprocs fixtures
 pytestmark = pytest.mark.slow
 
 JOBS_PER_WORKER = 2000
@@ -22,9 +21,7 @@ def enqueue_records(app: worker_app.App, count: int, batch: int = 500) -> list[i
     ids: list[int] = []
     for start in range(0, count, batch):
         n = min(batch, count - start)
-        ids += app.queue.enqueue_many(
-            [JobSpec("record", {"note": f"n{start + i}"}) for i in range(n)]
-        )
+        ids += app.queue.enqueue_many([JobSpec("record", {"note": f"n{start + i}"}) for i in range(n)])
     return ids
 
 
@@ -32,9 +29,7 @@ def log_counts(db: Db) -> dict[int, int]:
     return dict(db.rows("SELECT job_id, count(*) FROM {log} GROUP BY job_id"))
 
 
-def test_three_workers_run_every_job_exactly_once(
-    wapp: worker_app.App, wdb: Db, wprocs: Workers
-) -> None:
+def test_three_workers_run_every_job_exactly_once(wapp: worker_app.App, wdb: Db, wprocs: Workers) -> None:
     procs = [wprocs.start("--concurrency", "10", log_level="WARNING") for _ in range(WORKERS)]
     wprocs.wait_registered(wdb, *procs)
 
@@ -44,10 +39,7 @@ def test_three_workers_run_every_job_exactly_once(
     wait_until(
         lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == TOTAL,
         60,
-        lambda: (
-            f"states {wdb.states()}, logged {wdb.one('SELECT count(*) FROM {log}')}\n"
-            + wprocs.logs()
-        ),
+        lambda: f"states {wdb.states()}, logged {wdb.one('SELECT count(*) FROM {log}')}\n" + wprocs.logs(),
     )
     counts = log_counts(wdb)
     missing = set(ids) - counts.keys()
@@ -62,9 +54,7 @@ def test_three_workers_run_every_job_exactly_once(
     assert all(p.alive() for p in procs), wprocs.logs()
 
 
-def test_kill_9_and_sigterm_mid_run_lose_nothing(
-    wapp: worker_app.App, wdb: Db, wprocs: Workers
-) -> None:
+def test_kill_9_and_sigterm_mid_run_lose_nothing(wapp: worker_app.App, wdb: Db, wprocs: Workers) -> None:
     """One worker is killed with SIGKILL and another is stopped with SIGTERM while jobs flow: the
     survivor rescues the killed worker's jobs (counting the lost attempt); every job completes."""
     env = {"PGQUEUE_RESCUE_INTERVAL": "0.5"}

@@ -10,22 +10,16 @@ from worker_helpers import Db, percentile, thread_worker, wait_until
 
 from pgqueue import JobSpec
 
-pytest_plugins = ["worker_helpers"]  # the wapp, wdb and wprocs fixtures
 pytestmark = pytest.mark.slow
 
 
-def test_one_worker_with_concurrency_1_runs_jobs_in_priority_order(
-    wapp: worker_app.App, wdb: Db
-) -> None:
+def test_one_worker_with_concurrency_1_runs_jobs_in_priority_order(wapp: worker_app.App, wdb: Db) -> None:
     rng = random.Random(4)
     # Two batches, so equal priorities are told apart by run time (the later batch waits), and
     # within a batch (one run time) by id.
     for _ in range(2):
         wapp.queue.enqueue_many(
-            [
-                JobSpec("record", {"note": "p"}, queue="prio", priority=rng.randint(1, 10))
-                for _ in range(20)
-            ]
+            [JobSpec("record", {"note": "p"}, queue="prio", priority=rng.randint(1, 10)) for _ in range(20)]
         )
     expected = [r[0] for r in wdb.rows("SELECT id FROM {jobs} ORDER BY priority, run_at, id")]
     assert len({r[0] for r in wdb.rows("SELECT run_at FROM {jobs}")}) == 2
@@ -43,18 +37,13 @@ def test_one_worker_with_concurrency_1_runs_jobs_in_priority_order(
     assert starts == sorted(starts)
 
 
-def test_delayed_jobs_never_start_early_and_start_soon_after_run_at(
-    wapp: worker_app.App, wdb: Db
-) -> None:
+def test_delayed_jobs_never_start_early_and_start_soon_after_run_at(wapp: worker_app.App, wdb: Db) -> None:
     count = 30
     delays = [0.3 + 0.1 * k for k in range(count)]
     random.Random(2).shuffle(delays)  # each later enqueue may be due before the worker's timer
 
     with thread_worker(wapp, wdb, queues=("later",), concurrency=10):
-        ids = [
-            wapp.queue.enqueue("record", {"note": f"{d:.1f}"}, queue="later", delay=d)
-            for d in delays
-        ]
+        ids = [wapp.queue.enqueue("record", {"note": f"{d:.1f}"}, queue="later", delay=d) for d in delays]
         wait_until(
             lambda: wdb.one("SELECT count(*) FROM {log}") == count,
             3 + max(delays) + 5,

@@ -10,7 +10,6 @@ from worker_helpers import Db, Workers, terminate_backends, thread_worker, wait_
 
 from pgqueue import JobSpec, JobState
 
-pytest_plugins = ["worker_helpers"]  # the wapp, wdb and wprocs fixtures
 pytestmark = pytest.mark.slow
 
 
@@ -57,9 +56,7 @@ def test_worker_survives_pg_terminate_backend_of_all_its_connections(
     assert wdb.one("SELECT count(*) FROM {workers} WHERE pid = %s", [worker.pid]) == 1
 
 
-def test_a_claim_the_worker_never_received_is_rescued_by_lease(
-    wapp: worker_app.App, wdb: Db
-) -> None:
+def test_a_claim_the_worker_never_received_is_rescued_by_lease(wapp: worker_app.App, wdb: Db) -> None:
     """A claim can commit while its reply is lost (the connection dies between COMMIT and the
     result): the row says running under this worker's id, but the worker never started the job.
     The heartbeat must renew only the leases of jobs the worker really runs, so the lease of such

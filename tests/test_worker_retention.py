@@ -8,7 +8,6 @@ from worker_helpers import Db, Workers, thread_worker, wait_until
 
 from pgqueue import JobSpec
 
-pytest_plugins = ["worker_helpers"]  # the wapp, wdb and wprocs fixtures
 pytestmark = pytest.mark.slow
 
 FAST_MAINTENANCE = {"rescue_interval": 0.1, "prune_interval": 0.2}
@@ -32,9 +31,7 @@ def test_worker_prunes_finished_jobs_past_keep_completed_seconds(
     cancelled = wapp.queue.enqueue("record", {}, delay=3600)
     assert wapp.queue.cancel(cancelled)
     waiting = wapp.queue.enqueue("record", {}, delay=3600)
-    wait_until(
-        lambda: wdb.one("SELECT count(*) FROM {log}") == len(done), 10, lambda: str(wdb.states())
-    )
+    wait_until(lambda: wdb.one("SELECT count(*) FROM {log}") == len(done), 10, lambda: str(wdb.states()))
     wait_until(
         lambda: wdb.one("SELECT count(*) FROM {jobs}") == 1,
         5,
@@ -45,17 +42,11 @@ def test_worker_prunes_finished_jobs_past_keep_completed_seconds(
     assert [r[0] for r in wdb.rows("SELECT id FROM {jobs}")] == [waiting]
 
 
-def test_per_queue_keep_completed_overrides_the_worker_default(
-    wapp: worker_app.App, wdb: Db
-) -> None:
+def test_per_queue_keep_completed_overrides_the_worker_default(wapp: worker_app.App, wdb: Db) -> None:
     wapp.queue.configure_queue("short", keep_completed=0.1)
     with thread_worker(wapp, wdb, queues=("short", "long"), concurrency=4, **FAST_MAINTENANCE):
-        wapp.queue.enqueue_many(
-            [JobSpec("record", {}, queue=q) for q in ("short", "long") for _ in range(5)]
-        )
-        wait_until(
-            lambda: wdb.one("SELECT count(*) FROM {log}") == 10, 10, lambda: str(wdb.states())
-        )
+        wapp.queue.enqueue_many([JobSpec("record", {}, queue=q) for q in ("short", "long") for _ in range(5)])
+        wait_until(lambda: wdb.one("SELECT count(*) FROM {log}") == 10, 10, lambda: str(wdb.states()))
         wait_until(
             lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE queue = 'short'") == 0,
             5,
@@ -69,13 +60,9 @@ def test_per_queue_keep_completed_count_keeps_the_newest(wapp: worker_app.App, w
     wapp.queue.configure_queue("capped", keep_completed_count=3)
     with thread_worker(wapp, wdb, queues=("capped",), concurrency=1, **FAST_MAINTENANCE):
         wapp.queue.enqueue_many([JobSpec("record", {}, queue="capped") for _ in range(7)])
-        wait_until(
-            lambda: wdb.one("SELECT count(*) FROM {log}") == 7, 10, lambda: str(wdb.states())
-        )
+        wait_until(lambda: wdb.one("SELECT count(*) FROM {log}") == 7, 10, lambda: str(wdb.states()))
         newest = wapp.queue.enqueue_many([JobSpec("record", {}, queue="capped") for _ in range(3)])
-        wait_until(
-            lambda: wdb.one("SELECT count(*) FROM {log}") == 10, 10, lambda: str(wdb.states())
-        )
+        wait_until(lambda: wdb.one("SELECT count(*) FROM {log}") == 10, 10, lambda: str(wdb.states()))
         wait_until(
             lambda: wdb.one("SELECT count(*) FROM {jobs}") == 3,
             5,

@@ -11,7 +11,6 @@ from worker_helpers import Db, WorkerProcess, Workers, wait_until
 
 from pgqueue import JobState
 
-pytest_plugins = ["worker_helpers"]  # the wapp, wdb and wprocs fixtures
 pytestmark = pytest.mark.slow
 
 
@@ -40,9 +39,7 @@ def test_sigterm_lets_the_running_job_finish_then_exits_0(
     job = wapp.queue.get_job(job_id)
     assert job.state is JobState.COMPLETED
     assert job.result == "slept" and job.attempts == 1 and job.errors == []
-    finished, cancelled = wdb.one(
-        "SELECT finished_at, cancelled_at FROM {log} WHERE job_id = %s", [job_id]
-    )
+    finished, cancelled = wdb.one("SELECT finished_at, cancelled_at FROM {log} WHERE job_id = %s", [job_id])
     assert finished is not None and cancelled is None
     # Stopped claiming: the job that fell due during shutdown was left for another worker.
     assert wapp.queue.get_job(queued_later).state is JobState.QUEUED
@@ -52,9 +49,7 @@ def test_sigterm_lets_the_running_job_finish_then_exits_0(
 def test_grace_period_over_requeues_the_job_without_counting_the_attempt(
     wapp: worker_app.App, wdb: Db, wprocs: Workers
 ) -> None:
-    worker, job_id = start_and_wait_running(
-        wapp, wdb, wprocs, "sleep_async", 5.0, "--grace-period", "0.5"
-    )
+    worker, job_id = start_and_wait_running(wapp, wdb, wprocs, "sleep_async", 5.0, "--grace-period", "0.5")
     signalled = time.monotonic()
     worker.signal(signal.SIGTERM)
     assert worker.wait(10) == 0, worker.log_tail()
@@ -67,9 +62,7 @@ def test_grace_period_over_requeues_the_job_without_counting_the_attempt(
     assert job.errors == []
     assert job.worker_id is None
     assert job.run_at is not None and job.run_at <= wdb.one("SELECT now()")  # runnable at once
-    finished, cancelled = wdb.one(
-        "SELECT finished_at, cancelled_at FROM {log} WHERE job_id = %s", [job_id]
-    )
+    finished, cancelled = wdb.one("SELECT finished_at, cancelled_at FROM {log} WHERE job_id = %s", [job_id])
     assert finished is None and cancelled is not None  # the handler was cancelled, not left running
     assert "grace period over" in worker.log_text()
 
@@ -80,9 +73,7 @@ def test_grace_period_over_with_a_sync_job_exits_within_the_grace_period(
     """A plain-function job cannot be cancelled; once the grace period is over and the job is
     handed back, the process must still exit (and not keep running the handed-back job, which
     another worker may now claim)."""
-    worker, job_id = start_and_wait_running(
-        wapp, wdb, wprocs, "sleep_sync", 5.0, "--grace-period", "0.5"
-    )
+    worker, job_id = start_and_wait_running(wapp, wdb, wprocs, "sleep_sync", 5.0, "--grace-period", "0.5")
     signalled = time.monotonic()
     worker.signal(signal.SIGTERM)
     assert worker.wait(15) == 0, worker.log_tail()

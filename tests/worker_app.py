@@ -133,9 +133,7 @@ class App:
 
     def log_start_sync(self, ctx: JobContext, note: str | None = None) -> int:
         with psycopg.connect(self.queue.dsn, autocommit=True) as c:
-            row = c.execute(
-                self.q_insert, (ctx.job_id, ctx.task, ctx.attempt, os.getpid(), note)
-            ).fetchone()
+            row = c.execute(self.q_insert, (ctx.job_id, ctx.task, ctx.attempt, os.getpid(), note)).fetchone()
         assert row is not None
         return int(row[0])
 
@@ -192,9 +190,7 @@ def register(app: App) -> None:
             raise RuntimeError(f"planned failure {ctx.attempt} of {fails}")
         return ctx.attempt
 
-    @q.task(
-        name="flaky_exp", max_attempts=5, backoff=pgqueue.exponential(base=0.2, factor=2, jitter=0)
-    )
+    @q.task(name="flaky_exp", max_attempts=5, backoff=pgqueue.exponential(base=0.2, factor=2, jitter=0))
     async def flaky_exp(ctx: JobContext, fails: int) -> int:
         await app.log_start(ctx)
         if ctx.attempt <= fails:

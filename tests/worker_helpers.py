@@ -163,15 +163,11 @@ class Workers:
     log_dir: Path
     started: list[WorkerProcess] = field(default_factory=list)
 
-    def start(
-        self, *args: str, env: dict[str, str] | None = None, log_level: str = "INFO"
-    ) -> WorkerProcess:
+    def start(self, *args: str, env: dict[str, str] | None = None, log_level: str = "INFO") -> WorkerProcess:
         appname = f"pgq-test-worker-{uuid.uuid4().hex[:8]}"
         full_env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join(
-                filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])
-            ),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
             "PGQUEUE_DSN": self.dsn,
             "PGQUEUE_SCHEMA": self.schema,
             "PGAPPNAME": appname,  # every connection of the process carries it: tests find them
@@ -201,9 +197,7 @@ class Workers:
         def ready() -> bool:
             for w in workers:
                 if not w.alive():
-                    raise AssertionError(
-                        f"worker {w.pid} exited with {w.proc.returncode}\n{w.log_tail()}"
-                    )
+                    raise AssertionError(f"worker {w.pid} exited with {w.proc.returncode}\n{w.log_tail()}")
             found = {r[0] for r in db.rows("SELECT pid FROM {workers}")}
             return pids <= found
 
@@ -280,8 +274,7 @@ class ThreadWorker:
         self._thread.start()
         wait_until(
             lambda: (
-                self.error is not None
-                or self.db.rows("SELECT 1 FROM {workers} WHERE id = %s", [self.id])
+                self.error is not None or self.db.rows("SELECT 1 FROM {workers} WHERE id = %s", [self.id])
             ),
             timeout,
             "in-process worker did not register",

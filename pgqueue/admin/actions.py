@@ -44,9 +44,7 @@ def retry(queue: Queue, conn: Conn, job_id: int) -> RetryOut:
         raise NotFound(f"no job with id {job_id}")
     if job.state == "dead":
         if not queue.retry_dead(job_id, conn=conn):
-            raise Conflict(
-                f"job {job_id} stays dead: a live job holds its unique key {job.unique_key!r}"
-            )
+            raise Conflict(f"job {job_id} stays dead: a live job holds its unique key {job.unique_key!r}")
         return RetryOut(job_id=job_id, action="moved_from_dead_letter")
     if job.state == "running":
         raise Conflict(f"job {job_id} is running; cancel it first or let it finish")
@@ -56,9 +54,7 @@ def retry(queue: Queue, conn: Conn, job_id: int) -> RetryOut:
         raise Conflict(f"job {job_id} left the queue meanwhile; reload")
     row = conn.execute(queue.queries.admin_copy_job, _notify_params(queue, job_id)).fetchone()
     if row is None:
-        raise Conflict(
-            f"job {job_id} was not copied: a live job holds its unique key {job.unique_key!r}"
-        )
+        raise Conflict(f"job {job_id} was not copied: a live job holds its unique key {job.unique_key!r}")
     return RetryOut(job_id=int(row[0]), action="copied")
 
 
@@ -99,7 +95,9 @@ def clean(queue: Queue, conn: Conn, request: CleanIn, batch: int) -> int:
     """Delete finished jobs older than the cut-off, in batches; returns how many went."""
     total = 0
     params: dict[str, Any] = {
-        "queue": request.queue, "older_than": request.older_than_seconds, "limit": batch,
+        "queue": request.queue,
+        "older_than": request.older_than_seconds,
+        "limit": batch,
     }
     live_states = [s for s in request.states if s != "dead"]
     statements: list[tuple[str, dict[str, Any]]] = []

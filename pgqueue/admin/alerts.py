@@ -47,7 +47,8 @@ class AlertSettings:
 
     def __post_init__(self) -> None:
         if self.webhook_url is not None and urlsplit(self.webhook_url).scheme not in (
-            "http", "https"
+            "http",
+            "https",
         ):
             raise ConfigurationError("the alert webhook must be an http:// or https:// URL")
         if self.interval_seconds <= 0 or self.webhook_timeout_seconds <= 0:
@@ -63,7 +64,9 @@ class AlertSettings:
 def post_json(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> None:
     """POST a JSON body; raises on a transport error or a non-2xx answer."""
     request = urllib.request.Request(  # the scheme is checked in AlertSettings
-        url, data=body, method="POST",
+        url,
+        data=body,
+        method="POST",
         headers={"Content-Type": "application/json", "User-Agent": "pgqueue-admin", **headers},
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -80,8 +83,14 @@ class _Firing:
 class AlertMonitor:
     """Evaluates the rules on a timer and delivers state changes, de-duplicated."""
 
-    def __init__(self, queue: Queue, settings: AlertSettings, *, stale_seconds: float = 60.0,
-                 db_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        settings: AlertSettings,
+        *,
+        stale_seconds: float = 60.0,
+        db_timeout: float = 5.0,
+    ) -> None:
         self.queue = queue
         self.settings = settings
         self.stale_seconds = stale_seconds
@@ -108,9 +117,7 @@ class AlertMonitor:
             state = self._firing.setdefault(key, _Firing(breach))
             state.breach = breach
             repeat = self.settings.repeat_after_seconds
-            due = state.notified_at is None or (
-                repeat is not None and now - state.notified_at >= repeat
-            )
+            due = state.notified_at is None or (repeat is not None and now - state.notified_at >= repeat)
             if due and await self._deliver(_event("firing", breach)):
                 state.notified_at = now
                 delivered.append(_event("firing", breach))
@@ -156,9 +163,7 @@ class AlertMonitor:
 
 
 def _event(status: str, breach: Breach) -> AlertEvent:
-    return AlertEvent.model_validate(
-        {"status": status, **breach.model_dump(), "at": datetime.now(UTC)}
-    )
+    return AlertEvent.model_validate({"status": status, **breach.model_dump(), "at": datetime.now(UTC)})
 
 
 def rules_from_env(environ: Mapping[str, str]) -> tuple[AlertRule, ...]:
@@ -178,12 +183,14 @@ def rules_from_env(environ: Mapping[str, str]) -> tuple[AlertRule, ...]:
     window, no_worker = number("FAILURES_WINDOW"), number("NO_WORKER")
     if backlog is None and failures is None and no_worker is None:
         return ()
-    return (AlertRule(
-        backlog_above=None if backlog is None else int(backlog),
-        failures_above=None if failures is None else int(failures),
-        failures_window_seconds=window or 300.0,
-        no_worker_seconds=no_worker,
-    ),)
+    return (
+        AlertRule(
+            backlog_above=None if backlog is None else int(backlog),
+            failures_above=None if failures is None else int(failures),
+            failures_window_seconds=window or 300.0,
+            no_worker_seconds=no_worker,
+        ),
+    )
 
 
 def alerts_from_env(environ: Mapping[str, str]) -> AlertSettings:

@@ -57,9 +57,12 @@ def create_admin_router(
         alerts=alerts or AlertSettings(),
     )
     if ctx.alerts.rules:
-        ctx.monitor = AlertMonitor(ctx.queue, ctx.alerts,
-                                   stale_seconds=ctx.options.worker_stale_seconds,
-                                   db_timeout=ctx.options.db_timeout)
+        ctx.monitor = AlertMonitor(
+            ctx.queue,
+            ctx.alerts,
+            stale_seconds=ctx.options.worker_stale_seconds,
+            db_timeout=ctx.options.db_timeout,
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:

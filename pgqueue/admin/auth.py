@@ -64,9 +64,7 @@ class AdminAuth:
                 "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
             )
         if self.password is not None and len(self.password) < MIN_PASSWORD_LENGTH:
-            raise ConfigurationError(
-                f"the admin password must be at least {MIN_PASSWORD_LENGTH} characters"
-            )
+            raise ConfigurationError(f"the admin password must be at least {MIN_PASSWORD_LENGTH} characters")
         if self.username is not None and (not self.username or ":" in self.username):
             raise ConfigurationError("the admin username must be non-empty and without ':'")
         if not self.insecure_no_auth and not self.has_credentials:
@@ -185,8 +183,10 @@ class Guard:
         if token and auth.token is not None and _equal(token, auth.token):
             return True
         return bool(
-            username is not None and password is not None
-            and auth.username is not None and auth.password is not None
+            username is not None
+            and password is not None
+            and auth.username is not None
+            and auth.password is not None
             and _equal(username, auth.username) & _equal(password, auth.password)
         )
 

@@ -72,7 +72,9 @@ def failure_windows(rules: tuple[AlertRule, ...]) -> list[float]:
 
 
 def snapshot(
-    conn: psycopg.Connection[Any], queries: Queries, rules: tuple[AlertRule, ...],
+    conn: psycopg.Connection[Any],
+    queries: Queries,
+    rules: tuple[AlertRule, ...],
     stale_seconds: float,
 ) -> Snapshot:
     queues = {r["name"]: r for r in queue_rows(conn, queries)}
@@ -107,20 +109,21 @@ def queue_health(snap: Snapshot, rules: tuple[AlertRule, ...]) -> list[QueueHeal
     for name in _names(snap, rules):
         row = snap.queues.get(name, {})
         window = _window_for(name, rules)
-        out.append(QueueHealth(
-            name=name,
-            backlog=int(row.get("queued", 0)),
-            oldest_waiting_seconds=row.get("oldest_waiting"),
-            failures=snap.failures.get(window, {}).get(name, 0),
-            failures_window_seconds=window,
-            worker_seen_seconds=snap.worker_seen.get(name),
-            paused=bool(row.get("paused", False)),
-        ))
+        out.append(
+            QueueHealth(
+                name=name,
+                backlog=int(row.get("queued", 0)),
+                oldest_waiting_seconds=row.get("oldest_waiting"),
+                failures=snap.failures.get(window, {}).get(name, 0),
+                failures_window_seconds=window,
+                worker_seen_seconds=snap.worker_seen.get(name),
+                paused=bool(row.get("paused", False)),
+            )
+        )
     return out
 
 
-KINDS = {"backlog": "backlog_above", "failures": "failures_above",
-         "no_worker": "no_worker_seconds"}
+KINDS = {"backlog": "backlog_above", "failures": "failures_above", "no_worker": "no_worker_seconds"}
 
 
 def _rule_for(rules: tuple[AlertRule, ...], queue: str, threshold: str) -> AlertRule | None:
@@ -148,8 +151,13 @@ def _backlog(snap: Snapshot, rule: AlertRule, name: str, row: dict[str, Any]) ->
     backlog, limit = int(row.get("queued", 0)), rule.backlog_above
     if limit is None or backlog <= limit:
         return None
-    return Breach(queue=name, kind="backlog", value=backlog, threshold=limit,
-                  message=f"queue {name!r}: {backlog} jobs waiting (threshold {limit})")
+    return Breach(
+        queue=name,
+        kind="backlog",
+        value=backlog,
+        threshold=limit,
+        message=f"queue {name!r}: {backlog} jobs waiting (threshold {limit})",
+    )
 
 
 def _failures(snap: Snapshot, rule: AlertRule, name: str, row: dict[str, Any]) -> Breach | None:
@@ -157,9 +165,13 @@ def _failures(snap: Snapshot, rule: AlertRule, name: str, row: dict[str, Any]) -
     failures = snap.failures.get(window, {}).get(name, 0)
     if limit is None or failures <= limit:
         return None
-    return Breach(queue=name, kind="failures", value=failures, threshold=limit,
-                  message=f"queue {name!r}: {failures} failed attempts in the last {window:g} s "
-                  f"(threshold {limit})")
+    return Breach(
+        queue=name,
+        kind="failures",
+        value=failures,
+        threshold=limit,
+        message=f"queue {name!r}: {failures} failed attempts in the last {window:g} s (threshold {limit})",
+    )
 
 
 def _no_worker(snap: Snapshot, rule: AlertRule, name: str, row: dict[str, Any]) -> Breach | None:
@@ -171,8 +183,13 @@ def _no_worker(snap: Snapshot, rule: AlertRule, name: str, row: dict[str, Any]) 
     if rule.queue == ALL_QUEUES and waiting == 0:
         return None  # nobody serving an idle queue is normal; name the queue to hear of it
     seen = "no worker has served it" if age is None else f"no worker seen for {age:.0f} s"
-    return Breach(queue=name, kind="no_worker", value=age, threshold=limit,
-                  message=f"queue {name!r}: {seen} (threshold {limit:g} s)")
+    return Breach(
+        queue=name,
+        kind="no_worker",
+        value=age,
+        threshold=limit,
+        message=f"queue {name!r}: {seen} (threshold {limit:g} s)",
+    )
 
 
 _JUDGES = {"backlog": _backlog, "failures": _failures, "no_worker": _no_worker}

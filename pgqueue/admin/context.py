@@ -57,7 +57,8 @@ class AdminContext:
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
         """A pooled autocommit connection, waiting at most ``options.db_timeout`` for one."""
-        with self.db_errors(), self.queue.pool().connection(
-            timeout=self.options.db_timeout
-        ) as conn:
+        with (
+            self.db_errors(),
+            self.queue.pool().connection(timeout=self.options.db_timeout) as conn,
+        ):
             yield conn

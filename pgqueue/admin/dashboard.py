@@ -112,8 +112,15 @@ def build(ctx: AdminContext) -> APIRouter:
             queues = store.queue_stats(conn, ctx.queries, ctx.options)
             workers = store.workers(conn, ctx.queries, ctx.options.worker_stale_seconds)
             schedules = store.schedules(conn, ctx.queries, ctx.redact)
-        return pages.render(request, "overview.html", identity, title="Queues", queues=queues,
-                            workers=workers.workers, schedules=schedules.schedules)
+        return pages.render(
+            request,
+            "overview.html",
+            identity,
+            title="Queues",
+            queues=queues,
+            workers=workers.workers,
+            schedules=schedules.schedules,
+        )
 
     @router.get("/jobs")
     def jobs(request: Request) -> Response:
@@ -129,8 +136,17 @@ def build(ctx: AdminContext) -> APIRouter:
         kept = {k: v for k, v in query.items() if k != "before_id" and v}
         older = urlencode({**kept, "before_id": page.next_cursor}) if page.next_cursor else None
         return pages.render(
-            request, "jobs.html", identity, title="Jobs", page=page, where=where, problem=problem,
-            queue_names=names, states=STATES, newest=urlencode(kept), older=older,
+            request,
+            "jobs.html",
+            identity,
+            title="Jobs",
+            page=page,
+            where=where,
+            problem=problem,
+            queue_names=names,
+            states=STATES,
+            newest=urlencode(kept),
+            older=older,
             paged=before is not None,
         )
 
@@ -144,14 +160,19 @@ def build(ctx: AdminContext) -> APIRouter:
         with ctx.connection() as conn:
             detail = store.get_job(conn, ctx.queries, job_id, ctx.redact)
         if detail is None:
-            return pages.render(request, "missing.html", identity, title="Not found",
-                                job_id=job_id)
+            return pages.render(request, "missing.html", identity, title="Not found", job_id=job_id)
         return pages.render(request, "job.html", identity, title=f"Job {job_id}", job=detail)
 
     @router.get("/login")
     def login_form(request: Request) -> Response:
-        return pages.render(request, "login.html", Identity("anonymous"), title="Sign in",
-                            error=None, basic=ctx.guard.auth.username is not None)
+        return pages.render(
+            request,
+            "login.html",
+            Identity("anonymous"),
+            title="Sign in",
+            error=None,
+            basic=ctx.guard.auth.username is not None,
+        )
 
     @router.post("/login")
     async def login(request: Request) -> Response:
@@ -169,16 +190,25 @@ def build(ctx: AdminContext) -> APIRouter:
         if not ctx.guard.auth.has_credentials:
             return RedirectResponse(f"{_base(request)}/", status_code=303)
         if not ctx.guard.login(form.get("token"), form.get("username"), form.get("password")):
-            response = pages.render(request, "login.html", Identity("anonymous"),
-                                    title="Sign in", error="Wrong token or credentials.",
-                                    basic=ctx.guard.auth.username is not None)
+            response = pages.render(
+                request,
+                "login.html",
+                Identity("anonymous"),
+                title="Sign in",
+                error="Wrong token or credentials.",
+                basic=ctx.guard.auth.username is not None,
+            )
             response.status_code = 401
             return response
         base = _base(request)
         response = RedirectResponse(f"{base}/", status_code=303)
         response.set_cookie(
-            SESSION_COOKIE, ctx.guard.new_session(), path=f"{base}/",
-            max_age=ctx.guard.auth.session_max_age_seconds, httponly=True, samesite="strict",
+            SESSION_COOKIE,
+            ctx.guard.new_session(),
+            path=f"{base}/",
+            max_age=ctx.guard.auth.session_max_age_seconds,
+            httponly=True,
+            samesite="strict",
             secure=request.url.scheme == "https",
         )
         return response
@@ -186,16 +216,17 @@ def build(ctx: AdminContext) -> APIRouter:
     @router.post("/logout", dependencies=[ctx.write])
     def logout(request: Request) -> Response:
         response = Response(status_code=204)
-        response.delete_cookie(SESSION_COOKIE, path=f"{_base(request)}/", httponly=True,
-                               samesite="strict")
+        response.delete_cookie(SESSION_COOKIE, path=f"{_base(request)}/", httponly=True, samesite="strict")
         return response
 
     @router.get("/static/{name}")
     def static(name: str) -> Response:
         if name not in STATIC_FILES:
             raise HTTPException(404, "no such file")
-        return Response((STATIC / name).read_bytes(), media_type=STATIC_FILES[name],
-                        headers={"Cache-Control": "max-age=300",
-                                 "X-Content-Type-Options": "nosniff"})
+        return Response(
+            (STATIC / name).read_bytes(),
+            media_type=STATIC_FILES[name],
+            headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"},
+        )
 
     return router

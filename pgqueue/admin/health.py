@@ -57,16 +57,24 @@ def build(ctx: AdminContext) -> APIRouter:
         if not ok:
             response.status_code = 503
         return ReadyOut(
-            status="ok" if ok else "unavailable", database=database,
-            schema_revision=revision, head_revision=head, detail=detail,
+            status="ok" if ok else "unavailable",
+            database=database,
+            schema_revision=revision,
+            head_revision=head,
+            detail=detail,
         )
 
     responses: dict[int | str, dict[str, Any]] = {
-        **ERRORS, 503: {"model": DetailedHealthOut, "description": "A threshold is crossed."}
+        **ERRORS,
+        503: {"model": DetailedHealthOut, "description": "A threshold is crossed."},
     }
 
-    @router.get("/detailed", response_model=DetailedHealthOut, responses=responses,
-                dependencies=[] if ctx.options.public_health else [ctx.read])
+    @router.get(
+        "/detailed",
+        response_model=DetailedHealthOut,
+        responses=responses,
+        dependencies=[] if ctx.options.public_health else [ctx.read],
+    )
     def detailed(response: Response) -> DetailedHealthOut:
         """Per queue: backlog, failures in the window, oldest waiting job, last worker
         heartbeat. 503 when an alert rule's threshold is crossed or the database is down."""
@@ -76,14 +84,15 @@ def build(ctx: AdminContext) -> APIRouter:
                 snap = snapshot(conn, ctx.queries, rules, ctx.options.worker_stale_seconds)
         except (PoolTimeout, psycopg.Error):
             response.status_code = 503
-            return DetailedHealthOut(status="unavailable", queues=[], breaches=[],
-                                     live_workers=0)
+            return DetailedHealthOut(status="unavailable", queues=[], breaches=[], live_workers=0)
         breaches = evaluate(snap, rules)
         if breaches:
             response.status_code = 503
         return DetailedHealthOut(
-            status="degraded" if breaches else "ok", queues=queue_health(snap, rules),
-            breaches=breaches, live_workers=snap.live_workers,
+            status="degraded" if breaches else "ok",
+            queues=queue_health(snap, rules),
+            breaches=breaches,
+            live_workers=snap.live_workers,
         )
 
     return router

@@ -34,16 +34,38 @@ from pgqueue.queue import Queue
 
 log = logging.getLogger("pgqueue.admin.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-RUN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-               300.0, 900.0, 3600.0)
+RUN_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+)
 GAUGE_STATES = ("queued", "delayed", "retrying", "running", "completed", "cancelled", "dead")
 
 
 class QueueCollector(Collector):
     """A prometheus-client collector over one pgqueue schema."""
 
-    def __init__(self, queue: Queue, *, lag_seconds: float = 5.0, stale_seconds: float = 60.0,
-                 db_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        *,
+        lag_seconds: float = 5.0,
+        stale_seconds: float = 60.0,
+        db_timeout: float = 5.0,
+    ) -> None:
         self.queue = queue
         self.lag_seconds = lag_seconds
         self.stale_seconds = stale_seconds
@@ -52,9 +74,7 @@ class QueueCollector(Collector):
         self._since: datetime | None = None
         self._processed: Counter[tuple[str, str]] = Counter()
         self._failed: Counter[str] = Counter()
-        self._buckets: defaultdict[str, list[int]] = defaultdict(
-            lambda: [0] * (len(RUN_BUCKETS) + 1)
-        )
+        self._buckets: defaultdict[str, list[int]] = defaultdict(lambda: [0] * (len(RUN_BUCKETS) + 1))
         self._run_sum: defaultdict[str, float] = defaultdict(float)
 
     def collect(self) -> Iterable[Metric]:
@@ -83,8 +103,9 @@ class QueueCollector(Collector):
         live_row = conn.execute(q.admin_live_workers, {"stale": self.stale_seconds}).fetchone()
         return rows, int(live_row[0]) if live_row else 0
 
-    def _add_deltas(self, conn: psycopg.Connection[Any], names: list[str],
-                    since: datetime, until: datetime) -> None:
+    def _add_deltas(
+        self, conn: psycopg.Connection[Any], names: list[str], since: datetime, until: datetime
+    ) -> None:
         q = self.queue.queries
         window = {"since": since, "until": until}
         params = {"queues": names, "bounds": list(RUN_BUCKETS), **window}
@@ -99,14 +120,17 @@ class QueueCollector(Collector):
             self._failed[name] += int(count)
 
     def _families(self, rows: list[dict[str, Any]], live: int) -> Iterator[Metric]:
-        jobs = GaugeMetricFamily("pgqueue_jobs", "Jobs by queue and state ('retrying' overlaps "
-                                 "queued/delayed; 'dead' is the dead-letter table)",
-                                 labels=["queue", "state"])
-        paused = GaugeMetricFamily("pgqueue_queue_paused", "1 when the queue is paused",
-                                   labels=["queue"])
-        oldest = GaugeMetricFamily("pgqueue_oldest_waiting_job_age_seconds",
-                                   "Age of the longest-waiting due job (0 when none)",
-                                   labels=["queue"])
+        jobs = GaugeMetricFamily(
+            "pgqueue_jobs",
+            "Jobs by queue and state ('retrying' overlaps queued/delayed; 'dead' is the dead-letter table)",
+            labels=["queue", "state"],
+        )
+        paused = GaugeMetricFamily("pgqueue_queue_paused", "1 when the queue is paused", labels=["queue"])
+        oldest = GaugeMetricFamily(
+            "pgqueue_oldest_waiting_job_age_seconds",
+            "Age of the longest-waiting due job (0 when none)",
+            labels=["queue"],
+        )
         for r in rows:
             for state in GAUGE_STATES:
                 jobs.add_metric([r["name"], state], float(r[state]))
@@ -114,17 +138,20 @@ class QueueCollector(Collector):
             oldest.add_metric([r["name"]], float(r["oldest_waiting"] or 0.0))
         yield from (jobs, paused, oldest)
         yield _gauge("pgqueue_workers_alive", "Workers with a recent heartbeat", live)
-        names = sorted({r["name"] for r in rows} | {n for n, _ in self._processed}
-                       | set(self._failed))
+        names = sorted({r["name"] for r in rows} | {n for n, _ in self._processed} | set(self._failed))
         processed = CounterMetricFamily(
-            "pgqueue_jobs_processed", "Jobs finished since the admin started, by outcome",
-            labels=["queue", "outcome"])
+            "pgqueue_jobs_processed",
+            "Jobs finished since the admin started, by outcome",
+            labels=["queue", "outcome"],
+        )
         failed = CounterMetricFamily(
-            "pgqueue_jobs_failed", "Failed attempts (errors recorded) since the admin started",
-            labels=["queue"])
+            "pgqueue_jobs_failed",
+            "Failed attempts (errors recorded) since the admin started",
+            labels=["queue"],
+        )
         runs = HistogramMetricFamily(
-            "pgqueue_job_run_seconds", "Run time of completed jobs (last attempt)",
-            labels=["queue"])
+            "pgqueue_job_run_seconds", "Run time of completed jobs (last attempt)", labels=["queue"]
+        )
         for name in names:
             for outcome in ("completed", "cancelled", "dead"):
                 processed.add_metric([name, outcome], float(self._processed[(name, outcome)]))
@@ -149,17 +176,25 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 def build(ctx: AdminContext) -> APIRouter:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(QueueCollector(
-        ctx.queue, lag_seconds=ctx.options.metrics_lag_seconds,
-        stale_seconds=ctx.options.worker_stale_seconds, db_timeout=ctx.options.db_timeout,
-    ))
+    registry.register(
+        QueueCollector(
+            ctx.queue,
+            lag_seconds=ctx.options.metrics_lag_seconds,
+            stale_seconds=ctx.options.worker_stale_seconds,
+            db_timeout=ctx.options.db_timeout,
+        )
+    )
     router = APIRouter(tags=["metrics"])
 
     @router.get(
         "/metrics",
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
-                         "description": "Prometheus text exposition format."}},
+        responses={
+            200: {
+                "content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+                "description": "Prometheus text exposition format.",
+            }
+        },
         dependencies=[] if ctx.options.public_metrics else [ctx.read],
     )
     def metrics() -> Response:

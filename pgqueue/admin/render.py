@@ -88,7 +88,6 @@ def environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(ago=ago, duration=duration, when=when, pretty=pretty,
-                       input_time=input_time)
+    env.filters.update(ago=ago, duration=duration, when=when, pretty=pretty, input_time=input_time)
     env.globals["sparkline"] = sparkline
     return env

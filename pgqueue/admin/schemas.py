@@ -152,9 +152,7 @@ class CleanIn(BaseModel):
 
     older_than_seconds: float = Field(ge=0, le=TEN_YEARS, allow_inf_nan=False)
     queue: str | None = Field(default=None, pattern=QUEUE_PATTERN, description="Default: all.")
-    states: list[CleanState] = Field(
-        default_factory=_finished_states, min_length=1, max_length=3
-    )
+    states: list[CleanState] = Field(default_factory=_finished_states, min_length=1, max_length=3)
 
 
 class WorkerOut(BaseModel):

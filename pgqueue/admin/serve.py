@@ -51,8 +51,7 @@ def app_from_env(
         public_metrics=_flag(env, "PGQUEUE_ADMIN_PUBLIC_METRICS"),
         public_health=_flag(env, "PGQUEUE_ADMIN_PUBLIC_HEALTH"),
     )
-    return create_admin_app(queue, auth=auth, alerts=alerts_from_env(env), options=options,
-                            close_queue=True)
+    return create_admin_app(queue, auth=auth, alerts=alerts_from_env(env), options=options, close_queue=True)
 
 
 def is_loopback(host: str) -> bool:
@@ -87,6 +86,12 @@ def serve(
         )
     app = app_from_env(dsn=dsn, schema=schema, insecure_no_auth=insecure_no_auth)
     print(f"pgqueue admin on http://{host}:{port}{root_path}/", flush=True)
-    uvicorn.run(app, host=host, port=port, root_path=root_path, log_level=log_level.lower(),
-                proxy_headers=True)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        root_path=root_path,
+        log_level=log_level.lower(),
+        proxy_headers=True,
+    )
     return 0

@@ -41,8 +41,7 @@ class AdminOptions:
             raise ConfigurationError("throughput_minutes must be within 1..1440")
         if not 1 <= self.page_size <= 500:
             raise ConfigurationError("page_size must be within 1..500")
-        for name in ("run_window_seconds", "worker_stale_seconds", "db_timeout",
-                     "refresh_seconds"):
+        for name in ("run_window_seconds", "worker_stale_seconds", "db_timeout", "refresh_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive")
         if self.metrics_lag_seconds < 0:

@@ -51,8 +51,9 @@ def queue_stats(conn: Conn, queries: Queries, options: AdminOptions) -> QueueLis
     minutes = options.throughput_minutes
     runs = {
         r["name"]: r
-        for r in _rows(conn, queries.admin_queue_runs,
-                       {"queues": names, "window": options.run_window_seconds})
+        for r in _rows(
+            conn, queries.admin_queue_runs, {"queues": names, "window": options.run_window_seconds}
+        )
     }
     series: dict[str, list[int]] = {name: [0] * minutes for name in names}
     for r in _rows(conn, queries.admin_throughput, {"queues": names, "minutes": minutes}):
@@ -62,21 +63,21 @@ def queue_stats(conn: Conn, queries: Queries, options: AdminOptions) -> QueueLis
     stats = []
     for r in rows:
         run = runs.get(r["name"], {})
-        stats.append(QueueStats(
-            name=r["name"],
-            counts=StateCounts(**{f: int(r[f]) for f in _COUNT_FIELDS}),
-            paused=r["paused"],
-            concurrency=r["concurrency"],
-            rate_limit=r["rate_limit"],
-            throughput=series[r["name"]],
-            completed_recently=int(run.get("count") or 0),
-            avg_run_seconds=run.get("avg"),
-            p95_run_seconds=run.get("p95"),
-            oldest_waiting_seconds=r["oldest_waiting"],
-        ))
-    return QueueList(
-        queues=stats, throughput_minutes=minutes, run_window_seconds=options.run_window_seconds
-    )
+        stats.append(
+            QueueStats(
+                name=r["name"],
+                counts=StateCounts(**{f: int(r[f]) for f in _COUNT_FIELDS}),
+                paused=r["paused"],
+                concurrency=r["concurrency"],
+                rate_limit=r["rate_limit"],
+                throughput=series[r["name"]],
+                completed_recently=int(run.get("count") or 0),
+                avg_run_seconds=run.get("avg"),
+                p95_run_seconds=run.get("p95"),
+                oldest_waiting_seconds=r["oldest_waiting"],
+            )
+        )
+    return QueueList(queues=stats, throughput_minutes=minutes, run_window_seconds=options.run_window_seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +96,15 @@ def list_jobs(
 ) -> JobPage:
     """One page, newest first; ``next_cursor`` is the id to pass as ``before_id`` next."""
     params = {
-        "queue": where.queue, "state": where.state, "task": where.task,
-        "created_after": where.created_after, "created_before": where.created_before,
-        "before_id": before_id, "limit": limit + 1,
-        "live": where.state != "dead", "dead": where.state in (None, "dead"),
+        "queue": where.queue,
+        "state": where.state,
+        "task": where.task,
+        "created_after": where.created_after,
+        "created_before": where.created_before,
+        "before_id": before_id,
+        "limit": limit + 1,
+        "live": where.state != "dead",
+        "dead": where.state in (None, "dead"),
     }
     rows = _rows(conn, queries.admin_list_jobs, params)
     jobs = [JobSummary(**r) for r in rows[:limit]]
@@ -113,11 +119,15 @@ def _attempt_errors(errors: Any) -> list[AttemptError]:
             out.append(AttemptError(message=str(entry)))
             continue
         attempt = entry.get("attempt")
-        out.append(AttemptError(
-            attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
-            **{k: None if entry.get(k) is None else str(entry[k])
-               for k in ("at", "type", "message", "traceback")},
-        ))
+        out.append(
+            AttemptError(
+                attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+                **{
+                    k: None if entry.get(k) is None else str(entry[k])
+                    for k in ("at", "type", "message", "traceback")
+                },
+            )
+        )
     return out
 
 
@@ -142,13 +152,21 @@ def workers(conn: Conn, queries: Queries, stale_seconds: float) -> WorkerList:
     out = []
     for r in _rows(conn, queries.admin_workers):
         age = float(r["heartbeat_age"])
-        out.append(WorkerOut(
-            id=r["id"], host=r["host"], pid=r["pid"], queues=list(r["queues"]),
-            concurrency=r["concurrency"], started_at=r["started_at"],
-            heartbeat_at=r["heartbeat_at"], heartbeat_age_seconds=age,
-            alive=age < stale_seconds, running_jobs=int(r["running"]),
-            job_ids=list(r["job_ids"]),
-        ))
+        out.append(
+            WorkerOut(
+                id=r["id"],
+                host=r["host"],
+                pid=r["pid"],
+                queues=list(r["queues"]),
+                concurrency=r["concurrency"],
+                started_at=r["started_at"],
+                heartbeat_at=r["heartbeat_at"],
+                heartbeat_age_seconds=age,
+                alive=age < stale_seconds,
+                running_jobs=int(r["running"]),
+                job_ids=list(r["job_ids"]),
+            )
+        )
     return WorkerList(workers=out)
 
 

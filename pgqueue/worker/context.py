@@ -35,7 +35,13 @@ class JobContext:
 
     def __post_init__(self) -> None:
         self.log = logging.LoggerAdapter(
-            logger, {"job_id": self.job_id, "task": self.task, "queue": self.queue, "attempt": self.attempt}
+            logger,
+            {
+                "job_id": self.job_id,
+                "task": self.task,
+                "queue": self.queue,
+                "attempt": self.attempt,
+            },
         )
 
     @property

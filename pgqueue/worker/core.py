@@ -8,6 +8,7 @@ maintenance each borrow a connection) plus one dedicated LISTEN connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -127,8 +128,13 @@ class AsyncWorker:
             self._stopping.set()
         self._threads = ThreadPoolExecutor(max_workers=s.concurrency, thread_name_prefix="pgqueue-job")
         self._pool = AsyncConnectionPool(
-            self.queue.dsn, min_size=2, max_size=5, kwargs={"autocommit": True},
-            name=f"pgqueue-worker-{self.id}", open=False, reconnect_timeout=0,
+            self.queue.dsn,
+            min_size=2,
+            max_size=5,
+            kwargs={"autocommit": True},
+            name=f"pgqueue-worker-{self.id}",
+            open=False,
+            reconnect_timeout=0,
         )
         self._acks = AckBuffer(self._flush_acks, self._acknowledged)
         if self._install_signals:
@@ -144,8 +150,10 @@ class AsyncWorker:
                 asyncio.create_task(self._watchdog_loop(), name="pgqueue-watchdog"),
             ]
             log.info(
-                "worker %s started: queues=%s concurrency=%d", self.id,
-                ",".join(s.queues), s.concurrency,
+                "worker %s started: queues=%s concurrency=%d",
+                self.id,
+                ",".join(s.queues),
+                s.concurrency,
             )
             self._notifier.ready(f"processing {','.join(s.queues)}")
             try:
@@ -198,9 +206,16 @@ class AsyncWorker:
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
         if self._signals > 1:
-            log.warning("second %s: exiting now; running jobs will be rescued by lease", signal.Signals(sig).name)
+            log.warning(
+                "second %s: exiting now; running jobs will be rescued by lease",
+                signal.Signals(sig).name,
+            )
             os._exit(1)
-        log.info("%s: stop claiming, finishing %d running jobs", signal.Signals(sig).name, len(self._running))
+        log.info(
+            "%s: stop claiming, finishing %d running jobs",
+            signal.Signals(sig).name,
+            len(self._running),
+        )
         assert self._stopping is not None
         self._stopping.set()
 
@@ -266,7 +281,10 @@ class AsyncWorker:
         assert self._wake is not None and self._stopping is not None
         if timeout <= 0:
             return
-        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self._stopping.wait())]
+        waiters = [
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(self._stopping.wait()),
+        ]
         try:
             await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -327,7 +345,12 @@ class AsyncWorker:
         return saturated, rate_limited
 
     async def _claim_plain(self, queues: list[str], limit: int) -> int:
-        params = {"queues": queues, "limit": limit, "worker_id": self.id, "lease": self.settings.lease_seconds}
+        params = {
+            "queues": queues,
+            "limit": limit,
+            "worker_id": self.id,
+            "lease": self.settings.lease_seconds,
+        }
         rows = await self._fetchall(self.queries.claim, params, prepare=True)
         self._start_all(rows)
         return len(rows)
@@ -335,8 +358,11 @@ class AsyncWorker:
     async def _claim_limited(self, queue: str, limit: int) -> int:
         assert self._pool is not None
         params = {
-            "queue": queue, "limit": limit, "worker_id": self.id,
-            "lease": self.settings.lease_seconds, "burst": self.settings.rate_burst_seconds,
+            "queue": queue,
+            "limit": limit,
+            "worker_id": self.id,
+            "lease": self.settings.lease_seconds,
+            "burst": self.settings.rate_burst_seconds,
         }
         async with self._pool.connection() as c, c.transaction():
             await c.execute(self.queries.lock_queue, params)
@@ -350,9 +376,14 @@ class AsyncWorker:
         for row in rows:
             job = ClaimedJob.from_row(row)
             ctx = JobContext(
-                job_id=job.id, queue=job.queue, task=job.task, attempt=job.attempt,
-                max_attempts=job.max_attempts, scheduled_for=job.scheduled_for,
-                worker_id=self.id, _report_progress=self._report_progress,
+                job_id=job.id,
+                queue=job.queue,
+                task=job.task,
+                attempt=job.attempt,
+                max_attempts=job.max_attempts,
+                scheduled_for=job.scheduled_for,
+                worker_id=self.id,
+                _report_progress=self._report_progress,
             )
             task = self.registry.get(job.task)
             running = _Running(job, ctx, is_async=task is not None and task.is_async)
@@ -400,10 +431,22 @@ class AsyncWorker:
         log.log(
             level,
             "job %s id=%d task=%s queue=%s attempt=%d/%d duration_ms=%.1f%s",
-            outcome.kind, job.id, job.task, job.queue, job.attempt, job.max_attempts,
-            duration * 1000, detail,
-            extra={"job_id": job.id, "task": job.task, "queue": job.queue, "attempt": job.attempt,
-                   "outcome": outcome.kind, "duration_ms": duration * 1000},
+            outcome.kind,
+            job.id,
+            job.task,
+            job.queue,
+            job.attempt,
+            job.max_attempts,
+            duration * 1000,
+            detail,
+            extra={
+                "job_id": job.id,
+                "task": job.task,
+                "queue": job.queue,
+                "attempt": job.attempt,
+                "outcome": outcome.kind,
+                "duration_ms": duration * 1000,
+            },
         )
 
     def _cancel(self, job_id: int) -> None:
@@ -422,10 +465,13 @@ class AsyncWorker:
 
     async def _flush_acks(self, outcomes: list[Outcome]) -> None:
         await self._execute(self.queries.ack, ack_params(outcomes), prepare=True)
-        freed = sorted({
-            o.job.queue for o in outcomes
-            if self._limits.get(o.job.queue, QueueLimits()).limited or o.kind in ("retry", "requeue")
-        })
+        freed = sorted(
+            {
+                o.job.queue
+                for o in outcomes
+                if self._limits.get(o.job.queue, QueueLimits()).limited or o.kind in ("retry", "requeue")
+            }
+        )
         if freed:  # capacity freed under a global cap, or a job back in line: others look again
             await self._execute(self.queries.wake_queues, {"channel": self.queries.channel, "queues": freed})
 
@@ -452,15 +498,24 @@ class AsyncWorker:
                 wake.set()
 
         await listen(
-            self.queue.dsn, self.queries.channel, on_queue, self._cancel, on_settings, wake.set,
+            self.queue.dsn,
+            self.queries.channel,
+            on_queue,
+            self._cancel,
+            on_settings,
+            wake.set,
             reconnect_delay,
         )
 
     async def _heartbeat(self, c: Conn) -> None:
         s = self.settings
         params = {
-            "id": self.id, "host": socket.gethostname(), "pid": os.getpid(),
-            "queues": list(s.queues), "concurrency": s.concurrency, "lease": s.lease_seconds,
+            "id": self.id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": list(s.queues),
+            "concurrency": s.concurrency,
+            "lease": s.lease_seconds,
             "held": list(self._held),
         }
         rows = await (await c.execute(self.queries.heartbeat, params)).fetchall()
@@ -477,7 +532,11 @@ class AsyncWorker:
                 async with self._pool.connection() as c:
                     await self._heartbeat(c)
             except Exception as exc:
-                log.warning("heartbeat failed (%s); leases expire in %.0fs", exc, self.settings.lease_seconds)
+                log.warning(
+                    "heartbeat failed (%s); leases expire in %.0fs",
+                    exc,
+                    self.settings.lease_seconds,
+                )
                 interval = min(1.0, self.settings.lease_seconds / 3)
             else:
                 interval = self.settings.lease_seconds / 3
@@ -502,7 +561,8 @@ class AsyncWorker:
             return
         items, self._progress = self._progress, {}
         params = {
-            "id": [k[0] for k in items], "attempt": [k[1] for k in items],
+            "id": [k[0] for k in items],
+            "attempt": [k[1] for k in items],
             "progress": [json.dumps(v) for v in items.values()],
         }
         try:
@@ -538,17 +598,17 @@ class AsyncWorker:
 
     async def _sleep_or_stop(self, seconds: float) -> None:
         assert self._stopping is not None
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-        except TimeoutError:
-            pass
 
     async def _execute(self, query: str, params: dict[str, Any], prepare: bool | None = None) -> None:
         assert self._pool is not None
         async with self._pool.connection() as c:
             await c.execute(query, params, prepare=prepare)
 
-    async def _fetchall(self, query: str, params: dict[str, Any], prepare: bool | None = None) -> list[tuple[Any, ...]]:
+    async def _fetchall(
+        self, query: str, params: dict[str, Any], prepare: bool | None = None
+    ) -> list[tuple[Any, ...]]:
         assert self._pool is not None
         async with self._pool.connection() as c:
             return await (await c.execute(query, params, prepare=prepare)).fetchall()
@@ -559,13 +619,21 @@ class AsyncWorker:
             return await (await c.execute(query, params)).fetchone()
 
 
-_STAT = {"completed": "completed", "retry": "retried", "dead": "dead", "cancelled": "cancelled", "requeue": "requeued"}
+_STAT = {
+    "completed": "completed",
+    "retry": "retried",
+    "dead": "dead",
+    "cancelled": "cancelled",
+    "requeue": "requeued",
+}
 
 
 class Worker:
     """The synchronous entry point: ``Worker(queue, queues=("email",)).run()`` blocks until stopped."""
 
-    def __init__(self, queue: QueueBase[Any], settings: WorkerSettings | None = None, **overrides: Any) -> None:
+    def __init__(
+        self, queue: QueueBase[Any], settings: WorkerSettings | None = None, **overrides: Any
+    ) -> None:
         self._worker = AsyncWorker(queue, settings, **overrides)
 
     @property
@@ -581,4 +649,3 @@ class Worker:
 
     def stop(self) -> None:
         self._worker.stop()
-

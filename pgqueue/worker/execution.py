@@ -53,11 +53,11 @@ class Outcome:
     delay: float = 0.0
 
 
-class JobTimeout(Exception):  # noqa: N818 - recorded as the attempt's error type
+class JobTimeout(Exception):
     """The handler ran past the job's timeout."""
 
 
-class JobCancelled(Exception):  # noqa: N818 - recorded as the attempt's error type
+class JobCancelled(Exception):
     """The job was cancelled while it ran."""
 
 
@@ -94,17 +94,13 @@ def dump_result(value: Any) -> str:
     return json.dumps(value, allow_nan=False)
 
 
-async def execute(
-    job: ClaimedJob, registry: Registry, ctx: JobContext, threads: Executor
-) -> Outcome:
+async def execute(job: ClaimedJob, registry: Registry, ctx: JobContext, threads: Executor) -> Outcome:
     """Run the handler under the job's timeout; never raises (every failure becomes an Outcome)."""
     task = registry.get(job.task)
     try:
         if task is None:
             raise UnknownTaskError(f"no handler is registered for task {job.task!r} on this worker")
-        kwargs: Mapping[str, Any] = (
-            {**job.args, CONTEXT_PARAMETER: ctx} if task.takes_context else job.args
-        )
+        kwargs: Mapping[str, Any] = {**job.args, CONTEXT_PARAMETER: ctx} if task.takes_context else job.args
         if task.is_async:
             result = await _run_async(task, kwargs, job.timeout)
         else:
@@ -117,7 +113,11 @@ async def execute(
             raise TypeError(f"handler returned a result that is not JSON-serialisable: {exc}") from exc
     except asyncio.CancelledError:
         if ctx.is_cancelled:
-            return Outcome(job, "cancelled", error_json=error_entry(job, JobCancelled("cancelled while running")))
+            return Outcome(
+                job,
+                "cancelled",
+                error_json=error_entry(job, JobCancelled("cancelled while running")),
+            )
         raise  # the worker itself is shutting down: it decides what to do with the job
     except JobCancelled as exc:
         return Outcome(job, "cancelled", error_json=error_entry(job, exc))

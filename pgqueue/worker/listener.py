@@ -39,9 +39,9 @@ async def listen(
                 on_reconnect()
                 async for note in conn.notifies():
                     if note.payload.startswith(CANCEL_PREFIX):
-                        on_cancel(int(note.payload[len(CANCEL_PREFIX):]))
+                        on_cancel(int(note.payload[len(CANCEL_PREFIX) :]))
                     elif note.payload.startswith(SETTINGS_PREFIX):
-                        on_settings(note.payload[len(SETTINGS_PREFIX):])
+                        on_settings(note.payload[len(SETTINGS_PREFIX) :])
                     else:
                         on_queue(note.payload)
         except asyncio.CancelledError:

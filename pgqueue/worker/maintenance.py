@@ -36,9 +36,7 @@ async def rescue(conn: psycopg.AsyncConnection[Any], queries: Queries, lease_sec
     return total
 
 
-async def prune(
-    conn: psycopg.AsyncConnection[Any], queries: Queries, keep_seconds: float, batch: int
-) -> int:
+async def prune(conn: psycopg.AsyncConnection[Any], queries: Queries, keep_seconds: float, batch: int) -> int:
     """Delete finished jobs past their retention, one small batch per transaction.
 
     Only one worker prunes at a time (an advisory lock tried, never waited for).
@@ -51,7 +49,9 @@ async def prune(
     ):
         while True:
             async with conn.transaction():
-                got = await (await conn.execute(queries.try_maintenance_lock, {"key": MAINTENANCE_LOCK})).fetchone()
+                got = await (
+                    await conn.execute(queries.try_maintenance_lock, {"key": MAINTENANCE_LOCK})
+                ).fetchone()
                 if got is None or not got[0]:
                     return removed
                 count = (await conn.execute(query, params)).rowcount

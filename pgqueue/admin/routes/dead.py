@@ -44,8 +44,7 @@ def build(ctx: AdminContext) -> APIRouter:
             raise HTTPException(404, f"no dead-lettered job with id {job_id}")
         return job
 
-    @router.post("/{job_id}/retry", response_model=RetryOut, responses=WRITE_ERRORS,
-                 dependencies=[ctx.write])
+    @router.post("/{job_id}/retry", response_model=RetryOut, responses=WRITE_ERRORS, dependencies=[ctx.write])
     def retry_dead(job_id: JobId) -> RetryOut:
         """Back to its queue with fresh attempts, same id, error history kept."""
         with ctx.connection() as conn:
@@ -55,8 +54,7 @@ def build(ctx: AdminContext) -> APIRouter:
             with action_errors():
                 return actions.retry(ctx.queue, conn, job_id)
 
-    @router.delete("/{job_id}", response_model=ActionOut, responses=WRITE_ERRORS,
-                   dependencies=[ctx.write])
+    @router.delete("/{job_id}", response_model=ActionOut, responses=WRITE_ERRORS, dependencies=[ctx.write])
     def discard(job_id: JobId) -> ActionOut:
         """Drop a dead job for good."""
         with ctx.connection() as conn, action_errors():

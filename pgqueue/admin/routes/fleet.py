@@ -40,14 +40,24 @@ def build(ctx: AdminContext) -> APIRouter:
             raise HTTPException(404, f"no schedule named {name!r}")
         return store.schedule_from_row(dict(zip(columns, row, strict=True)), ctx.redact)
 
-    @router.post("/schedules/{name}/pause", response_model=ScheduleOut, responses=WRITE_ERRORS,
-                 dependencies=[ctx.write], tags=["schedules"])
+    @router.post(
+        "/schedules/{name}/pause",
+        response_model=ScheduleOut,
+        responses=WRITE_ERRORS,
+        dependencies=[ctx.write],
+        tags=["schedules"],
+    )
     def pause_schedule(name: ScheduleName) -> ScheduleOut:
         """Schedulers skip a paused schedule's fire times until it is resumed."""
         return set_paused(name, True)
 
-    @router.post("/schedules/{name}/resume", response_model=ScheduleOut, responses=WRITE_ERRORS,
-                 dependencies=[ctx.write], tags=["schedules"])
+    @router.post(
+        "/schedules/{name}/resume",
+        response_model=ScheduleOut,
+        responses=WRITE_ERRORS,
+        dependencies=[ctx.write],
+        tags=["schedules"],
+    )
     def resume_schedule(name: ScheduleName) -> ScheduleOut:
         return set_paused(name, False)
 

@@ -40,10 +40,8 @@ def build(ctx: AdminContext) -> APIRouter:
         queue: Annotated[str | None, Query(pattern=QUEUE_PATTERN)] = None,
         state: StateFilter | None = None,
         task: Annotated[str | None, Query(pattern=TASK_PATTERN)] = None,
-        created_after: Annotated[datetime | None, Query(description="Inclusive; UTC if naive")]
-        = None,
-        created_before: Annotated[datetime | None, Query(description="Exclusive; UTC if naive")]
-        = None,
+        created_after: Annotated[datetime | None, Query(description="Inclusive; UTC if naive")] = None,
+        created_before: Annotated[datetime | None, Query(description="Exclusive; UTC if naive")] = None,
         before_id: Annotated[
             int | None, Query(ge=1, le=MAX_JOB_ID, description="next_cursor of the last page")
         ] = None,
@@ -51,14 +49,16 @@ def build(ctx: AdminContext) -> APIRouter:
     ) -> JobPage:
         """Live and dead-lettered jobs, newest first. Pages by id, so deep pages stay fast."""
         where = store.JobFilter(
-            queue=queue, state=state, task=task,
-            created_after=aware(created_after), created_before=aware(created_before),
+            queue=queue,
+            state=state,
+            task=task,
+            created_after=aware(created_after),
+            created_before=aware(created_before),
         )
         with ctx.connection() as conn:
             return store.list_jobs(conn, ctx.queries, where, before_id=before_id, limit=limit)
 
-    @router.post("/clean", response_model=ActionOut, responses=WRITE_ERRORS,
-                 dependencies=[ctx.write])
+    @router.post("/clean", response_model=ActionOut, responses=WRITE_ERRORS, dependencies=[ctx.write])
     def clean(body: CleanIn) -> ActionOut:
         """Delete finished jobs older than a cut-off: completed/cancelled by finished_at, dead
         ones by when they died."""
@@ -75,24 +75,26 @@ def build(ctx: AdminContext) -> APIRouter:
             raise HTTPException(404, f"no job with id {job_id}")
         return job
 
-    @router.post("/{job_id}/retry", response_model=RetryOut, responses=WRITE_ERRORS,
-                 dependencies=[ctx.write])
+    @router.post("/{job_id}/retry", response_model=RetryOut, responses=WRITE_ERRORS, dependencies=[ctx.write])
     def retry(job_id: JobId) -> RetryOut:
         """Run it (again): dead → back to its queue (same id); waiting → due now; completed or
         cancelled → a copy with a new id. A running job is a 409."""
         with ctx.connection() as conn, action_errors():
             return actions.retry(ctx.queue, conn, job_id)
 
-    @router.post("/{job_id}/cancel", response_model=ActionOut, responses=WRITE_ERRORS,
-                 dependencies=[ctx.write])
+    @router.post(
+        "/{job_id}/cancel",
+        response_model=ActionOut,
+        responses=WRITE_ERRORS,
+        dependencies=[ctx.write],
+    )
     def cancel(job_id: JobId) -> ActionOut:
         """A waiting job never runs; a running one is asked to stop (its handler sees it)."""
         with ctx.connection() as conn, action_errors():
             message = actions.cancel(ctx.queue, conn, job_id)
         return ActionOut(ok=True, message=f"job {job_id}: {message}", count=1)
 
-    @router.delete("/{job_id}", response_model=ActionOut, responses=WRITE_ERRORS,
-                   dependencies=[ctx.write])
+    @router.delete("/{job_id}", response_model=ActionOut, responses=WRITE_ERRORS, dependencies=[ctx.write])
     def delete(job_id: JobId) -> ActionOut:
         """Remove the row for good, live or dead-lettered (not while it runs)."""
         with ctx.connection() as conn, action_errors():

@@ -24,9 +24,7 @@ QueueName = Annotated[str, Path(pattern=QUEUE_PATTERN, description="A queue name
 
 
 def _settings_out(s: QueueSettings) -> QueueSettingsOut:
-    return QueueSettingsOut(
-        name=s.name, paused=s.paused, concurrency=s.concurrency, rate_limit=s.rate_limit
-    )
+    return QueueSettingsOut(name=s.name, paused=s.paused, concurrency=s.concurrency, rate_limit=s.rate_limit)
 
 
 def build(ctx: AdminContext) -> APIRouter:
@@ -46,21 +44,33 @@ def build(ctx: AdminContext) -> APIRouter:
                     return q
         raise HTTPException(404, f"no queue named {name!r} has jobs or settings")
 
-    @router.post("/{name}/pause", response_model=QueueSettingsOut, responses=WRITE_ERRORS,
-                 dependencies=[ctx.write])
+    @router.post(
+        "/{name}/pause",
+        response_model=QueueSettingsOut,
+        responses=WRITE_ERRORS,
+        dependencies=[ctx.write],
+    )
     def pause(name: QueueName) -> QueueSettingsOut:
         """Stop claims at once (running jobs finish). Works before the queue has any job."""
         with ctx.db_errors():
             return _settings_out(ctx.queue.pause(name))
 
-    @router.post("/{name}/resume", response_model=QueueSettingsOut, responses=WRITE_ERRORS,
-                 dependencies=[ctx.write])
+    @router.post(
+        "/{name}/resume",
+        response_model=QueueSettingsOut,
+        responses=WRITE_ERRORS,
+        dependencies=[ctx.write],
+    )
     def resume(name: QueueName) -> QueueSettingsOut:
         with ctx.db_errors():
             return _settings_out(ctx.queue.resume(name))
 
-    @router.patch("/{name}/limits", response_model=QueueSettingsOut, responses=WRITE_ERRORS,
-                  dependencies=[ctx.write])
+    @router.patch(
+        "/{name}/limits",
+        response_model=QueueSettingsOut,
+        responses=WRITE_ERRORS,
+        dependencies=[ctx.write],
+    )
     def set_limits(name: QueueName, body: QueueLimitsIn) -> QueueSettingsOut:
         """Global concurrency and rate limit across all workers; null removes a limit."""
         sent = body.model_fields_set
@@ -75,21 +85,28 @@ def build(ctx: AdminContext) -> APIRouter:
             raise HTTPException(400, str(exc)) from exc
         return _settings_out(settings)
 
-    @router.post("/{name}/retry-dead", response_model=ActionOut, responses=WRITE_ERRORS,
-                 dependencies=[ctx.write])
+    @router.post(
+        "/{name}/retry-dead",
+        response_model=ActionOut,
+        responses=WRITE_ERRORS,
+        dependencies=[ctx.write],
+    )
     def retry_dead(name: QueueName) -> ActionOut:
         """Move every dead-lettered job of the queue back, with fresh attempts."""
         with ctx.connection() as conn:
             count = ctx.queue.retry_all_dead(name, conn=conn)
         return ActionOut(ok=True, message=f"{count} dead jobs re-queued on {name!r}", count=count)
 
-    @router.post("/{name}/retry-failed", response_model=ActionOut, responses=WRITE_ERRORS,
-                 dependencies=[ctx.write])
+    @router.post(
+        "/{name}/retry-failed",
+        response_model=ActionOut,
+        responses=WRITE_ERRORS,
+        dependencies=[ctx.write],
+    )
     def retry_failed(name: QueueName) -> ActionOut:
         """Jobs backing off after a failed attempt run now instead of after their delay."""
         with ctx.connection() as conn:
             count = actions.run_retrying(ctx.queue, conn, name)
-        return ActionOut(ok=True, message=f"{count} retrying jobs of {name!r} due now",
-                         count=count)
+        return ActionOut(ok=True, message=f"{count} retrying jobs of {name!r} due now", count=count)
 
     return router
