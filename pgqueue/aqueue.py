@@ -137,8 +137,8 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
             ids = await self._insert_unique(c, requests, ids)
         else:
             async with c.cursor().copy(self.queries.copy_jobs) as copy:
-                for row in ops.copy_rows(requests, ids, now):
-                    await copy.write_row(row)
+                for chunk in ops.copy_chunks(requests, ids, now):
+                    await copy.write(chunk)
         if self.notify:
             await c.execute(
                 self.queries.notify_queues,

@@ -135,8 +135,8 @@ class Queue(QueueBase[int]):
                 ids = self._insert_unique(c, requests, ids)
             else:
                 with c.cursor().copy(self.queries.copy_jobs) as copy:
-                    for row in ops.copy_rows(requests, ids, now):
-                        copy.write_row(row)
+                    for chunk in ops.copy_chunks(requests, ids, now):
+                        copy.write(chunk)
             if self.notify:
                 c.execute(
                     self.queries.notify_queues,

@@ -45,7 +45,6 @@ def test_smoke_run_covers_every_scenario(postgres_dsn: str, tmp_path: Path) -> N
     for scenario, metrics in PGQUEUE_SCENARIOS.items():
         for metric in metrics:
             assert "pgqueue" in summary.get(metric, {}), f"{scenario}: no pgqueue figure for {metric}"
-    assert "no queue" in summary["app_no_queue"]
     # Every drained job was accounted for: the database had none left unfinished.
     drains = [s for s in data["samples"] if s["metric"] in ("drain_1p", "drain_2p", "io_rate")]
     assert drains and all(s["detail"]["remaining"] == 0 for s in drains)
