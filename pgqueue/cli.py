@@ -65,18 +65,26 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _app_queue(args: argparse.Namespace) -> QueueBase[Any]:
+    """The app's queue named on the command line (or by $PGQUEUE_APP), on ``--dsn`` if given."""
+    reference = args.app or os.environ.get("PGQUEUE_APP")
+    if not reference:
+        raise ConfigurationError(
+            f"name the app's queue: pgqueue {args.command} myapp.jobs:queue (or $PGQUEUE_APP)"
+        )
+    if args.dsn:
+        os.environ["PGQUEUE_DSN"] = args.dsn  # for queues the app builds without a DSN
+    queue = load_queue(reference)
+    if args.dsn:
+        queue.use_dsn(args.dsn)
+    return queue
+
+
 def _worker(args: argparse.Namespace) -> int:
     from pgqueue.worker import Worker, WorkerSettings
     from pgqueue.worker.settings import parse_queue_limits, parse_queue_list
 
-    reference = args.app or os.environ.get("PGQUEUE_APP")
-    if not reference:
-        raise ConfigurationError("name the app's queue: pgqueue worker myapp.jobs:queue (or $PGQUEUE_APP)")
-    if args.dsn:
-        os.environ["PGQUEUE_DSN"] = args.dsn
-    queue = load_queue(reference)
-    if args.dsn:
-        queue.use_dsn(args.dsn)
+    queue = _app_queue(args)
     settings = WorkerSettings.from_env(
         queues=parse_queue_list(args.queues) if args.queues else None,
         concurrency=args.concurrency,
@@ -107,14 +115,7 @@ def _worker(args: argparse.Namespace) -> int:
 def _scheduler(args: argparse.Namespace) -> int:
     from pgqueue.scheduler import Scheduler
 
-    reference = args.app or os.environ.get("PGQUEUE_APP")
-    if not reference:
-        raise ConfigurationError("name the app's queue: pgqueue scheduler myapp.jobs:queue (or $PGQUEUE_APP)")
-    if args.dsn:
-        os.environ["PGQUEUE_DSN"] = args.dsn
-    queue = load_queue(reference)
-    if args.dsn:
-        queue.use_dsn(args.dsn)
+    queue = _app_queue(args)
     Scheduler(queue, reconcile_interval=args.reconcile_interval).run()
     return 0
 
