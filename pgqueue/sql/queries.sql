@@ -198,6 +198,9 @@ CROSS JOIN LATERAL (
 -- name: ack
 -- Every outcome buffered since the last flush, in one statement. Each row names the attempt it
 -- finished: a worker that lost its lease (and so its job) cannot overwrite the new owner's run.
+-- `state::text` keeps the planner off the partial index of running jobs: statistics taken while
+-- the jobs were queued say "almost none running", and a plan built on that scans every running
+-- row for each outcome. Joined through the primary key instead, a flush costs one lookup a job.
 WITH outcome AS (
     SELECT * FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(kind)s::text[],
                          %(result)s::jsonb[], %(error)s::jsonb[], %(delay)s::float8[])
@@ -210,7 +213,7 @@ WITH outcome AS (
         errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || o.error END
     FROM outcome AS o
     WHERE o.kind IN ('completed', 'cancelled') AND j.id = o.id AND j.attempts = o.attempt
-      AND j.state = 'running'
+      AND j.state::text = 'running'
     RETURNING j.id
 ), retried AS (
     UPDATE {schema}.jobs AS j
@@ -221,12 +224,12 @@ WITH outcome AS (
         attempts = CASE o.kind WHEN 'requeue' THEN j.attempts - 1 ELSE j.attempts END
     FROM outcome AS o
     WHERE o.kind IN ('retry', 'requeue') AND j.id = o.id AND j.attempts = o.attempt
-      AND j.state = 'running'
+      AND j.state::text = 'running'
     RETURNING j.id
 ), dead AS (
     DELETE FROM {schema}.jobs AS j
     USING outcome AS o
-    WHERE o.kind = 'dead' AND j.id = o.id AND j.attempts = o.attempt AND j.state = 'running'
+    WHERE o.kind = 'dead' AND j.id = o.id AND j.attempts = o.attempt AND j.state::text = 'running'
     RETURNING j.*, o.error AS last_error
 ), buried AS (
     INSERT INTO {schema}.dead_letter
@@ -265,7 +268,7 @@ RETURNING id, attempts, cancel_requested
 -- name: save_progress
 UPDATE {schema}.jobs AS j SET progress = p.progress
 FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(progress)s::jsonb[]) AS p(id, attempt, progress)
-WHERE j.id = p.id AND j.attempts = p.attempt AND j.state = 'running'
+WHERE j.id = p.id AND j.attempts = p.attempt AND j.state::text = 'running'
 
 -- name: deregister_worker
 DELETE FROM {schema}.workers WHERE id = %(id)s

@@ -1,0 +1,88 @@
+"""The acknowledgement must stay a primary-key lookup per job whatever the statistics say.
+
+Statistics gathered while every job was queued say "almost no job is running". A plan built on
+that (a generic plan of the prepared ack, as the worker uses) once went through the partial index
+of running jobs and scanned all of them for each outcome: a worker with thousands of jobs in hand
+stalled after autovacuum analysed the table.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import psycopg
+
+from pgqueue import Queue
+
+
+def _as_prepared(query: str) -> tuple[str, list[str]]:
+    """psycopg's %(name)s placeholders as $n, in order of first use."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    return re.sub(r"%\((\w+)\)s", number, query), names
+
+
+def _index_names(plan: Any) -> set[str]:
+    found: set[str] = set()
+    if isinstance(plan, dict):
+        if "Index Name" in plan:
+            found.add(plan["Index Name"])
+        for value in plan.values():
+            found |= _index_names(value)
+    elif isinstance(plan, list):
+        for value in plan:
+            found |= _index_names(value)
+    return found
+
+
+def test_ack_uses_the_primary_key_even_with_stale_statistics(queue: Queue) -> None:
+    ids = queue.enqueue_many([{"task": "t", "queue": "q"}] * 5000)
+    schema = queue.schema
+    with psycopg.connect(queue.dsn, autocommit=True) as conn:
+        conn.execute(f'ANALYZE "{schema}".jobs')  # statistics: every job queued, none running
+        conn.execute(
+            f"UPDATE \"{schema}\".jobs SET state = 'running', attempts = 1, worker_id = 'w',"
+            " lease_expires_at = now() + interval '1 minute' WHERE id = ANY(%s)",
+            (ids[:4000],),
+        )
+        text, names = _as_prepared(queue.queries.ack)
+        types = {
+            "id": "bigint[]",
+            "attempt": "int[]",
+            "kind": "text[]",
+            "result": "jsonb[]",
+            "error": "jsonb[]",
+            "delay": "float8[]",
+        }
+        conn.execute(f"PREPARE ack_plan({', '.join(types[n] for n in names)}) AS {text}")
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        params = {
+            "id": ids[:2000],
+            "attempt": [1] * 2000,
+            "kind": ["completed"] * 2000,
+            "result": [None] * 2000,
+            "error": [None] * 2000,
+            "delay": [0.0] * 2000,
+        }
+        placeholders = ", ".join(f"%s::{types[n]}" for n in names)
+        # A utility statement takes no server-side parameters: bind them client-side.
+        row = (
+            psycopg.ClientCursor(conn)
+            .execute(
+                f"EXPLAIN (FORMAT JSON) EXECUTE ack_plan({placeholders})",
+                [params[n] for n in names],
+            )
+            .fetchone()
+        )
+    assert row is not None
+    plan = row[0] if isinstance(row[0], list) else json.loads(row[0])
+    used = _index_names(plan)
+    assert "jobs_running_idx" not in used, used
+    assert "jobs_pkey" in used, used
