@@ -18,7 +18,7 @@ from pgqueue import Queue
 
 
 def _as_prepared(query: str) -> tuple[str, list[str]]:
-    """psycopg's %(name)s placeholders as $n, in order of first use."""
+    """psycopg placeholders (%(name)s, binary %(name)b) as $n, in order of first use."""
     names: list[str] = []
 
     def number(match: re.Match[str]) -> str:
@@ -26,7 +26,7 @@ def _as_prepared(query: str) -> tuple[str, list[str]]:
             names.append(match.group(1))
         return f"${names.index(match.group(1)) + 1}"
 
-    return re.sub(r"%\((\w+)\)s", number, query), names
+    return re.sub(r"%\((\w+)\)[sb]", number, query), names
 
 
 def _index_names(plan: Any) -> set[str]:

@@ -202,8 +202,8 @@ CROSS JOIN LATERAL (
 -- the jobs were queued say "almost none running", and a plan built on that scans every running
 -- row for each outcome. Joined through the primary key instead, a flush costs one lookup a job.
 WITH outcome AS (
-    SELECT * FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(kind)s::text[],
-                         %(result)s::jsonb[], %(error)s::jsonb[], %(delay)s::float8[])
+    SELECT * FROM unnest(%(id)b::bigint[], %(attempt)b::int[], %(kind)b::text[],
+                         %(result)b::jsonb[], %(error)b::jsonb[], %(delay)b::float8[])
         AS o(id, attempt, kind, result, error, delay)
 ), done AS (
     UPDATE {schema}.jobs AS j

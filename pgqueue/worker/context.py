@@ -31,18 +31,15 @@ class JobContext:
     worker_id: str
     cancelled: threading.Event = field(default_factory=threading.Event)
     _report_progress: Callable[[int, int, Any], None] | None = field(default=None, repr=False)
-    log: logging.LoggerAdapter[logging.Logger] = field(init=False, repr=False)
+    _log: logging.LoggerAdapter[logging.Logger] | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        self.log = logging.LoggerAdapter(
-            logger,
-            {
-                "job_id": self.job_id,
-                "task": self.task,
-                "queue": self.queue,
-                "attempt": self.attempt,
-            },
-        )
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry the job's id, task, queue and attempt."""
+        if self._log is None:
+            fields = {"job_id": self.job_id, "task": self.task, "queue": self.queue, "attempt": self.attempt}
+            self._log = logging.LoggerAdapter(logger, fields)
+        return self._log
 
     @property
     def is_last_attempt(self) -> bool:

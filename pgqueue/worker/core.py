@@ -26,6 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgqueue.base import QueueBase
 from pgqueue.errors import SchemaNotReadyError
+from pgqueue.tasks import Task
 from pgqueue.worker import maintenance
 from pgqueue.worker.acks import AckBuffer, ack_params
 from pgqueue.worker.context import JobContext
@@ -69,10 +70,16 @@ class WorkerStats:
 
 @dataclass(slots=True)
 class _Running:
+    """A job in hand: its handler, its context (only for handlers that take one), its asyncio task."""
+
     job: ClaimedJob
-    ctx: JobContext
+    handler: Task[Any] | None
+    ctx: JobContext | None
     task: asyncio.Task[None] | None = None
-    is_async: bool = False
+    cancelled: bool = False
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
 
 
 class AsyncWorker:
@@ -375,18 +382,20 @@ class AsyncWorker:
         self.stats.claimed += len(rows)
         for row in rows:
             job = ClaimedJob.from_row(row)
-            ctx = JobContext(
-                job_id=job.id,
-                queue=job.queue,
-                task=job.task,
-                attempt=job.attempt,
-                max_attempts=job.max_attempts,
-                scheduled_for=job.scheduled_for,
-                worker_id=self.id,
-                _report_progress=self._report_progress,
-            )
             task = self.registry.get(job.task)
-            running = _Running(job, ctx, is_async=task is not None and task.is_async)
+            ctx = None
+            if task is not None and task.takes_context:
+                ctx = JobContext(
+                    job_id=job.id,
+                    queue=job.queue,
+                    task=job.task,
+                    attempt=job.attempt,
+                    max_attempts=job.max_attempts,
+                    scheduled_for=job.scheduled_for,
+                    worker_id=self.id,
+                    _report_progress=self._report_progress,
+                )
+            running = _Running(job, task, ctx)
             self._running[job.id] = running
             self._held.add(job.id)
             self._per_queue[job.queue] += 1
@@ -399,7 +408,7 @@ class AsyncWorker:
         job = running.job
         started = time.perf_counter()
         try:
-            outcome = await execute(job, self.registry, running.ctx, self._threads)
+            outcome = await execute(job, running.handler, running.ctx, running.is_cancelled, self._threads)
         except asyncio.CancelledError:
             outcome = Outcome(job, "requeue")  # shutdown: hand it back, the attempt does not count
         duration = time.perf_counter() - started
@@ -453,8 +462,10 @@ class AsyncWorker:
         running = self._running.get(job_id)
         if running is None:
             return
-        running.ctx.cancelled.set()
-        if running.is_async and running.task is not None:
+        running.cancelled = True
+        if running.ctx is not None:
+            running.ctx.cancelled.set()
+        if running.handler is not None and running.handler.is_async and running.task is not None:
             running.task.cancel()
 
     def _report_progress(self, job_id: int, attempt: int, progress: Any) -> None:

@@ -10,7 +10,7 @@ import asyncio
 import functools
 import json
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pgqueue.errors import UnknownTaskError
 from pgqueue.retry import Abort, Retry
-from pgqueue.tasks import CONTEXT_PARAMETER, Registry, Task
+from pgqueue.tasks import CONTEXT_PARAMETER, Task
 from pgqueue.worker.context import JobContext
 
 OutcomeKind = Literal["completed", "retry", "dead", "cancelled", "requeue"]
@@ -94,9 +94,18 @@ def dump_result(value: Any) -> str:
     return json.dumps(value, allow_nan=False)
 
 
-async def execute(job: ClaimedJob, registry: Registry, ctx: JobContext, threads: Executor) -> Outcome:
-    """Run the handler under the job's timeout; never raises (every failure becomes an Outcome)."""
-    task = registry.get(job.task)
+async def execute(
+    job: ClaimedJob,
+    task: Task[Any] | None,
+    ctx: JobContext | None,
+    cancelled: Callable[[], bool],
+    threads: Executor,
+) -> Outcome:
+    """Run the handler under the job's timeout; never raises (every failure becomes an Outcome).
+
+    ``ctx`` is built only for handlers that take one; ``cancelled`` tells a cancellation of the
+    job apart from the worker shutting down.
+    """
     try:
         if task is None:
             raise UnknownTaskError(f"no handler is registered for task {job.task!r} on this worker")
@@ -105,14 +114,14 @@ async def execute(job: ClaimedJob, registry: Registry, ctx: JobContext, threads:
             result = await _run_async(task, kwargs, job.timeout)
         else:
             result = await _run_sync(task, kwargs, job.timeout, threads)
-        if ctx.is_cancelled:
+        if cancelled():
             raise JobCancelled("cancelled while running")
         try:
-            return Outcome(job, "completed", result_json=dump_result(result))
+            return Outcome(job, "completed", result_json=None if result is None else dump_result(result))
         except (TypeError, ValueError) as exc:
             raise TypeError(f"handler returned a result that is not JSON-serialisable: {exc}") from exc
     except asyncio.CancelledError:
-        if ctx.is_cancelled:
+        if cancelled():
             return Outcome(
                 job,
                 "cancelled",
