@@ -88,6 +88,7 @@ def _worker(args: argparse.Namespace) -> int:
     settings = WorkerSettings.from_env(
         queues=parse_queue_list(args.queues) if args.queues else None,
         concurrency=args.concurrency,
+        prefetch=args.prefetch,
         queue_concurrency=parse_queue_limits(args.queue_concurrency) if args.queue_concurrency else None,
         poll_interval=args.poll_interval,
         lease_seconds=args.lease_seconds,
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dsn", help="PostgreSQL URL (overrides the app's)")
     p.add_argument("--queues", help="comma-separated queues to serve (default: default)")
     p.add_argument("--concurrency", type=int, help="jobs at once in this process (default: 10)")
+    p.add_argument(
+        "--prefetch", type=int, help="jobs claimed ahead into memory (default: as many as --concurrency)"
+    )
     p.add_argument("--queue-concurrency", help="per-queue caps in this process, e.g. email=10,reports=2")
     p.add_argument("--poll-interval", type=float, help="seconds between polls when idle (default: 2)")
     p.add_argument("--lease-seconds", type=float, help="lease renewed by heartbeat (default: 30)")

@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +101,7 @@ class AsyncWorker:
         self.stats = WorkerStats()
         self._install_signals = install_signal_handlers
         self._running: dict[int, _Running] = {}
+        self._buffer: deque[ClaimedJob] = deque()
         self._held: set[int] = set()
         self._per_queue: Counter[str] = Counter()
         self._limits: dict[str, QueueLimits] = {}
@@ -229,6 +230,8 @@ class AsyncWorker:
     async def _shutdown(self, helpers: list[asyncio.Task[Any]]) -> None:
         """Let running jobs finish within the grace period, hand back the rest, flush every ack."""
         assert self._acks is not None
+        for job in list(self._buffer):  # claimed, never started: back to the queue at once
+            self._drop_buffered(job, Outcome(job, "requeue"))
         tasks = [r.task for r in self._running.values() if r.task is not None]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=self.settings.grace_period)
@@ -255,7 +258,12 @@ class AsyncWorker:
     # ------------------------------------------------------------------ claiming
 
     def _free_slots(self) -> int:
+        """Jobs that could start now."""
         return self.settings.concurrency - len(self._running)
+
+    def _room(self) -> int:
+        """Jobs worth claiming: free slots plus the prefetch buffer's free places."""
+        return self.settings.concurrency + self.settings.prefetch - len(self._running) - len(self._buffer)
 
     async def _claim_loop(self) -> None:
         assert self._stopping is not None and self._wake is not None
@@ -264,7 +272,7 @@ class AsyncWorker:
             self._loop_alive_at = time.monotonic()
             self._wake.clear()
             saturated, rate_limited = False, False
-            if self._free_slots() > 0:
+            if self._room() > 0:
                 try:
                     saturated, rate_limited = await self._claim()
                     failures = 0
@@ -275,7 +283,7 @@ class AsyncWorker:
                         await self._check_pool()
                     await self._sleep_or_stop(reconnect_delay(failures))
                     continue
-            if saturated and self._free_slots() > 0:
+            if saturated and self._room() > 0:
                 continue
             timeout = self.settings.poll_interval
             if rate_limited:
@@ -322,10 +330,16 @@ class AsyncWorker:
         self._limits_read_at = time.monotonic()
 
     async def _claim(self) -> tuple[bool, bool]:
-        """Claim up to the free slots; returns (got all it asked for, a rate limit is in play)."""
+        """Claim up to the room there is; returns (got all it asked for, a rate limit is in play).
+
+        Plain queues also fill the prefetch buffer, so a freed slot starts its next job without
+        a round trip. Capped and rate-limited queues claim only what can start at once: a job
+        waiting in a buffer would hold a share of a global limit without running.
+        """
         await self._refresh_limits()
         s = self.settings
-        free = self._free_slots()
+        free = self._room()
+        startable = self._free_slots() - len(self._buffer)
         plain: list[str] = []
         saturated, rate_limited = False, False
         for name in s.queues:
@@ -334,7 +348,9 @@ class AsyncWorker:
             if not limits.limited and local_cap is None:
                 plain.append(name)
                 continue
-            room = free if local_cap is None else min(free, local_cap - self._per_queue[name])
+            room = min(free, startable)
+            if local_cap is not None:
+                room = min(room, local_cap - self._per_queue[name])
             if room <= 0:
                 continue
             rate_limited |= limits.rate_limit is not None
@@ -343,6 +359,7 @@ class AsyncWorker:
             else:
                 got = await self._claim_plain([name], room)
             free -= got
+            startable -= got
             saturated |= got == room
             if free <= 0:
                 return True, rate_limited
@@ -378,10 +395,19 @@ class AsyncWorker:
         return len(rows)
 
     def _start_all(self, rows: list[tuple[Any, ...]]) -> None:
-        assert self._loop is not None
+        """Take claimed jobs into the buffer and start as many as there are free slots."""
         self.stats.claimed += len(rows)
         for row in rows:
             job = ClaimedJob.from_row(row)
+            self._buffer.append(job)
+            self._held.add(job.id)
+            self._per_queue[job.queue] += 1
+        self._start_buffered()
+
+    def _start_buffered(self) -> None:
+        assert self._loop is not None
+        while self._buffer and len(self._running) < self.settings.concurrency:
+            job = self._buffer.popleft()
             task = self.registry.get(job.task)
             ctx = None
             if task is not None and task.takes_context:
@@ -397,8 +423,6 @@ class AsyncWorker:
                 )
             running = _Running(job, task, ctx)
             self._running[job.id] = running
-            self._held.add(job.id)
-            self._per_queue[job.queue] += 1
             running.task = self._loop.create_task(self._run_job(running))
 
     # ------------------------------------------------------------------ running
@@ -414,6 +438,7 @@ class AsyncWorker:
         duration = time.perf_counter() - started
         del self._running[job.id]
         self._per_queue[job.queue] -= 1
+        self._start_buffered()
         if outcome.kind == "retry":
             due = time.monotonic() + outcome.delay
             self._retry_due = due if self._retry_due is None else min(self._retry_due, due)
@@ -461,12 +486,22 @@ class AsyncWorker:
     def _cancel(self, job_id: int) -> None:
         running = self._running.get(job_id)
         if running is None:
+            for job in self._buffer:
+                if job.id == job_id:  # claimed but not started: it never runs
+                    self._drop_buffered(job, Outcome(job, "cancelled"))
+                    break
             return
         running.cancelled = True
         if running.ctx is not None:
             running.ctx.cancelled.set()
         if running.handler is not None and running.handler.is_async and running.task is not None:
             running.task.cancel()
+
+    def _drop_buffered(self, job: ClaimedJob, outcome: Outcome) -> None:
+        assert self._acks is not None
+        self._buffer.remove(job)
+        self._per_queue[job.queue] -= 1
+        self._acks.add(outcome)
 
     def _report_progress(self, job_id: int, attempt: int, progress: Any) -> None:
         """Called from handlers (any thread): remember the latest value; a loop writes it."""

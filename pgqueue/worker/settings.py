@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pgqueue.errors import ConfigurationError
@@ -34,6 +34,9 @@ class WorkerSettings:
 
     queues: tuple[str, ...] = ("default",)
     concurrency: int = 10
+    # Jobs claimed ahead into memory so a freed slot starts its next job without a round trip;
+    # -1 means "as many as concurrency". They count as running (and are leased) while they wait.
+    prefetch: int = -1
     queue_concurrency: Mapping[str, int] = field(default_factory=dict)
     poll_interval: float = 2.0
     lease_seconds: float = 30.0
@@ -59,6 +62,10 @@ class WorkerSettings:
         for name in ("poll_interval", "lease_seconds", "rescue_interval", "prune_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive")
+        if self.prefetch < -1:
+            raise ConfigurationError("prefetch must be >= 0 (or -1 for as many as concurrency)")
+        if self.prefetch == -1:
+            object.__setattr__(self, "prefetch", self.concurrency)
         if self.grace_period < 0:
             raise ConfigurationError("grace_period must not be negative")
 
@@ -76,7 +83,7 @@ class WorkerSettings:
             except ValueError as exc:
                 raise ConfigurationError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {exc}") from exc
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return replace(cls(), **values) if values else cls()
+        return cls(**values)
 
 
 def _parse(name: str, raw: str) -> Any:
@@ -84,6 +91,6 @@ def _parse(name: str, raw: str) -> Any:
         return parse_queue_list(raw)
     if name == "queue_concurrency":
         return parse_queue_limits(raw)
-    if name in ("concurrency", "prune_batch"):
+    if name in ("concurrency", "prune_batch", "prefetch"):
         return int(raw)
     return float(raw)
