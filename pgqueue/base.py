@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -65,7 +66,7 @@ class QueueBase(Generic[R]):
         self,
         dsn: str | None = None,
         *,
-        schema: str = DEFAULT_SCHEMA,
+        schema: str | None = None,
         notify: bool = True,
         pool_size: int = 10,
         registry: Registry | None = None,
@@ -73,7 +74,8 @@ class QueueBase(Generic[R]):
     ) -> None:
         self._dsn = dsn
         self.declared_schedules: list[Schedule] = schedules if schedules is not None else []
-        self.queries: Queries = queries_for(schema)
+        # The schema: given, else $PGQUEUE_SCHEMA (so one env file serves CLI and app), else "pgqueue".
+        self.queries: Queries = queries_for(schema or os.environ.get("PGQUEUE_SCHEMA") or DEFAULT_SCHEMA)
         self.notify = notify
         self.pool_size = pool_size
         self.registry = registry if registry is not None else Registry()
