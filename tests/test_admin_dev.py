@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from pgqueue.dev import bind, demo_queue, enqueue_demo_jobs
@@ -34,6 +35,8 @@ def read_banner(process: subprocess.Popen[str], deadline: float) -> dict[str, st
     for line in process.stdout:
         if match := re.match(r"\s+(dashboard|token|database)\s+(\S.*)$", line):
             found[match.group(1)] = match.group(2).strip()
+        elif match := re.match(r"\s+\(embedded, in (\S+);", line):
+            found["data_dir"] = match.group(1)
         if "Ctrl-C stops everything" in line or time.monotonic() > deadline:
             break
     return found
@@ -55,8 +58,11 @@ def test_dev_serves_demo_jobs_and_stops_cleanly_on_ctrl_c() -> None:
         banner = read_banner(process, time.monotonic() + 60)
         url = banner["dashboard"]
         assert banner["token"] == TOKEN
-        data_dir = re.search(r"in (\S+),", banner["database"])
-        assert data_dir is not None and Path(data_dir.group(1)).is_dir()
+        data_dir = Path(banner["data_dir"])
+        assert data_dir.is_dir()
+        # The printed DSN is the one to give the CLI from another shell.
+        with psycopg.connect(banner["database"]) as conn:
+            assert conn.execute("SELECT to_regclass('pgqueue.jobs')::text").fetchone() == ("pgqueue.jobs",)
         assert get(url + "health/ready")["status"] == "ok"
 
         deadline = time.monotonic() + 30
@@ -81,7 +87,7 @@ def test_dev_serves_demo_jobs_and_stops_cleanly_on_ctrl_c() -> None:
             process.wait()
     assert process.returncode == 0, output
     assert "stopped" in output
-    assert not Path(data_dir.group(1)).exists()
+    assert not data_dir.exists()
 
 
 def test_demo_traffic_is_valid_for_the_demo_tasks(pgqueue_dsn: str, pgqueue_schema: str) -> None:
