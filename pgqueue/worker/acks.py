@@ -15,6 +15,7 @@ from pgqueue.worker.execution import Outcome
 
 log = logging.getLogger("pgqueue.worker")
 
+MAX_BATCH = 2000
 Flush = Callable[[list[Outcome]], Awaitable[None]]
 
 
@@ -58,7 +59,9 @@ class AckBuffer:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                batch, self._pending = self._pending, []
+                # Bounded statements: a backlog (after an outage) drains as many short flushes
+                # rather than one that holds thousands of row locks for seconds.
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
                 try:
                     await self._flush(batch)
                 except asyncio.CancelledError:

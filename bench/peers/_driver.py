@@ -1,0 +1,313 @@
+"""The driver side of the harness protocol: standard library only, shared by every system's driver.
+
+A driver is one process, started by the harness with the system's own virtualenv's Python:
+
+    <venv>/bin/python bench/peers/<system>_driver.py '<json command>'
+
+It writes one JSON object per line to stdout (its original stdout: anything a library prints goes
+to stderr instead) and reads control lines from stdin:
+
+    harness -> driver   argv[1]: {"op": ..., "dsn": ..., ...parameters}
+                        stdin:   "stop"            (long-running ops end gracefully)
+    driver -> harness   {"event": "ready"}         (a worker is up, or an app is connected)
+                        {"event": "progress", "done": N, "at": unix time}
+                        {"event": "result", ...}   (last line; exit code 0)
+                        {"event": "error", "message": ...}   (exit code 1)
+
+Operations every driver implements (the ``System`` methods below):
+
+    setup                         install the system's schema and its "bench" queue
+    enqueue   mode, n, batch      insert n no-op jobs one by one or in batches; seconds taken
+    worker    concurrency, task, latency, warmup   run jobs until "stop"; count, first start,
+                                  last end and (optionally) enqueue->start latency percentiles
+    produce   rate, duration      enqueue at a fixed rate for a duration (every job carries the
+                                  time taken just before its enqueue call: ``t``)
+    app       connections, duration, notify, rows   write-heavy app: per transaction insert
+                                  ``rows`` app rows and enqueue one job; committed transactions
+    count                         jobs not yet finished (to check nothing was lost)
+
+Job arguments are ``{"t": float}`` (enqueue time, seconds since the epoch) or ``{"w": 1}`` for a
+warm-up job whose latency is not recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+QUEUE = "bench"
+APP_TABLE = "bench_app_rows"
+
+# Keep the protocol channel clean: the real stdout is ours, Python-level prints go to stderr.
+_OUT = os.fdopen(os.dup(1), "w", buffering=1)
+os.dup2(2, 1)
+sys.stdout = sys.stderr
+
+
+def emit(event: str, **fields: Any) -> None:
+    _OUT.write(json.dumps({"event": event, **fields}) + "\n")
+    _OUT.flush()
+
+
+def percentiles(values: list[float], points: tuple[float, ...] = (50, 95, 99)) -> dict[str, float]:
+    """Nearest-rank percentiles in milliseconds of values in seconds, plus count/max/mean."""
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+    out: dict[str, float] = {"count": len(ordered)}
+    for p in points:
+        rank = max(1, math.ceil(p / 100 * len(ordered)))
+        out[f"p{int(p)}_ms"] = ordered[rank - 1] * 1000
+    out["max_ms"] = ordered[-1] * 1000
+    out["mean_ms"] = sum(ordered) / len(ordered) * 1000
+    return out
+
+
+class Recorder:
+    """What a worker's handler writes down: how many ran, when, and each job's latency."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first_start: float | None = None
+        self.last_end: float | None = None
+        self.latencies: list[float] = []
+        self.record_latency = False
+
+    def started(self, args: Any) -> float:
+        now = time.time()
+        if self.first_start is None:
+            self.first_start = now
+        if self.record_latency and isinstance(args, dict) and "t" in args:
+            self.latencies.append(now - float(args["t"]))
+        return now
+
+    def finished(self) -> None:
+        self.count += 1
+        self.last_end = time.time()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "count": self.count,
+            "first_start": self.first_start,
+            "last_end": self.last_end,
+            "latency": percentiles(self.latencies) if self.record_latency else None,
+        }
+
+
+RECORDER = Recorder()
+
+
+def job_args(command: dict[str, Any]) -> dict[str, Any]:
+    """A job's arguments: its enqueue time, or a warm-up marker (``warm``) never counted as latency."""
+    return {"w": 1} if command.get("warm") else {"t": time.time()}
+
+
+def noop_handler_body(args: Any) -> None:
+    RECORDER.started(args)
+    RECORDER.finished()
+
+
+async def sleep_handler_body(args: Any, seconds: float = 0.02) -> None:
+    RECORDER.started(args)
+    await asyncio.sleep(seconds)
+    RECORDER.finished()
+
+
+class StopSignal:
+    """Set when the harness writes "stop" (or closes our stdin)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.event = asyncio.Event()
+        self._loop = loop
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+        self._loop.call_soon_threadsafe(self.event.set)
+
+    async def wait(self) -> None:
+        await self.event.wait()
+
+
+async def report_progress(stop: asyncio.Event, interval: float = 0.2) -> None:
+    while not stop.is_set():
+        emit("progress", done=RECORDER.count, at=time.time())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+    emit("progress", done=RECORDER.count, at=time.time())
+
+
+async def run_worker(
+    start: Callable[[], Awaitable[None]],
+    stop: Callable[[], Awaitable[None]],
+    command: dict[str, Any],
+) -> dict[str, Any]:
+    """Start a system's worker, report progress until told to stop, stop it, summarise."""
+    RECORDER.record_latency = bool(command.get("latency"))
+    stop_signal = StopSignal(asyncio.get_running_loop())
+    done = asyncio.Event()
+    progress = asyncio.create_task(report_progress(done))
+    runner = asyncio.create_task(start())
+    emit("ready")
+    waiter = asyncio.create_task(stop_signal.wait())
+    await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if runner.done():  # the worker died on its own: surface its error
+        waiter.cancel()
+        done.set()
+        await progress
+        runner.result()
+        raise RuntimeError("worker returned before it was stopped")
+    await stop()
+    try:
+        await asyncio.wait_for(runner, 60)
+    except TimeoutError:
+        runner.cancel()
+    done.set()
+    await progress
+    return RECORDER.summary()
+
+
+async def run_producer(
+    enqueue_one: Callable[[dict[str, Any]], Awaitable[Any]],
+    enqueue_batch: Callable[[list[dict[str, Any]]], Awaitable[Any]],
+    command: dict[str, Any],
+) -> dict[str, Any]:
+    """Enqueue at ``rate`` jobs/s for ``duration`` s: a tick every ``tick`` s carries
+    rate*tick jobs (one call per tick: single when one job, else the system's batch API).
+    Ticks follow a fixed schedule; a late tick is not made up by a burst beyond its own jobs."""
+    rate, duration = float(command["rate"]), float(command["duration"])
+    tick = float(command.get("tick") or max(0.005, 1.0 / rate))
+    warmup = int(command.get("warmup", 0))
+    for _ in range(warmup):
+        await enqueue_one({"w": 1})
+    if warmup:
+        await asyncio.sleep(float(command.get("warmup_pause", 0.5)))
+    emit("ready")
+    begin = time.time()
+    owed = 0.0
+    sent = 0
+    calls: list[float] = []
+    n_ticks = round(duration / tick)
+    for i in range(n_ticks):
+        due = begin + i * tick
+        delay = due - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        owed += rate * tick
+        k = int(owed)
+        if k <= 0:
+            continue
+        owed -= k
+        t0 = time.time()
+        if k == 1:
+            await enqueue_one({"t": t0})
+        else:
+            await enqueue_batch([{"t": t0}] * k)
+        calls.append(time.time() - t0)
+        sent += k
+    end = time.time()
+    elapsed = end - begin
+    return {
+        "enqueued": sent,
+        "seconds": elapsed,
+        "rate": sent / elapsed,
+        "begin": begin,
+        "end": end,
+        "enqueue_call": percentiles(calls),
+    }
+
+
+async def run_app(
+    transaction: Callable[[Any, int], Awaitable[None]],
+    connect: Callable[[], Awaitable[Any]],
+    command: dict[str, Any],
+) -> dict[str, Any]:
+    """``connections`` loops, each committing transactions (app rows + one job) until the time is up."""
+    n_conn, duration, rows = (
+        int(command["connections"]),
+        float(command["duration"]),
+        int(command.get("rows", 3)),
+    )
+    conns = [await connect() for _ in range(n_conn)]
+    counts = [0] * n_conn
+    emit("ready")
+    end = time.time() + duration
+
+    async def loop(i: int) -> None:
+        c = conns[i]
+        while time.time() < end:
+            await transaction(c, rows)
+            counts[i] += 1
+
+    begin = time.time()
+    await asyncio.gather(*(loop(i) for i in range(n_conn)))
+    elapsed = time.time() - begin
+    for c in conns:
+        await c.close()
+    return {"transactions": sum(counts), "seconds": elapsed, "tx_per_s": sum(counts) / elapsed}
+
+
+APP_DDL = f"""CREATE TABLE IF NOT EXISTS {APP_TABLE} (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    account int NOT NULL, amount numeric NOT NULL, note text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now())"""
+APP_INSERT = f"INSERT INTO {APP_TABLE} (account, amount, note) VALUES (%s, %s, %s)"
+APP_INSERT_DOLLAR = f"INSERT INTO {APP_TABLE} (account, amount, note) VALUES ($1, $2, $3)"
+
+
+def main(system_factory: Callable[[dict[str, Any]], Any], default_loop: str = "asyncio") -> None:
+    """Parse the command, run the op on the system, print the result line."""
+    command = json.loads(sys.argv[1])
+    op = command["op"]
+
+    async def go() -> dict[str, Any]:
+        system = system_factory(command)
+        method = getattr(system, op)
+        return await method(command)
+
+    try:
+        runner = command.get("loop") or default_loop
+        if runner == "uvloop":
+            import uvloop  # type: ignore[import-not-found]
+
+            result = uvloop.run(go())
+        else:
+            result = asyncio.run(go())
+    except BaseException as exc:  # report every failure to the harness, then exit non-zero
+        traceback.print_exc()
+        emit("error", message=f"{type(exc).__name__}: {exc}")
+        sys.exit(1)
+    emit("result", **(result or {}))
+    sys.exit(0)
+
+
+async def psycopg_app_connection(dsn: str, sync_commit: str) -> Any:
+    """A psycopg connection for the write-heavy app scenario (drivers built on psycopg)."""
+    import psycopg
+
+    c = await psycopg.AsyncConnection.connect(dsn)
+    await c.execute(f"SET synchronous_commit = {sync_commit}")
+    await c.commit()
+    return c
+
+
+async def psycopg_count(dsn: str, query: str) -> dict[str, Any]:
+    """Jobs left and jobs finished, from a query returning (remaining, finished)."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+        cur = await c.execute(query)
+        row = await cur.fetchone()
+        assert row is not None
+        return {"remaining": int(row[0]), "finished": int(row[1])}

@@ -1,0 +1,138 @@
+"""procrastinate's driver (run with bench/.venvs/procrastinate's Python; see _driver.py).
+
+Fastest documented setup: the async ``PsycopgConnector`` (psycopg 3 pool), async tasks, a worker
+with ``concurrency`` parallel jobs and LISTEN/NOTIFY on; the connection pool is sized to the
+concurrency (each slot fetches and finishes its own job, one statement each). Enqueue:
+``task.defer_async`` and, in bulk, ``task.batch_defer_async`` (one statement per batch).
+In the app scenario the job is deferred on the app's own connection (``configure(connection=)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _driver as d
+import psycopg
+from procrastinate import App, PsycopgConnector
+from procrastinate.worker import Worker
+
+# Chosen by trying combinations on this machine (see docs/benchmarks.md).
+CONCURRENCY = 100
+POOL_SIZE = 20
+
+
+def make_app(dsn: str, pool_size: int = 4) -> tuple[App, Any, Any]:
+    app = App(connector=PsycopgConnector(conninfo=dsn, min_size=min(4, pool_size), max_size=pool_size))
+
+    @app.task(name="noop", queue=d.QUEUE)
+    async def noop(**args: Any) -> None:
+        d.noop_handler_body(args)
+
+    @app.task(name="sleep", queue=d.QUEUE)
+    async def sleep(**args: Any) -> None:
+        await d.sleep_handler_body(args)
+
+    return app, noop, sleep
+
+
+class Procrastinate:
+    def __init__(self, command: dict[str, Any]) -> None:
+        self.dsn = command["dsn"]
+        self.task_name = command.get("task", "noop")
+
+    def _app(self, pool_size: int = 4) -> tuple[App, Any]:
+        app, noop, sleep = make_app(self.dsn, pool_size)
+        return app, (noop if self.task_name == "noop" else sleep)
+
+    async def setup(self, command: dict[str, Any]) -> dict[str, Any]:
+        app, _ = self._app()
+        async with app.open_async():
+            await app.schema_manager.apply_schema_async()
+        return {}
+
+    async def enqueue(self, command: dict[str, Any]) -> dict[str, Any]:
+        n, batch = int(command["n"]), int(command.get("batch", 1000))
+        app, task = self._app()
+        async with app.open_async():
+            await task.defer_async(w=1)  # open the pool outside the timing
+            begin = time.perf_counter()
+            if command["mode"] == "single":
+                for _ in range(n):
+                    await task.defer_async(**d.job_args(command))
+            else:
+                for start in range(0, n, batch):
+                    now = time.time()
+                    await task.batch_defer_async(*[{"t": now} for _ in range(min(batch, n - start))])
+            seconds = time.perf_counter() - begin
+        return {"jobs": n, "seconds": seconds, "rate": n / seconds}
+
+    async def worker(self, command: dict[str, Any]) -> dict[str, Any]:
+        concurrency = int(command.get("concurrency") or CONCURRENCY)
+        pool_size = int(command.get("pool_size") or min(max(POOL_SIZE, concurrency // 2), 60))
+        app, _ = self._app(pool_size)
+        async with app.open_async():
+            worker = Worker(
+                app,
+                queues=[d.QUEUE],
+                concurrency=concurrency,
+                wait=True,
+                install_signal_handlers=False,
+                listen_notify=True,
+                fetch_job_polling_interval=float(command.get("poll_interval") or 5.0),
+            )
+
+            async def stop() -> None:
+                worker.stop()
+
+            result = await d.run_worker(worker.run, stop, command)
+        return {**result, "config": {"concurrency": concurrency, "pool_size": pool_size}}
+
+    async def produce(self, command: dict[str, Any]) -> dict[str, Any]:
+        app, task = self._app()
+        async with app.open_async():
+
+            async def one(args: dict[str, Any]) -> None:
+                await task.defer_async(**args)
+
+            async def many(items: list[dict[str, Any]]) -> None:
+                await task.batch_defer_async(*items)
+
+            return await d.run_producer(one, many, command)
+
+    async def app(self, command: dict[str, Any]) -> dict[str, Any]:
+        if not command.get("notify", True):
+            raise NotImplementedError("procrastinate always notifies (a row trigger on its jobs table)")
+        sync_commit = "on" if command.get("sync_commit", True) else "off"
+        app, task = self._app()
+        async with app.open_async():
+            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as c:
+                await c.execute(d.APP_DDL)
+
+            async def connect() -> psycopg.AsyncConnection[Any]:
+                return await d.psycopg_app_connection(self.dsn, sync_commit)  # type: ignore[no-any-return]
+
+            async def transaction(c: psycopg.AsyncConnection[Any], rows: int) -> None:
+                async with c.transaction():
+                    async with c.cursor() as cur:
+                        await cur.executemany(d.APP_INSERT, [(i, 10.5, "payment") for i in range(rows)])
+                    await task.configure(connection=c).defer_async(t=time.time())
+
+            return await d.run_app(transaction, connect, command)
+
+    async def count(self, command: dict[str, Any]) -> dict[str, Any]:
+        return await d.psycopg_count(
+            self.dsn,
+            "SELECT count(*) FILTER (WHERE status IN ('todo', 'doing')),"
+            " count(*) FILTER (WHERE status = 'succeeded') FROM procrastinate_jobs",
+        )
+
+
+if __name__ == "__main__":
+    asyncio.set_event_loop_policy(None)
+    d.main(Procrastinate)

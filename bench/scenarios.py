@@ -1,0 +1,490 @@
+"""The seven scenarios, each written once against the driver protocol and run for every system.
+
+Every measurement runs in a database of its own (``fresh_database``). Timing rules:
+
+- enqueue: wall time of the driver's enqueue loop, connection already open (jobs/s).
+- drain / I/O: jobs are queued first; rate = jobs / (last handler end - first handler start),
+  taken from the handlers' own clocks across all worker processes; worker start-up is excluded,
+  and afterwards the database is asked how many jobs are left unfinished (must be 0).
+- latency: every job carries ``t`` = time.time() taken just before the enqueue call that commits
+  it; the handler takes time.time() on entry; latency = the difference. It therefore includes the
+  enqueue round trip itself (an upper bound on commit -> start by that much; the producer also
+  reports how long its enqueue calls took). Same clock, same machine, every system alike.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.proto import Driver, DriverError, run_op
+from bench.server import fresh_database, to_url
+from bench.systems import System
+
+IO_IDEAL = 5000.0  # 100 concurrent 20 ms sleeps
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    reps: int
+    single: int  # single enqueues
+    bulk: int  # bulk enqueue (batches of 1,000)
+    drain: int  # jobs drained
+    latency_jobs: int  # 20 ms apart
+    steady_seconds: float
+    app_seconds: float
+    bloat_measure: int  # drained before and after
+    bloat_volume: int  # pushed through in between
+    io_jobs: int
+
+
+PROFILES = {
+    "smoke": Profile("smoke", 1, 50, 500, 500, 10, 0.5, 0.5, 300, 1_000, 200),
+    "quick": Profile("quick", 3, 2_000, 20_000, 20_000, 250, 10.0, 10.0, 20_000, 100_000, 10_000),
+    "full": Profile("full", 5, 10_000, 200_000, 200_000, 1_500, 60.0, 30.0, 200_000, 1_000_000, 50_000),
+}
+SCENARIOS = ("enqueue", "drain", "latency", "steady", "app", "bloat", "io")
+BATCH = 1_000
+
+
+@dataclass
+class Sample:
+    scenario: str
+    metric: str
+    system: str
+    rep: int
+    value: float | None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    admin_dsn: str
+    profile: Profile
+    log_dir: Path
+    say: Callable[[str], None]
+    samples: list[Sample] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def record(
+        self, scenario: str, metric: str, system: str, rep: int, value: float | None, **detail: Any
+    ) -> None:
+        detail.setdefault("load1", round(os.getloadavg()[0], 2))
+        self.samples.append(Sample(scenario, metric, system, rep, value, detail))
+
+    def median(self, metric: str, system: str) -> float | None:
+        values = sorted(
+            s.value for s in self.samples if s.metric == metric and s.system == system and s.value is not None
+        )
+        if not values:
+            return None
+        mid = len(values) // 2
+        return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+class Bench:
+    """Runs scenarios for one system in one fresh database."""
+
+    def __init__(self, ctx: Context, system: System, dsn: str) -> None:
+        self.ctx, self.system, self.dsn = ctx, system, dsn
+        self.base = {"dsn": dsn, "url": to_url(dsn)}
+
+    def command(self, op: str, params: dict[str, Any]) -> dict[str, Any]:
+        return {**self.base, **self.system.params, "op": op, **params}
+
+    def op(self, op: str, timeout: float = 600, **params: Any) -> dict[str, Any]:
+        s = self.system
+        return run_op(s.python(), s.name, self.command(op, params), timeout, self.ctx.log_dir, s.script)
+
+    def start(self, op: str, **params: Any) -> Driver:
+        s = self.system
+        return Driver(s.python(), s.name, self.command(op, params), self.ctx.log_dir, s.script)
+
+    def setup(self) -> None:
+        self.op("setup", timeout=300)
+
+    def seed(self, n: int, task: str = "noop") -> dict[str, Any]:
+        return self.op("enqueue", mode="bulk", n=n, batch=BATCH, task=task, timeout=max(600, n / 200))
+
+    def remaining(self) -> int:
+        return int(self.op("count", timeout=120)["remaining"])
+
+    def drain(
+        self,
+        processes: int,
+        expected: int,
+        task: str = "noop",
+        concurrency: int | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Start the workers on a full queue, stop them once every job ran, return the rate."""
+        limit = timeout or (expected / 40 + 120)
+        workers = [self.start("worker", task=task, concurrency=concurrency) for _ in range(processes)]
+        try:
+            for w in workers:
+                w.wait_for("ready", 120)
+            deadline = time.monotonic() + limit
+            while sum(w.done for w in workers) < expected:
+                for w in workers:
+                    if w.proc.poll() is not None:
+                        w.wait_for("result", 5)  # surfaces the driver's error
+                if time.monotonic() > deadline:
+                    raise DriverError(
+                        f"{self.system.name}: {sum(w.done for w in workers)}/{expected} jobs"
+                        f" after {limit:.0f}s"
+                    )
+                time.sleep(0.05)
+            for w in workers:
+                w.stop()
+            results = [w.finish(120) for w in workers]
+        except BaseException:
+            for w in workers:
+                w.kill()
+            raise
+        first = min(r["first_start"] for r in results if r["first_start"] is not None)
+        last = max(r["last_end"] for r in results if r["last_end"] is not None)
+        count = sum(r["count"] for r in results)
+        left = self.remaining()
+        warnings = _worker_warnings(workers)
+        if left or count > expected or warnings:
+            # Jobs left unfinished, or handlers run more often than there were jobs (a job run
+            # again after its lease expired, e.g. because its outcome was never written).
+            self.ctx.notes.append(
+                f"{self.system.name} drain of {expected} jobs: {count} handler runs, {left} left"
+                f" unfinished; worker said: {'; '.join(warnings) or 'nothing'}"
+            )
+        return {
+            "rate": count / (last - first),
+            "jobs": count,
+            "expected": expected,
+            "extra_runs": max(0, count - expected),
+            "remaining": left,
+            "seconds": last - first,
+            "per_process": [r["count"] for r in results],
+            "config": results[0].get("config"),
+            "worker_warnings": warnings,
+        }
+
+
+_WARNING_WORDS = ("could not write", "rescued", "failed", "Traceback", "ERROR")
+
+
+def _worker_warnings(workers: list[Driver]) -> list[str]:
+    """Distinct warning lines from the workers' stderr logs (the first few of each kind)."""
+    seen: dict[str, int] = {}
+    for w in workers:
+        text = w.stderr_text()
+        for line in text.splitlines():
+            if any(word in line for word in _WARNING_WORDS):
+                key = line.strip()[:160]
+                seen[key] = seen.get(key, 0) + 1
+    return [f"{line} (x{n})" if n > 1 else line for line, n in list(seen.items())[:5]]
+
+
+def each_system(
+    ctx: Context, systems: list[System], scenario: str, label: str, body: Callable[[Bench, int], None]
+) -> None:
+    """Repetitions x systems, order alternating per repetition, a fresh database each time."""
+    systems = [s for s in systems if s.runs(scenario)]
+    for rep in range(ctx.profile.reps):
+        order = systems if rep % 2 == 0 else list(reversed(systems))
+        for system in order:
+            ctx.say(f"{label} · {system.name} · rep {rep + 1}/{ctx.profile.reps}")
+            try:
+                with fresh_database(ctx.admin_dsn, f"{system.name}_{scenario}") as dsn:
+                    bench = Bench(ctx, system, dsn)
+                    bench.setup()
+                    body(bench, rep)
+            except DriverError as exc:
+                message = f"{label} · {system.name} · rep {rep + 1}: failed: {exc}"
+                ctx.say("  " + message.splitlines()[0])
+                ctx.notes.append(message)
+                ctx.record(scenario, "error", system.name, rep, None, error=str(exc)[:2000])
+
+
+# ---------------------------------------------------------------- 1. enqueue
+
+
+def enqueue(ctx: Context, systems: list[System]) -> None:
+    p = ctx.profile
+
+    def body(b: Bench, rep: int) -> None:
+        single = b.op("enqueue", mode="single", n=p.single)
+        ctx.record("enqueue", "enqueue_single", b.system.name, rep, single["rate"], jobs=p.single)
+        bulk = b.op("enqueue", mode="bulk", n=p.bulk, batch=BATCH)
+        ctx.record("enqueue", "enqueue_bulk", b.system.name, rep, bulk["rate"], jobs=p.bulk, batch=BATCH)
+        ctx.say(f"  single {single['rate']:,.0f}/s · bulk {bulk['rate']:,.0f}/s")
+
+    each_system(ctx, systems, "enqueue", "1 enqueue", body)
+
+
+# ---------------------------------------------------------------- 2. drain
+
+
+def drain(ctx: Context, systems: list[System]) -> None:
+    p = ctx.profile
+    for processes in (1, 2):
+
+        def body(b: Bench, rep: int, processes: int = processes) -> None:
+            b.seed(p.drain)
+            expected = b.remaining()
+            r = b.drain(processes, expected)
+            ctx.record("drain", f"drain_{processes}p", b.system.name, rep, r["rate"], **r)
+            lost = f" · {r['remaining']} LEFT UNFINISHED" if r["remaining"] else ""
+            ctx.say(f"  {r['rate']:,.0f} jobs/s ({r['jobs']} jobs, {r['seconds']:.2f}s){lost}")
+            if r["remaining"]:
+                ctx.notes.append(
+                    f"drain {processes}p {b.system.name} rep {rep + 1}: {r['remaining']} jobs unfinished"
+                )
+
+        each_system(
+            ctx,
+            systems,
+            "drain",
+            f"2 drain {p.drain:,} · {processes} process{'es' if processes > 1 else ''}",
+            body,
+        )
+
+
+# ---------------------------------------------------------------- 3. latency
+
+WARMUP = 5
+
+
+def _warm_worker(b: Bench, worker: Driver) -> int:
+    """Wait for the worker to be up and to have run a few warm-up jobs; returns its count so far."""
+    worker.wait_for("ready", 120)
+    b.op("enqueue", mode="single", n=WARMUP, warm=True)
+    deadline = time.monotonic() + 60
+    while worker.done < WARMUP:
+        if time.monotonic() > deadline or worker.proc.poll() is not None:
+            worker.wait_for("result", 5)
+            raise DriverError(f"{b.system.name}: worker ran {worker.done}/{WARMUP} warm-up jobs in 60s")
+        time.sleep(0.02)
+    time.sleep(0.5)  # let the worker go idle again
+    return worker.done
+
+
+def _done_at(worker: Driver, at: float) -> float:
+    """Jobs the worker had run by time ``at``, interpolated between its progress reports."""
+    points = list(worker.progress)
+    before = [(t, n) for t, n in points if t <= at]
+    after = [(t, n) for t, n in points if t > at]
+    if not before:
+        return float(after[0][1]) if after else 0.0
+    t0, n0 = before[-1]
+    if not after:
+        return float(n0)
+    t1, n1 = after[0]
+    return n0 + (n1 - n0) * (at - t0) / (t1 - t0)
+
+
+def _produce_and_collect(
+    b: Bench, worker: Driver, rate: float, duration: float, tick: float | None
+) -> tuple[dict[str, Any], dict[str, Any], int]:
+    before = _warm_worker(b, worker)
+    producer = b.start("produce", rate=rate, duration=duration, tick=tick)
+    produced = producer.finish(duration * 3 + 120)
+    time.sleep(0.3)  # a progress event after the window closes, to interpolate against
+    in_window = _done_at(worker, produced["end"]) - _done_at(worker, produced["begin"])
+    expected = before + produced["enqueued"]
+    deadline = time.monotonic() + max(30.0, duration * 2)
+    while worker.done < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.stop()
+    result = worker.finish(120)
+    return produced, result, in_window
+
+
+def latency(ctx: Context, systems: list[System]) -> None:
+    p = ctx.profile
+
+    def body(b: Bench, rep: int) -> None:
+        worker = b.start("worker", latency=True)
+        try:
+            produced, result, _ = _produce_and_collect(
+                b, worker, rate=50, duration=p.latency_jobs * 0.02, tick=0.02
+            )
+        except BaseException:
+            worker.kill()
+            raise
+        lat = result["latency"] or {}
+        for q in ("p50", "p95", "p99"):
+            ctx.record("latency", f"latency_{q}", b.system.name, rep, lat.get(f"{q}_ms"), **lat)
+        ctx.record(
+            "latency",
+            "latency_enqueue_call_p50",
+            b.system.name,
+            rep,
+            produced["enqueue_call"].get("p50_ms"),
+            **produced["enqueue_call"],
+        )
+        ctx.say(
+            f"  p50 {lat.get('p50_ms', float('nan')):.2f} ms · p95 {lat.get('p95_ms', float('nan')):.2f} · "
+            f"p99 {lat.get('p99_ms', float('nan')):.2f} ({lat.get('count', 0)} jobs)"
+        )
+
+    each_system(ctx, systems, "latency", f"3 latency {p.latency_jobs} jobs 20 ms apart", body)
+
+
+# ---------------------------------------------------------------- 4. steady state
+
+
+def _drain_rate(ctx: Context, system: System) -> float:
+    rate = ctx.median("drain_1p", system.name)
+    if rate is not None:
+        return rate
+    ctx.say(f"4 steady · {system.name} · calibrating: drain {ctx.profile.drain:,} with one process")
+    with fresh_database(ctx.admin_dsn, f"{system.name}_calibrate") as dsn:
+        b = Bench(ctx, system, dsn)
+        b.setup()
+        b.seed(ctx.profile.drain)
+        r = b.drain(1, b.remaining())
+    ctx.record("drain", "drain_1p_calibration", system.name, 0, r["rate"], **r)
+    return float(r["rate"])
+
+
+def steady(ctx: Context, systems: list[System]) -> None:
+    p = ctx.profile
+    rates = {s.name: _drain_rate(ctx, s) for s in systems}
+    for fraction in (0.5, 0.9):
+        pct = int(fraction * 100)
+
+        def body(b: Bench, rep: int, fraction: float = fraction, pct: int = pct) -> None:
+            offered = rates[b.system.name] * fraction
+            worker = b.start("worker", latency=True)
+            try:
+                produced, result, in_window = _produce_and_collect(
+                    b, worker, rate=offered, duration=p.steady_seconds, tick=0.01
+                )
+            except BaseException:
+                worker.kill()
+                raise
+            held = in_window / produced["seconds"]
+            lat = result["latency"] or {}
+            detail = {
+                "offered": offered,
+                "produced_rate": produced["rate"],
+                "in_window": in_window,
+                "enqueued": produced["enqueued"],
+                "latency": lat,
+            }
+            ctx.record("steady", f"steady{pct}_held", b.system.name, rep, held, **detail)
+            ctx.record("steady", f"steady{pct}_held_pct", b.system.name, rep, 100 * held / offered, **detail)
+            ctx.record("steady", f"steady{pct}_p50", b.system.name, rep, lat.get("p50_ms"))
+            ctx.record("steady", f"steady{pct}_p99", b.system.name, rep, lat.get("p99_ms"))
+            ctx.say(
+                f"  offered {offered:,.0f}/s · produced {produced['rate']:,.0f}/s · held {held:,.0f}/s "
+                f"({100 * held / offered:.0f}%) · p50 {lat.get('p50_ms', float('nan')):.1f} ms · "
+                f"p99 {lat.get('p99_ms', float('nan')):.1f} ms"
+            )
+
+        each_system(
+            ctx, systems, "steady", f"4 steady {pct}% of drain rate for {p.steady_seconds:.0f}s", body
+        )
+
+
+# ---------------------------------------------------------------- 5. write-heavy app
+
+APP_CONNECTIONS = 8
+
+
+def app(ctx: Context, systems: list[System]) -> None:
+    p = ctx.profile
+    arms = [("on", True), ("off", False)]
+
+    def body(b: Bench, rep: int) -> None:
+        if b.system.reference:  # the same app with no job at all
+            r = b.op(
+                "app",
+                connections=APP_CONNECTIONS,
+                duration=p.app_seconds,
+                no_job=True,
+                timeout=p.app_seconds + 120,
+            )
+            ctx.record("app", "app_no_queue", b.system.name, rep, r["tx_per_s"], **r)
+            ctx.say(f"  app rows only, no job: {r['tx_per_s']:,.0f} tx/s")
+            return
+        for arm, notify in arms:
+            if not notify and not b.system.notify_off:
+                continue
+            r = b.op(
+                "app",
+                connections=APP_CONNECTIONS,
+                duration=p.app_seconds,
+                notify=notify,
+                timeout=p.app_seconds + 120,
+            )
+            ctx.record("app", f"app_notify_{arm}", b.system.name, rep, r["tx_per_s"], **r)
+            ctx.say(f"  NOTIFY {arm}: {r['tx_per_s']:,.0f} tx/s")
+
+    each_system(
+        ctx, systems, "app", f"5 write-heavy app · {APP_CONNECTIONS} connections x {p.app_seconds:.0f}s", body
+    )
+
+
+# ---------------------------------------------------------------- 6. bloat
+
+
+def bloat(ctx: Context, systems: list[System]) -> None:
+    p = ctx.profile
+
+    def body(b: Bench, rep: int) -> None:
+        b.seed(p.bloat_measure)
+        fresh = b.drain(1, b.remaining())
+        b.seed(p.bloat_volume)
+        b.drain(1, b.remaining(), timeout=p.bloat_volume / 20 + 300)
+        b.seed(p.bloat_measure)
+        after = b.drain(1, b.remaining())
+        sizes = _table_sizes(b) if b.system.name == "pgqueue" else {}
+        ratio = 100 * after["rate"] / fresh["rate"]
+        ctx.record("bloat", "bloat_fresh", b.system.name, rep, fresh["rate"], **fresh)
+        ctx.record("bloat", "bloat_after", b.system.name, rep, after["rate"], **after, sizes=sizes)
+        ctx.record("bloat", "bloat_after_pct", b.system.name, rep, ratio)
+        ctx.say(
+            f"  fresh {fresh['rate']:,.0f}/s · after {p.bloat_volume + p.bloat_measure:,} jobs "
+            f"{after['rate']:,.0f}/s ({ratio:.0f}%) {sizes}"
+        )
+
+    each_system(ctx, systems, "bloat", f"6 bloat: {p.bloat_volume:,} jobs through the queue", body)
+
+
+def _table_sizes(b: Bench) -> dict[str, Any]:
+    import psycopg
+
+    with psycopg.connect(b.dsn, autocommit=True) as c:
+        rows = c.execute(
+            "SELECT c.relname, pg_relation_size(c.oid) FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname = 'pgqueue' AND c.relname LIKE 'jobs%%'"
+        ).fetchall()
+        rows_count = c.execute("SELECT count(*) FROM pgqueue.jobs").fetchone()
+    return {
+        "rows": rows_count[0] if rows_count else None,
+        **{name: f"{size / 2**20:.1f} MiB" for name, size in rows},
+    }
+
+
+# ---------------------------------------------------------------- 7. I/O-bound
+
+IO_CONCURRENCY = 100
+
+
+def io(ctx: Context, systems: list[System]) -> None:
+    p = ctx.profile
+
+    def body(b: Bench, rep: int) -> None:
+        b.seed(p.io_jobs, task="sleep")
+        r = b.drain(1, b.remaining(), task="sleep", concurrency=IO_CONCURRENCY)
+        ctx.record("io", "io_rate", b.system.name, rep, r["rate"], **r)
+        ctx.record("io", "io_pct_ideal", b.system.name, rep, 100 * r["rate"] / IO_IDEAL)
+        ctx.say(f"  {r['rate']:,.0f} jobs/s = {100 * r['rate'] / IO_IDEAL:.0f}% of ideal {IO_IDEAL:,.0f}/s")
+
+    each_system(
+        ctx, systems, "io", f"7 I/O-bound: {p.io_jobs:,} x 20 ms sleeps at concurrency {IO_CONCURRENCY}", body
+    )
