@@ -1,5 +1,7 @@
 """The dashboard in a real headless Chromium: sign in, read the counts, retry a dead job, watch
-it complete under a real worker. Screenshots land in docs/screenshots/.
+it complete under a real worker. Screenshots land in $PGQUEUE_SCREENSHOTS if set (to refresh the
+docs: PGQUEUE_SCREENSHOTS=docs/screenshots python -m pytest tests/test_admin_browser.py), else in
+the test's temporary directory.
 
 Needs Debian's chromium (``apt-get install -y chromium``) and the ``playwright`` package; the
 browser Playwright would download is not used. Without chromium this test fails, on purpose:
@@ -9,6 +11,7 @@ a dashboard nobody has seen work is not tested.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import socket
 import threading
@@ -34,7 +37,6 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 
 
 def chromium_path() -> str:
@@ -157,11 +159,12 @@ def dashboard(pgqueue_queue: Queue) -> Iterator[tuple[str, dict[str, int]]]:
         yield served.url, {"dead": dead}
 
 
-def test_retry_a_dead_job_from_the_dashboard(dashboard: tuple[str, dict[str, int]]) -> None:
+def test_retry_a_dead_job_from_the_dashboard(dashboard: tuple[str, dict[str, int]], tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     url, ids = dashboard
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    shots = Path(os.environ.get("PGQUEUE_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1440, "height": 820})
@@ -179,23 +182,23 @@ def test_retry_a_dead_job_from_the_dashboard(dashboard: tuple[str, dict[str, int
         expect(row.locator('[data-count="delayed"]')).to_have_text("1")
         expect(row.locator('[data-count="dead"]')).to_have_text("1")
         expect(row.locator(".spark polyline")).to_have_count(1)
-        page.screenshot(path=str(SCREENSHOTS / "overview.png"), full_page=True)
+        page.screenshot(path=str(shots / "overview.png"), full_page=True)
 
         page.click("text=Dead letter")
         expect(page.locator(f'tr[data-job="{ids["dead"]}"]')).to_be_visible()
-        page.screenshot(path=str(SCREENSHOTS / "dead-letter.png"), full_page=True)
+        page.screenshot(path=str(shots / "dead-letter.png"), full_page=True)
 
         page.click(f'tr[data-job="{ids["dead"]}"] >> text={ids["dead"]}')
         expect(page.locator("#job-state")).to_have_text("dead")
         expect(page.locator("#job-args")).to_contain_text("[redacted]")  # card_number
         expect(page.locator("#job-args")).not_to_contain_text("4111")
-        page.screenshot(path=str(SCREENSHOTS / "job-dead.png"), full_page=True)
+        page.screenshot(path=str(shots / "job-dead.png"), full_page=True)
 
         page.click("button:has-text('Retry')")  # confirmation accepted by the dialog handler
         expect(page.locator("#flash")).to_contain_text("moved from dead letter")
         expect(page.locator("#job-state")).to_have_text("completed", timeout=20_000)
         expect(page.locator("#job-result")).to_contain_text('"charged": 7')
-        page.screenshot(path=str(SCREENSHOTS / "job-completed.png"), full_page=True)
+        page.screenshot(path=str(shots / "job-completed.png"), full_page=True)
 
         page.click("text=Queues")
         expect(page.locator('tr[data-queue="billing"] [data-count="dead"]')).to_have_text("0")
