@@ -75,7 +75,9 @@ class QueueBase(Generic[R]):
         self._dsn = dsn
         self.declared_schedules: list[Schedule] = schedules if schedules is not None else []
         # The schema: given, else $PGQUEUE_SCHEMA (so one env file serves CLI and app), else "pgqueue".
-        self.queries: Queries = queries_for(schema or os.environ.get("PGQUEUE_SCHEMA") or DEFAULT_SCHEMA)
+        self.queries: Queries = queries_for(
+            schema if schema is not None else os.environ.get("PGQUEUE_SCHEMA") or DEFAULT_SCHEMA
+        )
         self.notify = notify
         self.pool_size = pool_size
         self.registry = registry if registry is not None else Registry()
