@@ -166,7 +166,7 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
     async def get_job(self, job_id: int, *, conn: Any = None) -> Job:
         """The job as stored now; dead-lettered jobs come back with state ``dead``."""
         async with self.connection(conn) as c, c.cursor(row_factory=dict_row) as cur:
-            await cur.execute(self.queries.get_job, {"id": job_id, "channel": self.queries.channel})
+            await cur.execute(self.queries.get_job, {"id": job_id})
             row = await cur.fetchone()
         if row is None:
             raise JobNotFoundError(f"no job with id {job_id}")

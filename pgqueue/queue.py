@@ -165,9 +165,7 @@ class Queue(QueueBase[int]):
     def get_job(self, job_id: int, *, conn: Any = None) -> Job:
         """The job as stored now; dead-lettered jobs come back with state ``dead``."""
         with self.connection(conn) as c, c.cursor(row_factory=dict_row) as cur:
-            row = cur.execute(
-                self.queries.get_job, {"id": job_id, "channel": self.queries.channel}
-            ).fetchone()
+            row = cur.execute(self.queries.get_job, {"id": job_id}).fetchone()
         if row is None:
             raise JobNotFoundError(f"no job with id {job_id}")
         return job_from_row(row)

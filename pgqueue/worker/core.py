@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -65,7 +65,6 @@ class WorkerStats:
     dead: int = 0
     cancelled: int = 0
     requeued: int = 0
-    by_outcome: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
