@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from typing_extensions import Unpack
 
 from pgqueue import enqueue as ops
 from pgqueue.base import KEEP, UNIQUE_RACE_RETRIES, Keep, QueueBase, QueueSettings
@@ -21,7 +22,7 @@ from pgqueue.errors import DatabaseUnavailableError, JobNotFoundError, PgQueueEr
 from pgqueue.jobs import Job, JobRequest, job_from_row
 from pgqueue.notifications import settings_changed
 from pgqueue.schedule_store import ScheduleNotFoundError, schedule_from_row, schedule_params
-from pgqueue.schedules import MisfirePolicy, Schedule
+from pgqueue.schedules import Schedule, ScheduleOptions
 
 
 class AsyncQueue(QueueBase[Awaitable[int]]):
@@ -248,36 +249,10 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
     # ------------------------------------------------------------------ schedules at run time
 
     async def add_schedule(
-        self,
-        name: str,
-        task: str,
-        args: Mapping[str, Any] | None = None,
-        *,
-        cron: str | None = None,
-        every: timedelta | None = None,
-        timezone: str = "UTC",
-        queue: str | None = None,
-        priority: int | None = None,
-        max_attempts: int | None = None,
-        paused: bool = False,
-        misfire: MisfirePolicy = "skip",
-        misfire_grace: timedelta = timedelta(minutes=1),
+        self, name: str, task: str, args: Mapping[str, Any] | None = None, **options: Unpack[ScheduleOptions]
     ) -> Schedule:
         """Store (or replace) a schedule at run time; running schedulers pick it up within seconds."""
-        schedule = Schedule(
-            name=name,
-            task=task,
-            args=dict(args or {}),
-            cron=cron,
-            every=every,
-            timezone=timezone,
-            queue=queue,
-            priority=priority,
-            max_attempts=max_attempts,
-            paused=paused,
-            misfire=misfire,
-            misfire_grace=misfire_grace,
-        )
+        schedule = Schedule(name=name, task=task, args=dict(args or {}), **options)
         async with self.connection() as c:
             await c.execute(self.queries.upsert_schedule, schedule_params(schedule, from_code=False))
         return schedule

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.base import BaseTrigger
@@ -31,6 +31,22 @@ from pgqueue.jobs import dump_args
 from pgqueue.naming import check_queue_name, check_task_name
 
 MisfirePolicy = Literal["skip", "coalesce"]
+
+
+class ScheduleOptions(TypedDict, total=False):
+    """The optional fields of a :class:`Schedule`, as keyword arguments of the queue's methods."""
+
+    cron: str | None
+    every: timedelta | None
+    timezone: str
+    queue: str | None
+    priority: int | None
+    max_attempts: int | None
+    paused: bool
+    misfire: MisfirePolicy
+    misfire_grace: timedelta
+
+
 INTERVAL_ANCHOR = datetime(2000, 1, 1, tzinfo=UTC)
 _SCHEDULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
 _DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
