@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Generic, TypeVar, overload
 
-from pgqueue.connections import resolve_dsn
+from pgqueue.connections import connect_wait as resolve_connect_wait
+from pgqueue.connections import connection_kwargs, prepared_statements_enabled, resolve_dsn
 from pgqueue.enqueue import JobSpec, make_request
 from pgqueue.errors import ConfigurationError, InvalidJobError
 from pgqueue.jobs import JobRequest
@@ -16,7 +17,7 @@ from pgqueue.naming import check_queue_name
 from pgqueue.retry import Backoff
 from pgqueue.schedules import MisfirePolicy, Schedule
 from pgqueue.sql import Queries, queries_for
-from pgqueue.tasks import Handler, Registry, Task, make_options, task_name
+from pgqueue.tasks import Handler, Isolation, Registry, Task, make_options, task_name
 
 R = TypeVar("R")
 
@@ -71,8 +72,24 @@ class QueueBase(Generic[R]):
         pool_size: int = 10,
         registry: Registry | None = None,
         schedules: list[Schedule] | None = None,
+        connect_wait: float | None = None,
+        prepared_statements: bool | None = None,
     ) -> None:
+        """``connect_wait``: seconds a call keeps retrying a database that refuses, restarts or is
+        out of connection slots before it raises :class:`DatabaseUnavailableError` (default
+        ``$PGQUEUE_CONNECT_WAIT``, else 5); failures retrying cannot fix (credentials, no such
+        database) raise at once. ``prepared_statements=False`` (default
+        ``$PGQUEUE_PREPARED_STATEMENTS``, else on) never prepares statements server-side, as
+        PgBouncer in transaction mode requires.
+        """
         self._dsn = dsn
+        self.connect_wait = resolve_connect_wait(connect_wait)
+        self.prepared_statements = (
+            prepared_statements if prepared_statements is not None else prepared_statements_enabled()
+        )
+        # Names the connections (application_name "pgqueue-<role> host:pid"); the CLI and the
+        # scheduler set their own before first use.
+        self.connection_role = "client"
         self.declared_schedules: list[Schedule] = schedules if schedules is not None else []
         # The schema: given, else $PGQUEUE_SCHEMA (so one env file serves CLI and app), else "pgqueue".
         self.queries: Queries = queries_for(
@@ -135,6 +152,16 @@ class QueueBase(Generic[R]):
         """The DSN in use: the one given, else ``PGQUEUE_DSN``, else ``DATABASE_URL``."""
         return resolve_dsn(self._dsn)
 
+    def connection_kwargs(self) -> dict[str, Any]:
+        """The connect keyword arguments of the queue's own connections (see
+        :func:`pgqueue.connections.connection_kwargs`), autocommit included."""
+        return {
+            "autocommit": True,
+            **connection_kwargs(
+                self.connection_role, dsn=self.dsn, prepared_statements=self.prepared_statements
+            ),
+        }
+
     def enqueue(
         self,
         task: str,
@@ -168,6 +195,7 @@ class QueueBase(Generic[R]):
         timeout: float | None = None,
         backoff: Backoff | None = None,
         abort_on: tuple[type[BaseException], ...] | None = None,
+        isolation: Isolation | None = None,
     ) -> Callable[[Handler], Task[R]]: ...
 
     def task(
@@ -181,6 +209,7 @@ class QueueBase(Generic[R]):
         timeout: float | None = None,
         backoff: Backoff | None = None,
         abort_on: tuple[type[BaseException], ...] | None = None,
+        isolation: Isolation | None = None,
     ) -> Task[R] | Callable[[Handler], Task[R]]:
         """Register a handler: ``@queue.task`` or ``@queue.task(queue="email", max_attempts=5)``.
 
@@ -193,6 +222,7 @@ class QueueBase(Generic[R]):
             timeout=timeout,
             backoff=backoff,
             abort_on=abort_on,
+            isolation=isolation,
         )
         # Validate the numeric defaults once through the same checks enqueue applies.
         from pgqueue.jobs import build_request

@@ -7,12 +7,16 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
+import psycopg
+
 from pgqueue.base import KEEP, QueueBase
-from pgqueue.connections import resolve_dsn
+from pgqueue.connections import classify_connection_error, resolve_dsn
 from pgqueue.dev import add_arguments as dev_arguments
 from pgqueue.errors import ConfigurationError, PgQueueError
 from pgqueue.migrate import DEFAULT_SCHEMA, current_revision, downgrade, head_revision, upgrade
@@ -48,7 +52,9 @@ def _database_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _plain_queue(args: argparse.Namespace) -> Queue:
-    return Queue(resolve_dsn(args.dsn), schema=args.schema)
+    queue = Queue(resolve_dsn(args.dsn), schema=args.schema)
+    queue.connection_role = "cli"
+    return queue
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -93,6 +99,8 @@ def _worker(args: argparse.Namespace) -> int:
         poll_interval=args.poll_interval,
         lease_seconds=args.lease_seconds,
         grace_period=args.grace_period,
+        isolation=args.isolation,
+        app=args.app or os.environ.get("PGQUEUE_APP"),
     )
     scheduler = None
     if args.with_scheduler:
@@ -264,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-interval", type=float, help="seconds between polls when idle (default: 2)")
     p.add_argument("--lease-seconds", type=float, help="lease renewed by heartbeat (default: 30)")
     p.add_argument("--grace-period", type=float, help="seconds running jobs get on shutdown (default: 30)")
+    p.add_argument(
+        "--isolation",
+        choices=["thread", "process"],
+        help="where sync handlers run: threads (default), or child processes killed at their timeout",
+    )
     p.add_argument("--with-scheduler", action="store_true", help="also run the scheduler in this process")
     p.set_defaults(handler=_worker)
 
@@ -339,7 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("dev", help="try it: embedded PostgreSQL, demo jobs, worker, dashboard")
     dev_arguments(p)
     p.set_defaults(handler=_dev)
+
+    debug_help = "show the traceback of an error (default: one line naming it)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    for sub in commands.choices.values():  # after the command too: `pgqueue status --debug`
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(exc)).strip() or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -347,8 +369,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     try:
         return int(args.handler(args))
-    except PgQueueError as exc:
-        print(f"pgqueue: {exc}", file=sys.stderr)
+    except (PgQueueError, psycopg.Error) as exc:
+        # An expected failure (bad setting, database down or refusing, schema not migrated):
+        # one line that names it; the traceback only on request.
+        if args.debug:
+            traceback.print_exc()
+        print(f"pgqueue: {_one_line(classify_connection_error(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

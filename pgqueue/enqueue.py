@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pgqueue.errors import InvalidJobError
-from pgqueue.jobs import JobRequest, build_request, check_unique_key, dump_args
+from pgqueue.jobs import JobRequest, build_request, check_unique_key, dump_args, short_repr
 from pgqueue.sql import Queries
 from pgqueue.tasks import Registry, Task, TaskOptions
 
@@ -45,7 +45,7 @@ def as_spec(item: JobSpec | Mapping[str, Any]) -> JobSpec:
             unknown = set(item) - _SPEC_FIELDS
             raise InvalidJobError(f"unknown job fields {sorted(unknown)}; allowed: {sorted(_SPEC_FIELDS)}")
         if "task" not in item:
-            raise InvalidJobError(f"job {dict(item)!r} has no 'task'")
+            raise InvalidJobError(f"job {short_repr(dict(item))} has no 'task'")
         return JobSpec(**item)
     raise InvalidJobError(f"enqueue_many takes JobSpec objects or dicts, not {type(item).__name__}")
 

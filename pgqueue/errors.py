@@ -28,5 +28,42 @@ class DatabaseUnavailableError(PgQueueError):
     """No connection to PostgreSQL could be had in time (server down, wrong DSN, pool exhausted)."""
 
 
+class DatabaseConfigurationError(ConfigurationError):
+    """The DSN leads nowhere retrying could fix: no such database, role or host, an unparsable
+    DSN, an SSL mismatch. Raised at the first attempt, with the server's (or libpq's) message."""
+
+
+class AuthenticationError(DatabaseConfigurationError):
+    """The server refused the credentials (wrong password, none given, rejected by pg_hba.conf)."""
+
+
 class SchemaNotReadyError(PgQueueError):
     """The database has no pgqueue schema, or an older one: run ``pgqueue migrate``."""
+
+
+class UnstorableResult(PgQueueError, ValueError):
+    """A handler returned a value PostgreSQL cannot store (not JSON, NUL, a lone surrogate…).
+
+    Recorded as the attempt's error, which then follows the task's retry policy: the value is
+    lost, so the attempt cannot count as completed.
+    """
+
+
+class UnstorableProgress(PgQueueError, ValueError):
+    """Raised into the handler by ``ctx.set_progress`` for a value that cannot be stored.
+
+    Raised at the call, where the handler can still react, instead of failing later in a
+    background write that nobody would see.
+    """
+
+
+class JobTimeout(PgQueueError):
+    """The handler ran past the job's timeout."""
+
+
+class JobCancelled(PgQueueError):
+    """The job was cancelled while it ran."""
+
+
+class HandlerProcessDied(PgQueueError):
+    """The process running an isolated handler exited without reporting an outcome."""

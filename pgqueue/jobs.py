@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,10 +19,36 @@ from pgqueue.naming import check_queue_name, check_task_name
 # One encoder for every job: building one per call costs more than the encoding itself.
 _ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_CONTAINERS = (dict, list, tuple)
 
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 1, 10, 5
 DEFAULT_QUEUE = "default"
 DEFAULT_MAX_ATTEMPTS = 3
+MAX_ATTEMPTS_LIMIT = 1_000_000
+
+# Limits on what one job may hold, each checked before anything is written.
+#
+# Nesting: Python's JSON decoder gives up near its recursion limit (1000 frames, less when the
+# stack is already deep), and every reader of a job (workers, get_job, the admin) decodes its
+# args. 100 levels is far more than real arguments use and far below where any reader breaks.
+MAX_ARGS_DEPTH = 100
+# Integers: PostgreSQL's jsonb holds far larger numbers, but Python refuses to read an integer of
+# more than 4300 digits (its default int_max_str_digits), so a bigger one could never be decoded.
+MAX_INT_DIGITS = 4300
+_TOO_MANY_DIGITS = 10**MAX_INT_DIGITS  # the smallest integer of MAX_INT_DIGITS + 1 digits
+# Unique keys live in a btree index on (queue, unique_key), whose entries must stay under about
+# 2700 bytes; 1000 UTF-8 bytes leaves room for the queue name and the index's own overhead.
+MAX_UNIQUE_KEY_BYTES = 1000
+# A timeout longer than a year is no timeout: pass None for that. The bound keeps it a finite float.
+MAX_TIMEOUT_SECONDS = 365 * 24 * 3600
+# Run times must fit both PostgreSQL's timestamptz and Python's datetime (which ends with year
+# 9999). Delays resolve against the database's clock, not this process's: stopping a day short
+# keeps a skewed clock from pushing the run time over the end.
+LATEST_RUN_AT = datetime.max.replace(tzinfo=UTC)
+LATEST_DELAYED_RUN_AT = LATEST_RUN_AT - timedelta(days=1)
+# The name rules of pgqueue.naming, checked first so an enormous name is never cached there.
+MAX_QUEUE_NAME_LENGTH = 63
+MAX_TASK_NAME_LENGTH = 200
 
 
 class JobState(StrEnum):
@@ -110,17 +137,60 @@ class JobRequest:
         )
 
 
+def short_repr(value: object, limit: int = 80) -> str:
+    """A short repr for error messages: hostile values can be huge, or refuse ``repr`` outright
+    (an integer past Python's digit limit does)."""
+    try:
+        text = repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def _deepest_or_biggest(args: Mapping[str, Any], check_ints: bool) -> str | None:
+    """What makes the args too deep (or, if asked, hold too long an integer), else None.
+
+    Walked with an explicit stack, so any depth is measured without recursing; only containers
+    are stacked. Lists, tuples and dicts are the only containers the encoder accepted.
+    """
+    stack: list[tuple[Any, int]] = [(args, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_ARGS_DEPTH:
+            return _too_deep()
+        for child in value.values() if isinstance(value, dict) else value:
+            if isinstance(child, _CONTAINERS):
+                stack.append((child, depth + 1))
+            elif check_ints and isinstance(child, int) and abs(child) >= _TOO_MANY_DIGITS:
+                return f"job args hold an integer of more than {MAX_INT_DIGITS} digits"
+    return None
+
+
+def _too_deep() -> str:
+    return f"job args are nested more than {MAX_ARGS_DEPTH} levels deep (lists and objects)"
+
+
 def dump_args(args: object) -> str:
     """Arguments are stored as a JSON object and passed to the handler as keyword arguments."""
     if type(args) is not dict and not isinstance(args, Mapping):
         raise InvalidJobError(f"job args must be a mapping of keyword arguments, not {type(args).__name__}")
     for key in args:
         if type(key) is not str and not isinstance(key, str):
-            raise InvalidJobError(f"job args keys must be strings, got {key!r}")
+            raise InvalidJobError(f"job args keys must be strings, got {short_repr(key)}")
     try:
         text = _ENCODER.encode(args)
+    except RecursionError as exc:  # far deeper than the limit: the encoder itself gave up
+        raise InvalidJobError(_too_deep()) from exc
     except (TypeError, ValueError) as exc:
         raise InvalidJobError(f"job args are not JSON-serialisable: {exc}") from exc
+    # Every list or object writes one bracket, so few brackets prove shallow args without a walk.
+    # The integer check is needed only where this process lifted Python's own digit limit (the
+    # encoder then accepts numbers that other processes cannot read back).
+    check_ints = len(text) > MAX_INT_DIGITS and not 0 < sys.get_int_max_str_digits() <= MAX_INT_DIGITS
+    if check_ints or text.count("[") + text.count("{") > MAX_ARGS_DEPTH:
+        problem = _deepest_or_biggest(args, check_ints)
+        if problem is not None:
+            raise InvalidJobError(problem)
     # What JSON allows but PostgreSQL's jsonb refuses: refused here, before anything is written.
     if not text.isascii():
         try:
@@ -133,30 +203,83 @@ def dump_args(args: object) -> str:
 
 
 def check_unique_key(unique_key: object) -> None:
-    if unique_key is not None and (not isinstance(unique_key, str) or not unique_key or "\x00" in unique_key):
+    if unique_key is None:
+        return
+    if not isinstance(unique_key, str) or not unique_key or "\x00" in unique_key:
         raise InvalidJobError(
-            f"unique_key must be a non-empty string without NUL characters, got {unique_key!r}"
+            f"unique_key must be a non-empty string without NUL characters, got {short_repr(unique_key)}"
+        )
+    if unique_key.isascii():
+        size = len(unique_key)
+    else:
+        try:
+            size = len(unique_key.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise InvalidJobError(f"unique_key is not valid Unicode: {exc}") from exc
+    if size > MAX_UNIQUE_KEY_BYTES:
+        raise InvalidJobError(
+            f"unique_key is {size} bytes long in UTF-8; the limit is {MAX_UNIQUE_KEY_BYTES} bytes"
         )
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InvalidJobError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+        raise InvalidJobError(f"{name} must be an integer from {low} to {high}, got {short_repr(value)}")
     return value
 
 
-def _delay_seconds(delay: timedelta | float | int | None) -> float:
+def _check_name_length(kind: str, name: object, limit: int) -> None:
+    if isinstance(name, str) and len(name) > limit:
+        raise InvalidJobError(f"{kind} name is {len(name)} characters long; the limit is {limit}")
+
+
+def _check_time(name: str, value: object) -> None:
+    """An aware datetime that is a valid instant in UTC, so PostgreSQL stores what Python reads."""
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise InvalidJobError(f"{name} must be a timezone-aware datetime, got {short_repr(value)}")
+    try:
+        value.astimezone(UTC)
+    except OverflowError as exc:
+        raise InvalidJobError(
+            f"{name} must fall within years 1 to 9999 in UTC (what both PostgreSQL and Python "
+            f"datetimes hold), got {value.isoformat()}"
+        ) from exc
+
+
+def _check_timeout(timeout: object) -> float | None:
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= MAX_TIMEOUT_SECONDS  # also refuses NaN
+    ):
+        raise InvalidJobError(
+            f"timeout must be a positive number of seconds up to {MAX_TIMEOUT_SECONDS} (365 days; "
+            f"None for no timeout), got {short_repr(timeout)}"
+        )
+    return float(timeout)
+
+
+def _delay_seconds(delay: object) -> float:
     if delay is None:
         return 0.0
     seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
-        raise InvalidJobError(f"delay must be a timedelta or a number of seconds, got {delay!r}")
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or (isinstance(seconds, float) and not math.isfinite(seconds))
+    ):
+        raise InvalidJobError(f"delay must be a timedelta or a number of seconds, got {short_repr(delay)}")
     if seconds < 0:
-        raise InvalidJobError(f"delay must not be negative, got {delay!r}")
-    try:  # bulk enqueue resolves delays in Python: they must give a representable datetime
-        datetime.now(UTC) + timedelta(seconds=seconds)
-    except OverflowError as exc:
-        raise InvalidJobError(f"delay is too long, got {delay!r}") from exc
+        raise InvalidJobError(f"delay must not be negative, got {short_repr(delay)}")
+    # Compared as numbers, never converted first: an int too big for a float or a timedelta
+    # (10**400) is refused here like any other delay that ends past the last storable time.
+    if seconds > (LATEST_DELAYED_RUN_AT - datetime.now(UTC)).total_seconds():
+        raise InvalidJobError(
+            f"delay is too long: the job would run after {LATEST_DELAYED_RUN_AT:%Y-%m-%d} UTC "
+            f"(the end of year 9999, less a day for clock skew), got {short_repr(delay)}"
+        )
     return float(seconds)
 
 
@@ -176,12 +299,12 @@ def build_request(
     """Validate every field of one enqueue; raises :class:`InvalidJobError` on the first bad one."""
     if delay is not None and run_at is not None:
         raise InvalidJobError("give either delay or run_at, not both")
-    if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
-        raise InvalidJobError(f"run_at must be a timezone-aware datetime, got {run_at!r}")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
-    ):
-        raise InvalidJobError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if run_at is not None:
+        _check_time("run_at", run_at)
+    if scheduled_for is not None:
+        _check_time("scheduled_for", scheduled_for)
+    _check_name_length("queue", queue, MAX_QUEUE_NAME_LENGTH)
+    _check_name_length("task", task, MAX_TASK_NAME_LENGTH)
     check_unique_key(unique_key)
     args = {} if args is None else args
     return JobRequest(
@@ -191,8 +314,8 @@ def build_request(
         priority=_check_int("priority", priority, MIN_PRIORITY, MAX_PRIORITY),
         delay_seconds=_delay_seconds(delay),
         run_at=run_at,
-        max_attempts=_check_int("max_attempts", max_attempts, 1, 1_000_000),
-        timeout=float(timeout) if timeout is not None else None,
+        max_attempts=_check_int("max_attempts", max_attempts, 1, MAX_ATTEMPTS_LIMIT),
+        timeout=_check_timeout(timeout),
         unique_key=unique_key,
         scheduled_for=scheduled_for,
         args=args,

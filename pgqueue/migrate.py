@@ -7,6 +7,8 @@ it, so the wheel carries them and an app's alembic.ini can name them as the pack
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
+from pgqueue.connections import classify_connection_error, connect
 from pgqueue.errors import ConfigurationError, PgQueueError
 from pgqueue.naming import check_schema_name
 
@@ -63,10 +66,25 @@ def sqlalchemy_url(dsn: str) -> str:
 
 
 def _engine(dsn: str) -> Engine:
-    # A creator keeps any libpq DSN working (key=value strings, unix sockets, service files).
+    # A creator keeps any libpq DSN working (key=value strings, unix sockets, service files); the
+    # connection is named "pgqueue-migrate", waits a bounded time for a server that is only
+    # briefly away, and fails with a named pgqueue error (which SQLAlchemy lets through).
     return create_engine(
-        "postgresql+psycopg://", creator=lambda: psycopg.connect(dsn), poolclass=pool.NullPool
+        "postgresql+psycopg://", creator=lambda: connect(dsn, "migrate"), poolclass=pool.NullPool
     )
+
+
+@contextmanager
+def _named_errors(schema: str) -> Iterator[None]:
+    """Database failures during a migration as pgqueue errors, named after their cause (the
+    command line prints one line for those); the driver's error stays chained for ``--debug``."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if exc.orig is None:
+            raise
+        error = classify_connection_error(exc.orig)
+        raise type(error)(f"schema {schema!r}: {error}") from exc
 
 
 def _config(schema: str, connection: Any) -> Config:
@@ -79,7 +97,7 @@ def _config(schema: str, connection: Any) -> Config:
 
 def upgrade(dsn: str, *, schema: str = DEFAULT_SCHEMA, revision: str = "head") -> None:
     """Bring the schema to ``revision``; a no-op when it is already there."""
-    with _engine(dsn).begin() as conn:
+    with _named_errors(schema), _engine(dsn).begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
         command.upgrade(_config(schema, conn), revision)
 
@@ -90,27 +108,28 @@ def downgrade(dsn: str, *, schema: str = DEFAULT_SCHEMA, revision: str = "base")
     The schema is dropped without CASCADE, so anything a user put there themselves is never lost:
     the drop fails instead.
     """
-    try:
-        with _engine(dsn).begin() as conn:
-            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
-            if not _has_version_table(conn, schema):
-                return
-            command.downgrade(_config(schema, conn), revision)
-            if revision == "base":
-                conn.execute(text(f'DROP TABLE "{schema}".alembic_version'))
-                conn.execute(text(f'DROP SCHEMA "{schema}"'))
-    except DBAPIError as exc:
-        if not isinstance(exc.orig, psycopg.errors.DependentObjectsStillExist):
-            raise
-        raise PgQueueError(
-            f"schema {schema!r} holds or references objects pgqueue did not create, so nothing "
-            f"was dropped: {exc.orig}"
-        ) from exc
+    with _named_errors(schema):
+        try:
+            with _engine(dsn).begin() as conn:
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+                if not _has_version_table(conn, schema):
+                    return
+                command.downgrade(_config(schema, conn), revision)
+                if revision == "base":
+                    conn.execute(text(f'DROP TABLE "{schema}".alembic_version'))
+                    conn.execute(text(f'DROP SCHEMA "{schema}"'))
+        except DBAPIError as exc:
+            if not isinstance(exc.orig, psycopg.errors.DependentObjectsStillExist):
+                raise
+            raise PgQueueError(
+                f"schema {schema!r} holds or references objects pgqueue did not create, so nothing "
+                f"was dropped: {exc.orig}"
+            ) from exc
 
 
 def current_revision(dsn: str, *, schema: str = DEFAULT_SCHEMA) -> str | None:
     """The revision the database is at, or None when pgqueue was never migrated there."""
-    with _engine(dsn).connect() as conn:
+    with _named_errors(schema), _engine(dsn).connect() as conn:
         if not _has_version_table(conn, schema):
             return None
         table = f'"{check_schema_name(schema)}".alembic_version'

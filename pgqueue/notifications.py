@@ -10,3 +10,4 @@ SETTINGS_PREFIX = "!settings "  # + queue name: re-read the queue's shared setti
 
 def settings_changed(queue: str) -> str:
     return SETTINGS_PREFIX + queue
+PING_PREFIX = "!ping "  # + worker id: a listener's self-test that notifications reach it

@@ -2,27 +2,47 @@
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from typing_extensions import Unpack
 
 from pgqueue import enqueue as ops
+from pgqueue._timestamps import configure_connection, register_timestamp_loaders
 from pgqueue.base import KEEP, UNIQUE_RACE_RETRIES, Keep, QueueBase, QueueSettings
-from pgqueue.connections import sync_connection
+from pgqueue.connections import (
+    CHECKOUT_SLICE,
+    POOL_WAIT,
+    RECONNECT_TIMEOUT,
+    ConnectHealth,
+    Retry,
+    connect,
+    connection_is_stale,
+    observed_connection_class,
+    pool_wait_verdict,
+    schema_not_ready,
+    sync_connection,
+    translate_failure,
+)
 from pgqueue.enqueue import JobSpec
 from pgqueue.errors import DatabaseUnavailableError, JobNotFoundError, PgQueueError
 from pgqueue.jobs import Job, JobRequest, job_from_row
 from pgqueue.notifications import settings_changed
 from pgqueue.schedule_store import ScheduleStore
 from pgqueue.schedules import Schedule, ScheduleOptions
+
+T = TypeVar("T")
+Pool = ConnectionPool[psycopg.Connection[Any]]
+log = logging.getLogger("pgqueue.queue")
 
 
 class Queue(QueueBase[int]):
@@ -34,28 +54,150 @@ class Queue(QueueBase[int]):
     >>> send_email.enqueue(to="a@b.c")  # doctest: +SKIP
     """
 
-    _pool: ConnectionPool[psycopg.Connection[Any]] | None = None
-    _pool_lock = threading.Lock()
+    _pool: Pool | None = None
+    _pool_health: ConnectHealth | None = None
+    _pool_lock = threading.Lock()  # held only to swap pools, never while connecting
 
-    def pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
-        """The queue's own connection pool, opened on first use."""
+    def pool(self) -> Pool:
+        """The queue's own connection pool, opened on first use, and built anew after
+        :meth:`close` or an outage (a closed psycopg pool cannot reopen).
+
+        It connects in the background: a failure shows when a connection is asked for.
+        """
+        pool = self._pool
+        if pool is not None and not pool.closed:
+            return pool
         with self._pool_lock:
-            if self._pool is None:
+            if self._pool is None or self._pool.closed:
+                health = ConnectHealth()
                 self._pool = ConnectionPool(
                     self.dsn,
+                    connection_class=observed_connection_class(health),
                     min_size=1,
                     max_size=self.pool_size,
-                    kwargs={"autocommit": True},
+                    kwargs=self.connection_kwargs(),
+                    configure=configure_connection,
                     name=f"pgqueue-{self.schema}",
+                    timeout=POOL_WAIT,
+                    reconnect_timeout=RECONNECT_TIMEOUT,
                     open=True,
                 )
+                self._pool_health = health
             return self._pool
 
     def close(self) -> None:
         with self._pool_lock:
-            if self._pool is not None:
-                self._pool.close()
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def _first_pool(self) -> Pool:
+        """The pool, once the server has accepted a connection of our own.
+
+        The pool would only log why it cannot connect, and keep trying in the background; one
+        direct attempt first reports a refusal at once and by name (retrying transient ones for
+        ``connect_wait``), and leaves nothing behind when the server is not there.
+        """
+        connect(
+            self.dsn,
+            self.connection_role,
+            wait=self.connect_wait,
+            prepared_statements=self.prepared_statements,
+        ).close()
+        return self.pool()
+
+    def _drop_pool(self, pool: Pool) -> None:
+        """Retire a pool that cannot reach the server: the next call starts again from
+        :meth:`_first_pool`, and nothing keeps reconnecting for a queue nobody uses."""
+        with self._pool_lock:
+            if self._pool is pool:
                 self._pool = None
+        # Closing joins the pool's threads, one of which may be inside a connection attempt.
+        threading.Thread(target=pool.close, name=f"{pool.name}-close", daemon=True).start()
+
+    def _checkout(self) -> tuple[Pool, psycopg.Connection[Any]]:
+        """A live pooled connection, or the named reason there is none.
+
+        Connections the server has already closed (a restart, ``pg_terminate_backend``) are
+        dropped before anything is sent on them, so even a statement that must not run twice
+        goes to a fresh one. While the pool cannot connect, a failure retrying cannot fix is
+        raised at the next look (within :data:`CHECKOUT_SLICE`), a transient one after
+        ``connect_wait``; a pool that is merely busy is waited on for :data:`POOL_WAIT`.
+        """
+        pool = self._pool
+        if pool is None or pool.closed:
+            pool = self._first_pool()
+        started = 0.0
+        while True:
+            try:
+                conn = pool.getconn(timeout=CHECKOUT_SLICE)
+            except PoolTimeout:
+                now = time.monotonic()
+                started = started or now - CHECKOUT_SLICE
+                pool = self._after_timeout(pool, now - started)
+                continue
+            except PoolClosed:  # closed by close(), or retired by another caller meanwhile
+                pool = self._first_pool()
+                continue
+            if connection_is_stale(conn):
+                conn.close()  # handed back closed, the pool replaces it
+                pool.putconn(conn)
+                continue
+            return pool, conn
+
+    def _after_timeout(self, pool: Pool, waited: float) -> Pool:
+        health = self._pool_health
+        if pool is not self._pool or health is None:
+            return self._first_pool()
+        error, cause = pool_wait_verdict(health, waited, self.connect_wait, pool.max_size)
+        if error is None:
+            return pool
+        if cause is not None:
+            self._drop_pool(pool)
+        raise error from cause
+
+    def _run(self, conn: Any, work: Callable[[psycopg.Connection[Any]], T], retry: Retry) -> T:
+        """``work`` on the caller's connection, else on a pooled one, with failures named.
+
+        On a pooled connection lost midway, ``work`` runs once more on a fresh one when
+        ``retry`` says that is safe (see :data:`~pgqueue.connections.Retry`); with
+        ``transaction`` it runs inside a transaction of its own (on an autocommit caller
+        connection too, as :meth:`enqueue_many` always did).
+        """
+        if conn is not None:
+            c = sync_connection(conn)
+            try:
+                if retry == "transaction":
+                    with c.transaction() if c.autocommit else nullcontext():
+                        return work(c)
+                return work(c)
+            except psycopg.Error as exc:
+                not_ready = schema_not_ready(exc, self.schema)
+                if not_ready is None:
+                    raise
+                raise not_ready from exc
+        for attempt in (1, 2):
+            pool, c = self._checkout()
+            committing = False
+            try:
+                if retry == "transaction":
+                    with c.transaction():
+                        result = work(c)
+                        committing = True
+                    return result
+                return work(c)
+            except psycopg.Error as exc:
+                unsure = retry == "never" or committing
+                error = translate_failure(exc, c, self.schema, unsure=unsure)
+                if error is None:
+                    raise
+                if attempt == 1 and not unsure and isinstance(error, DatabaseUnavailableError):
+                    log.debug("%s; trying once more on a new connection", error)
+                    continue
+                raise error from exc
+            finally:
+                pool.putconn(c)
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     def __enter__(self) -> Queue:
         return self
@@ -65,15 +207,33 @@ class Queue(QueueBase[int]):
 
     @contextmanager
     def connection(self, conn: Any = None) -> Iterator[psycopg.Connection[Any]]:
-        """The caller's connection (its transaction) if given, else one from the pool (autocommit)."""
+        """The caller's connection (its transaction) if given, else a live one from the pool
+        (autocommit).
+
+        Failures come out named (:class:`SchemaNotReadyError`, :class:`DatabaseUnavailableError`
+        for a connection lost midway…); nothing is retried, the block may not be safe to repeat.
+        """
         if conn is not None:
-            yield sync_connection(conn)
-        else:
+            c = sync_connection(conn)
             try:
-                with self.pool().connection() as pooled:
-                    yield pooled
-            except PoolTimeout as exc:
-                raise DatabaseUnavailableError(f"cannot connect to the database: {exc}") from exc
+                yield c
+            except psycopg.Error as exc:
+                not_ready = schema_not_ready(exc, self.schema)
+                if not_ready is None:
+                    raise
+                raise not_ready from exc
+            return
+        pool, c = self._checkout()
+        try:
+            with c:
+                yield c
+        except psycopg.Error as exc:
+            error = translate_failure(exc, c, self.schema, unsure=True)
+            if error is None:
+                raise
+            raise error from exc
+        finally:
+            pool.putconn(c)
 
     def migrate(self, revision: str = "head") -> None:
         """Create or upgrade pgqueue's schema; running it again changes nothing."""
@@ -107,8 +267,19 @@ class Queue(QueueBase[int]):
             timeout=timeout,
             unique_key=unique_key,
         )
-        with self.connection(conn) as c:
+        if conn is not None:
+            return self._run(conn, lambda c: self._insert_one(c, request), "never")
+        # The hot path, spelled out: one checkout, one statement, no closure.
+        pool, c = self._checkout()
+        try:
             return self._insert_one(c, request)
+        except psycopg.Error as exc:
+            error = translate_failure(exc, c, self.schema, unsure=True)
+            if error is None:
+                raise
+            raise error from exc
+        finally:
+            pool.putconn(c)
 
     def _insert_one(self, c: psycopg.Connection[Any], request: JobRequest) -> int:
         params = ops.enqueue_params(self.queries, request, self.notify)
@@ -130,19 +301,21 @@ class Queue(QueueBase[int]):
         requests = ops.make_requests(self.registry, jobs)
         if not requests:
             return []
-        with self.connection(conn) as c, c.transaction() if c.autocommit else nullcontext():
-            now, ids = c.execute(self.queries.reserve_ids, {"count": len(requests)}).fetchone()  # type: ignore[misc]
-            if any(r.unique_key is not None for r in requests):
-                ids = self._insert_unique(c, requests, ids)
-            else:
-                with c.cursor().copy(self.queries.copy_jobs) as copy:
-                    for chunk in ops.copy_chunks(requests, ids, now):
-                        copy.write(chunk)
-            if self.notify:
-                c.execute(
-                    self.queries.notify_queues,
-                    {"channel": self.queries.channel, "queues": ops.distinct_queues(requests)},
-                )
+        return self._run(conn, lambda c: self._insert_many(c, requests), "transaction")
+
+    def _insert_many(self, c: psycopg.Connection[Any], requests: list[JobRequest]) -> list[int]:
+        now, ids = c.execute(self.queries.reserve_ids, {"count": len(requests)}).fetchone()  # type: ignore[misc]
+        if any(r.unique_key is not None for r in requests):
+            ids = self._insert_unique(c, requests, ids)
+        else:
+            with c.cursor().copy(self.queries.copy_jobs) as copy:
+                for chunk in ops.copy_chunks(requests, ids, now):
+                    copy.write(chunk)
+        if self.notify:
+            c.execute(
+                self.queries.notify_queues,
+                {"channel": self.queries.channel, "queues": ops.distinct_queues(requests)},
+            )
         return list(ids)
 
     def _insert_unique(
@@ -165,29 +338,30 @@ class Queue(QueueBase[int]):
 
     def get_job(self, job_id: int, *, conn: Any = None) -> Job:
         """The job as stored now; dead-lettered jobs come back with state ``dead``."""
-        with self.connection(conn) as c, c.cursor(row_factory=dict_row) as cur:
-            row = cur.execute(self.queries.get_job, {"id": job_id}).fetchone()
+
+        def read(c: psycopg.Connection[Any]) -> dict[str, Any] | None:
+            with c.cursor(row_factory=dict_row) as cur:
+                register_timestamp_loaders(cur)  # for a caller's connection too, without changing it
+                return cur.execute(self.queries.get_job, {"id": job_id}).fetchone()
+
+        row = self._run(conn, read, "read")
         if row is None:
             raise JobNotFoundError(f"no job with id {job_id}")
         return job_from_row(row)
 
     def cancel(self, job_id: int, *, conn: Any = None) -> bool:
         """Cancel a queued job (it never runs) or ask a running one to stop. False if already finished."""
-        with self.connection(conn) as c:
-            return (
-                c.execute(self.queries.cancel, {"id": job_id, "channel": self.queries.channel}).fetchone()
-                is not None
-            )
+        params = {"id": job_id, "channel": self.queries.channel}
+        return (
+            self._run(conn, lambda c: c.execute(self.queries.cancel, params).fetchone(), "never") is not None
+        )
 
     def cancel_by_key(self, unique_key: str, *, queue: str | None = None, conn: Any = None) -> int:
         """Cancel the live job(s) holding ``unique_key``, e.g. a follow-up made moot. Returns how many."""
-        with self.connection(conn) as c:
-            return len(
-                c.execute(
-                    self.queries.cancel_by_key,
-                    {"unique_key": unique_key, "queue": queue, "channel": self.queries.channel},
-                ).fetchall()
-            )
+        params = {"unique_key": unique_key, "queue": queue, "channel": self.queries.channel}
+        return len(
+            self._run(conn, lambda c: c.execute(self.queries.cancel_by_key, params).fetchall(), "never")
+        )
 
     def retry_dead(self, job_id: int, *, conn: Any = None) -> bool:
         """Move one dead-lettered job back to its queue with fresh attempts (same id)."""
@@ -204,8 +378,7 @@ class Queue(QueueBase[int]):
             "notify": self.notify,
             "channel": self.queries.channel,
         }
-        with self.connection(conn) as c:
-            return len(c.execute(self.queries.retry_dead, params).fetchall())
+        return len(self._run(conn, lambda c: c.execute(self.queries.retry_dead, params).fetchall(), "never"))
 
     def configure_queue(
         self,
@@ -240,14 +413,16 @@ class Queue(QueueBase[int]):
         return self._set_queue(self._queue_settings_params(name, paused=False))
 
     def _set_queue(self, params: dict[str, Any]) -> QueueSettings:
-        with self.connection() as c, c.transaction():
+        def update(c: psycopg.Connection[Any]) -> tuple[Any, ...]:
             row = c.execute(self.queries.set_queue, params).fetchone()
             assert row is not None
             c.execute(
                 self.queries.wake_queues,
                 {"channel": self.queries.channel, "queues": [row[0], settings_changed(row[0])]},
             )
-        return QueueSettings(*row)
+            return tuple(row)
+
+        return QueueSettings(*self._run(None, update, "transaction"))
 
     # ------------------------------------------------------------------ schedules at run time
 

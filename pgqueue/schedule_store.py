@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import psycopg
+
 from pgqueue.errors import PgQueueError
 from pgqueue.jobs import dump_args
 from pgqueue.schedules import Schedule
@@ -74,7 +76,11 @@ def schedule_from_row(row: tuple[Any, ...]) -> Schedule:
 
 
 class ScheduleStore:
-    """The schedules table through one queue's connection pool."""
+    """The schedules table through one queue's connection pool.
+
+    Reads and the declared-schedules sync (one transaction of its own) run again on a fresh
+    connection when the first is lost midway; single writes do not (they may have taken effect).
+    """
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
@@ -83,22 +89,25 @@ class ScheduleStore:
     def sync_declared(self, schedules: Iterable[Schedule]) -> None:
         """Store the schedules declared in code; forget code schedules no longer declared."""
         schedules = list(schedules)
-        with self.queue.connection() as conn, conn.transaction():
+
+        def store(conn: psycopg.Connection[Any]) -> None:
             for schedule in schedules:
                 conn.execute(self.queries.upsert_schedule, schedule_params(schedule, from_code=True))
             conn.execute(self.queries.delete_stale_code_schedules, {"names": [s.name for s in schedules]})
 
+        self.queue._run(None, store, "transaction")
+
     def upsert(self, schedule: Schedule) -> bool:
         """Add or replace a run-time schedule; True when it is new."""
-        with self.queue.connection() as conn:
-            row = conn.execute(
-                self.queries.upsert_schedule, schedule_params(schedule, from_code=False)
-            ).fetchone()
+        params = schedule_params(schedule, from_code=False)
+        row = self.queue._run(
+            None, lambda c: c.execute(self.queries.upsert_schedule, params).fetchone(), "never"
+        )
         return bool(row and row[0])
 
     def list(self) -> list[Schedule]:
-        with self.queue.connection() as conn:
-            return [schedule_from_row(row) for row in conn.execute(self.queries.list_schedules).fetchall()]
+        rows = self.queue._run(None, lambda c: c.execute(self.queries.list_schedules).fetchall(), "read")
+        return [schedule_from_row(row) for row in rows]
 
     def get(self, name: str) -> Schedule:
         for schedule in self.list():
@@ -113,10 +122,9 @@ class ScheduleStore:
         self._change(self.queries.delete_schedule, {"name": name})
 
     def set_next_fire(self, name: str, next_fire_at: datetime | None) -> None:
-        with self.queue.connection() as conn:
-            conn.execute(self.queries.set_next_fire, {"name": name, "next_fire_at": next_fire_at})
+        params = {"name": name, "next_fire_at": next_fire_at}
+        self.queue._run(None, lambda c: c.execute(self.queries.set_next_fire, params), "never")
 
     def _change(self, query: str, params: dict[str, Any]) -> None:
-        with self.queue.connection() as conn:
-            if conn.execute(query, params).fetchone() is None:
-                raise ScheduleNotFoundError(f"no schedule named {params['name']!r}")
+        if self.queue._run(None, lambda c: c.execute(query, params).fetchone(), "never") is None:
+            raise ScheduleNotFoundError(f"no schedule named {params['name']!r}")

@@ -4,6 +4,11 @@ Every scheduler process runs every schedule. When a fire time comes, each proces
 record it on the schedule's row (``last_fire_at < fire_at``) in the same transaction as the
 enqueue; the first wins and the others find nothing to do. So any number of schedulers can run
 (one per worker host, say) with no leader election and no double sends.
+
+A fire that meets a transient failure (the server restarting, the connection cut) is retried
+until its misfire grace ends: the claim makes the retry harmless if the first attempt did commit,
+and every scheduler retrying the same fire time still enqueues it once. A scheduler started
+before PostgreSQL waits for it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import logging
 import signal
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,7 +30,9 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from pgqueue.base import QueueBase
+from pgqueue.connections import is_transient, retry_delays
 from pgqueue.enqueue import JobSpec, make_request
+from pgqueue.errors import PgQueueError
 from pgqueue.queue import Queue
 from pgqueue.schedule_store import ScheduleStore
 from pgqueue.schedules import Schedule, fire_key
@@ -32,29 +40,54 @@ from pgqueue.schedules import Schedule, fire_key
 log = logging.getLogger("pgqueue.scheduler")
 ENQUEUE_EXECUTOR = "pgqueue-enqueue"
 RECONCILE_JOB = "pgqueue-reconcile"
+FIRE_THREADS = 4  # schedules whose fires are being enqueued at the same moment
 
 
 class _EnqueueExecutor(BaseExecutor):  # type: ignore[misc]
     """An APScheduler executor that receives each fire time and enqueues it (the plain
-    executors would call a function without telling it which fire time it is for)."""
+    executors would call a function without telling it which fire time it is for).
+
+    The fire times of one schedule are enqueued one after the other, in order: the claim only
+    takes a fire time later than the last one recorded, so a fire being retried must not be
+    overtaken by the next. For the same reason there is no per-job instance limit here: with
+    APScheduler's, the next fire time would be skipped while one is still being retried.
+    """
 
     def __init__(self, scheduler: Scheduler) -> None:
         super().__init__()
         self._pgqueue = scheduler
-        self._threads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pgqueue-fire")
+        self._threads = ThreadPoolExecutor(max_workers=FIRE_THREADS, thread_name_prefix="pgqueue-fire")
+        self._pending: dict[str, deque[datetime]] = {}
+        self._pending_lock = threading.Lock()
 
-    def _do_submit_job(self, job: APJob, run_times: list[datetime]) -> None:
-        def fire() -> None:
+    def submit_job(self, job: APJob, run_times: list[datetime]) -> None:
+        self.submit_fires(job.id, run_times)
+
+    def _do_submit_job(self, job: APJob, run_times: list[datetime]) -> None:  # pragma: no cover
+        self.submit_fires(job.id, run_times)  # submit_job above never calls it
+
+    def submit_fires(self, name: str, run_times: list[datetime]) -> None:
+        """Queue fire times of one schedule behind any of its fires still being enqueued."""
+        with self._pending_lock:
+            pending = self._pending.get(name)
+            if pending is None:
+                pending = self._pending[name] = deque()
+                self._threads.submit(self._drain, name)
+            pending.extend(run_times)
+
+    def _drain(self, name: str) -> None:
+        while True:
+            with self._pending_lock:
+                pending = self._pending[name]
+                if not pending or self._pgqueue.stopping:
+                    del self._pending[name]
+                    return
+                fire_time = pending.popleft()
+                superseded = bool(pending)
             try:
-                for run_time in run_times:
-                    self._pgqueue.fire(job.id, run_time)
-            except Exception as exc:
-                log.exception("schedule %s: enqueue failed", job.id)
-                self._run_job_error(job.id, exc, exc.__traceback__)
-            else:
-                self._run_job_success(job.id, [])
-
-        self._threads.submit(fire)
+                self._pgqueue.fire_until_grace(name, fire_time, superseded=superseded)
+            except Exception:  # never lose the drain: the next fire times still have to go
+                log.exception("schedule %s: enqueue for %s failed", name, fire_time.isoformat())
 
     def shutdown(self, wait: bool = True) -> None:
         self._threads.shutdown(wait=wait)
@@ -68,38 +101,53 @@ class Scheduler:
     """
 
     def __init__(self, queue: QueueBase[Any], *, reconcile_interval: float = 5.0) -> None:
-        # Firing is synchronous work in APScheduler's threads: an async app's queue gets a sync twin.
-        self._owns_queue = not isinstance(queue, Queue)
-        self.queue = (
-            queue
-            if isinstance(queue, Queue)
-            else Queue(
-                queue._dsn,
-                schema=queue.schema,
-                registry=queue.registry,
-                schedules=queue.declared_schedules,
-            )
+        # A queue (and pool) of its own: firing is synchronous work in APScheduler's threads, so
+        # an async app's queue needs a sync twin anyway, and its connections are then named
+        # "pgqueue-scheduler" and kept apart from the app's.
+        self.queue = Queue(
+            queue._dsn,
+            schema=queue.schema,
+            notify=queue.notify,
+            # No more connections than threads to use them: the fire threads and the reconcile.
+            pool_size=min(queue.pool_size, FIRE_THREADS + 1),
+            registry=queue.registry,
+            schedules=queue.declared_schedules,
+            connect_wait=queue.connect_wait,
+            prepared_statements=queue.prepared_statements,
         )
+        self.queue.connection_role = "scheduler"
         self.store = ScheduleStore(self.queue)
         self.reconcile_interval = reconcile_interval
         self.fired: list[tuple[str, datetime, float]] = []  # (name, fire time, lateness s)
         self._schedules: dict[str, Schedule] = {}
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._executor = _EnqueueExecutor(self)
         self._aps = BackgroundScheduler(
             timezone=UTC,
             executors={
-                ENQUEUE_EXECUTOR: _EnqueueExecutor(self),
+                ENQUEUE_EXECUTOR: self._executor,
                 "default": APThreadPoolExecutor(1),
             },
             job_defaults={"coalesce": True, "max_instances": 1},
         )
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> None:
-        declared = list(self.queue.declared_schedules)
-        self.store.sync_declared(declared)
-        self._reconcile(catch_up=True)
+        """Store the declared schedules and fire them from background threads.
+
+        While the database cannot be reached this waits, logging each failed attempt, so a
+        scheduler started before PostgreSQL works within seconds of it coming up; a failure
+        retrying cannot fix (credentials, an unmigrated schema) raises. Returns without starting
+        when :meth:`shutdown` (or, under :meth:`run`, a signal) comes first.
+        """
+        if not self._wait_for_database():
+            return
         self._aps.add_job(
             self._reconcile_quietly,
             "interval",
@@ -110,20 +158,37 @@ class Scheduler:
         self._aps.start()
         log.info("scheduler started with %d schedules", len(self._schedules))
 
+    def _wait_for_database(self) -> bool:
+        """Sync the declared schedules and read the table, retrying transient failures."""
+        delays = retry_delays()
+        while not self._stopping.is_set():
+            try:
+                self.store.sync_declared(list(self.queue.declared_schedules))
+                self._reconcile(catch_up=True)
+                return True
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("cannot reach the database (%s); retrying", exc)
+                self._stopping.wait(next(delays))
+        return False
+
     def shutdown(self) -> None:
+        self._stopping.set()
         if self._aps.running:
             self._aps.shutdown(wait=True)
-        if self._owns_queue:
-            self.queue.close()
+        self.queue.close()
         log.info("scheduler stopped")
 
     def run(self) -> None:
         """Run until SIGTERM or SIGINT."""
-        stop = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {
+            sig: signal.signal(sig, lambda *_: self._stopping.set())
+            for sig in (signal.SIGTERM, signal.SIGINT)
+        }
         try:
             self.start()
-            stop.wait()
+            self._stopping.wait()
         finally:
             self.shutdown()
             self.queue.close()
@@ -131,6 +196,49 @@ class Scheduler:
                 signal.signal(sig, handler)
 
     # ------------------------------------------------------------------ firing
+
+    def fire_until_grace(self, name: str, fire_time: datetime, *, superseded: bool = False) -> None:
+        """Enqueue one fire time, retrying transient failures until its misfire grace ends.
+
+        ``superseded``: a later fire time of the same schedule is already waiting; a ``coalesce``
+        schedule then runs only that one.
+        """
+        schedule = self._schedules.get(name)
+        if schedule is None:
+            return
+        if superseded and schedule.misfire == "coalesce":
+            log.info("schedule %s: %s coalesced into a later fire time", name, fire_time.isoformat())
+            return
+        give_up_at = fire_time.timestamp() + max(1.0, schedule.misfire_grace.total_seconds())
+        delays = retry_delays()
+        while True:
+            try:
+                self.fire(name, fire_time)
+                return
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.error(
+                        "schedule %s: enqueue for %s failed: %s",
+                        name,
+                        fire_time.isoformat(),
+                        exc,
+                        exc_info=not isinstance(exc, PgQueueError),
+                    )
+                    return
+                pause = next(delays)
+                if time.time() + pause >= give_up_at:
+                    log.error(
+                        "schedule %s: fire time %s dropped, still failing when its misfire grace ended: %s",
+                        name,
+                        fire_time.isoformat(),
+                        exc,
+                    )
+                    return
+                log.warning(
+                    "schedule %s: enqueue for %s failed (%s); retrying", name, fire_time.isoformat(), exc
+                )
+                if self._stopping.wait(pause):
+                    return
 
     def fire(self, name: str, fire_time: datetime) -> int | None:
         """Enqueue the job of one fire time unless another scheduler already did; returns its id."""
@@ -228,7 +336,12 @@ class Scheduler:
             return
         if schedule.last_fire_at < latest:
             log.info("schedule %s missed %s: running it once now", schedule.name, latest.isoformat())
-            self.fire(schedule.name, latest)
+            try:
+                self.fire(schedule.name, latest)
+            except Exception as exc:
+                if not (self._aps.running and is_transient(exc)):
+                    raise  # at start-up, start() retries the whole sync
+                self._executor.submit_fires(schedule.name, [latest])
 
 
 def _definition(schedule: Schedule) -> tuple[Any, ...]:

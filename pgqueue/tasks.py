@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pgqueue.errors import ConfigurationError, InvalidJobError, UnknownTaskError
 from pgqueue.jobs import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY, DEFAULT_QUEUE
@@ -16,6 +16,8 @@ from pgqueue.retry import DEFAULT_BACKOFF, Backoff
 R = TypeVar("R")
 Handler = Callable[..., Any]
 CONTEXT_PARAMETER = "ctx"
+Isolation = Literal["thread", "process"]
+ISOLATIONS: tuple[Isolation, ...] = ("thread", "process")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,9 @@ class TaskOptions:
     timeout: float | None = None
     backoff: Backoff = DEFAULT_BACKOFF
     abort_on: tuple[type[BaseException], ...] = ()
+    # "process" runs the handler in a child process that is killed at its timeout; None follows
+    # the worker's --isolation setting.
+    isolation: Isolation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +159,7 @@ def make_options(
     timeout: float | None = None,
     backoff: Backoff | None = None,
     abort_on: tuple[type[BaseException], ...] | None = None,
+    isolation: str | None = None,
 ) -> TaskOptions:
     """Task options checked at declaration, so a typo fails at import rather than at 3 AM."""
     options = base or TaskOptions()
@@ -172,6 +178,10 @@ def make_options(
         changes["backoff"] = backoff
     if abort_on is not None:
         changes["abort_on"] = tuple(abort_on)
+    if isolation is not None:
+        if isolation not in ISOLATIONS:
+            raise ConfigurationError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
+        changes["isolation"] = isolation
     return replace(options, **changes)
 
 

@@ -144,6 +144,20 @@ def test_metrics_counters_and_histogram_add_what_finished_between_scrapes(
     assert again[("pgqueue_jobs_processed_total", (("outcome", "completed"), q))] == 3
 
 
+def test_metrics_sum_abandoned_threads_of_live_workers(client: TestClient, pgqueue_queue: Queue) -> None:
+    s = pgqueue_queue.schema
+    with pgqueue_queue.connection() as c:
+        c.execute(
+            f"""INSERT INTO "{s}".workers (id, host, pid, queues, concurrency, heartbeat_at,
+                    abandoned_threads)
+                VALUES ('a', 'h', 1, '{{email}}', 4, now(), 2),
+                       ('b', 'h', 2, '{{email}}', 4, now(), 1),
+                       ('gone', 'h', 3, '{{email}}', 4, now() - interval '1 hour', 5)"""
+        )
+    m = samples(client.get("/metrics", headers=AUTH).text)
+    assert m[("pgqueue_worker_abandoned_threads", ())] == 3  # the stale worker's 5 died with it
+
+
 def test_public_metrics_option(pgqueue_queue: Queue) -> None:
     app = admin_app(pgqueue_queue, auth=AdminAuth(token=TOKEN), options=AdminOptions(public_metrics=True))
     with TestClient(app) as c:

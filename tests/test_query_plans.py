@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from typing import Any
 
 import psycopg
@@ -45,17 +46,18 @@ def _index_names(plan: Any) -> set[str]:
 def test_ack_uses_the_primary_key_even_with_stale_statistics(queue: Queue) -> None:
     ids = queue.enqueue_many([{"task": "t", "queue": "q"}] * 5000)
     schema = queue.schema
+    token = uuid.uuid4()
     with psycopg.connect(queue.dsn, autocommit=True) as conn:
         conn.execute(f'ANALYZE "{schema}".jobs')  # statistics: every job queued, none running
         conn.execute(
             f"UPDATE \"{schema}\".jobs SET state = 'running', attempts = 1, worker_id = 'w',"
-            " lease_expires_at = now() + interval '1 minute' WHERE id = ANY(%s)",
-            (ids[:4000],),
+            " claim_token = %s, lease_expires_at = now() + interval '1 minute' WHERE id = ANY(%s)",
+            (token, ids[:4000]),
         )
         text, names = _as_prepared(queue.queries.ack)
         types = {
             "id": "bigint[]",
-            "attempt": "int[]",
+            "token": "uuid[]",
             "kind": "text[]",
             "result": "jsonb[]",
             "error": "jsonb[]",
@@ -65,7 +67,7 @@ def test_ack_uses_the_primary_key_even_with_stale_statistics(queue: Queue) -> No
         conn.execute("SET plan_cache_mode = force_generic_plan")
         params = {
             "id": ids[:2000],
-            "attempt": [1] * 2000,
+            "token": [token] * 2000,
             "kind": ["completed"] * 2000,
             "result": [None] * 2000,
             "error": [None] * 2000,

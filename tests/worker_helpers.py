@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -156,18 +156,27 @@ class WorkerProcess:
 
 @dataclass
 class Workers:
-    """Starts ``pgqueue worker worker_app:queue`` subprocesses; kills leftovers on exit."""
+    """Starts ``pgqueue worker worker_app:queue`` (or another app) subprocesses; kills leftovers on exit."""
 
     dsn: str
     schema: str
     log_dir: Path
     started: list[WorkerProcess] = field(default_factory=list)
 
-    def start(self, *args: str, env: dict[str, str] | None = None, log_level: str = "INFO") -> WorkerProcess:
+    def start(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        log_level: str = "INFO",
+        app: str = "worker_app:queue",
+        pythonpath: Sequence[str | Path] = (),
+    ) -> WorkerProcess:
+        """``pgqueue worker APP *args``; ``pythonpath`` entries go before ``tests/`` (for APP)."""
         appname = f"pgq-test-worker-{uuid.uuid4().hex[:8]}"
+        paths = [*map(str, pythonpath), str(TESTS_DIR), os.environ.get("PYTHONPATH")]
         full_env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
+            "PYTHONPATH": os.pathsep.join(filter(None, paths)),
             "PGQUEUE_DSN": self.dsn,
             "PGQUEUE_SCHEMA": self.schema,
             "PGAPPNAME": appname,  # every connection of the process carries it: tests find them
@@ -175,7 +184,7 @@ class Workers:
             **(env or {}),
         }
         full_env.pop("NOTIFY_SOCKET", None)
-        cmd = [sys.executable, "-m", "pgqueue", "worker", "worker_app:queue", *args]
+        cmd = [sys.executable, "-m", "pgqueue", "worker", app, *args]
         log_path = self.log_dir / f"{appname}.log"
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(

@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from pgqueue.admin.redaction import no_redaction
+from pgqueue.admin.redaction import Redactor, default_redact, no_redaction, redact_value
 from pgqueue.admin.schemas import CleanIn, RetryOut
 from pgqueue.admin.store import get_job
 from pgqueue.queue import Queue
@@ -32,19 +32,22 @@ def _notify_params(queue: Queue, job_id: int) -> dict[str, Any]:
     return {"id": job_id, "notify": queue.notify, "channel": queue.queries.channel}
 
 
-def retry(queue: Queue, conn: Conn, job_id: int) -> RetryOut:
+def retry(queue: Queue, conn: Conn, job_id: int, *, redact: Redactor = default_redact) -> RetryOut:
     """Make a job run (again), whatever state it is in, except while it runs.
 
     - dead: moved back to its queue with fresh attempts, keeping its id and error history;
     - queued or delayed (e.g. backing off): due now;
     - completed or cancelled: a copy is enqueued with a new id, the original kept as history.
+
+    ``redact`` applies to the unique key a refusal names, as it does wherever keys are shown.
     """
     job = get_job(conn, queue.queries, job_id, no_redaction)
     if job is None:
         raise NotFound(f"no job with id {job_id}")
+    key = redact_value(redact, job.unique_key)
     if job.state == "dead":
         if not queue.retry_dead(job_id, conn=conn):
-            raise Conflict(f"job {job_id} stays dead: a live job holds its unique key {job.unique_key!r}")
+            raise Conflict(f"job {job_id} stays dead: a live job holds its unique key {key!r}")
         return RetryOut(job_id=job_id, action="moved_from_dead_letter")
     if job.state == "running":
         raise Conflict(f"job {job_id} is running; cancel it first or let it finish")
@@ -54,7 +57,7 @@ def retry(queue: Queue, conn: Conn, job_id: int) -> RetryOut:
         raise Conflict(f"job {job_id} left the queue meanwhile; reload")
     row = conn.execute(queue.queries.admin_copy_job, _notify_params(queue, job_id)).fetchone()
     if row is None:
-        raise Conflict(f"job {job_id} was not copied: a live job holds its unique key {job.unique_key!r}")
+        raise Conflict(f"job {job_id} was not copied: a live job holds its unique key {key!r}")
     return RetryOut(job_id=int(row[0]), action="copied")
 
 

@@ -3,6 +3,11 @@
 The router carries everything — dashboard at its root, JSON API under ``/api``, ``/health/*``,
 ``/metrics`` — and its own lifespan (the alert loop), which FastAPI merges into the app that
 includes it. Credentials are required unless ``AdminAuth(insecure_no_auth=True)`` says otherwise.
+
+Every route of the router refuses bad hosts, cross-site writes, missing credentials and
+oversized bodies before its body is read (:mod:`pgqueue.admin.shield`); the standalone app adds
+the host and origin checks around everything else it serves (the OpenAPI document, its docs
+page, and the 404s).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pgqueue.admin.context import AdminContext
 from pgqueue.admin.redaction import Redactor, default_redact
 from pgqueue.admin.routes import dead, fleet, jobs, queues
 from pgqueue.admin.settings import AdminOptions
+from pgqueue.admin.shield import Shield
 from pgqueue.base import QueueBase
 from pgqueue.queue import Queue
 
@@ -47,8 +53,20 @@ def create_admin_router(
     """The whole admin as one router: ``app.include_router(router, prefix="/admin")``.
 
     ``auth`` defaults to :meth:`AdminAuth.from_env`, which refuses to build without
-    credentials. ``redact`` sees every job's arguments, result and progress before any view.
+    credentials. ``redact`` sees every job's arguments, result, progress, errors and unique
+    key before any view.
     """
+    return _build_router(queue, auth=auth, redact=redact, alerts=alerts, options=options)[0]
+
+
+def _build_router(
+    queue: QueueBase[Any],
+    *,
+    auth: AdminAuth | None,
+    redact: Redactor,
+    alerts: AlertSettings | None,
+    options: AdminOptions | None,
+) -> tuple[APIRouter, AdminContext]:
     ctx = AdminContext(
         queue=sync_queue(queue),
         guard=Guard(auth if auth is not None else AdminAuth.from_env()),
@@ -78,7 +96,7 @@ def create_admin_router(
     router = APIRouter(lifespan=lifespan)
     for part in (dashboard, queues, jobs, dead, fleet, health, metrics):
         router.include_router(part.build(ctx))
-    return router
+    return router, ctx
 
 
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
@@ -100,7 +118,7 @@ def create_admin_app(
     ``close_queue`` closes the queue's pool at shutdown, for an app that made its own queue.
     """
     sync = sync_queue(queue)
-    router = create_admin_router(sync, auth=auth, redact=redact, alerts=alerts, options=options)
+    router, ctx = _build_router(sync, auth=auth, redact=redact, alerts=alerts, options=options)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -120,6 +138,7 @@ def create_admin_app(
         openapi_url="/api/openapi.json",
     )
     app.include_router(router)
+    app.add_middleware(Shield, guard=ctx.guard, max_body=None)  # routes enforce the size
     app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(psycopg.OperationalError, _database_unavailable)
     return app

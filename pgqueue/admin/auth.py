@@ -8,6 +8,13 @@ sent along with requests other sites trigger, and a login form can be posted cro
 every mutating request is refused when the browser says it came from another site
 (``Sec-Fetch-Site``) or its ``Origin`` is not this host, and a request authenticated by the
 session cookie must also carry the CSRF token the dashboard page embeds.
+
+A third risk is DNS rebinding: a page on ``attacker.example`` re-points its name at 127.0.0.1
+and its scripts then talk to a local admin as if same-origin. What gives it away is the
+``Host`` header, so requests are only served for allowed host names: loopback names alone
+when there are no credentials, a configurable allow-list otherwise.
+
+Logging out revokes the session in this process, so a copied cookie stops working with it.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import os
 import secrets
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +47,45 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 Method = Literal["bearer", "basic", "cookie", "anonymous"]
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1): names no other machine can be."""
+    host = host.strip("[]").rstrip(".").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """``"Admin.Example.com:8443"`` → ``("admin.example.com", 8443)``, ``"[::1]"`` → ``("::1",
+    None)``; None for anything that is not a bare host and optional port."""
+    if not value or any(c in value for c in "@/?#\\ \t") or (value.count(":") > 1 and "]" not in value):
+        return None
+    try:
+        parts = urlsplit(f"//{value}")
+        port = parts.port
+    except ValueError:
+        return None
+    if not parts.hostname:
+        return None
+    return parts.hostname.rstrip("."), port
+
+
+def _host_pattern(entry: str) -> tuple[str, int | None]:
+    """One allow-list entry, checked once at start-up: ``name``, ``name:port``, ``*.domain``
+    (any subdomain), or ``*`` (any host)."""
+    if entry == "*":
+        return "*", None
+    wildcard = entry.startswith("*.")
+    parsed = split_host(entry[2:] if wildcard else entry)
+    if parsed is None:
+        raise ConfigurationError(f"not a host name for the admin's allowed hosts: {entry!r}")
+    name, port = parsed
+    return ("*." if wildcard else "") + name, port
+
+
 @dataclass(frozen=True, slots=True)
 class AdminAuth:
     """The admin's credentials. Build it directly or with :meth:`from_env`.
@@ -54,6 +102,10 @@ class AdminAuth:
     trusted_origins: tuple[str, ...] = ()
     """Origins (``https://admin.example.com``) allowed to post besides this host itself: for a
     reverse proxy that does not pass the browser's Host header through."""
+    allowed_hosts: tuple[str, ...] = ()
+    """``Host`` values served besides loopback names: ``admin.example.com`` (any port),
+    ``admin.example.com:8443``, ``*.example.com``, or ``*``. Empty with credentials: any Host
+    (the credentials are the defence). Without credentials only loopback names are served."""
 
     def __post_init__(self) -> None:
         if (self.username is None) != (self.password is None):
@@ -74,6 +126,20 @@ class AdminAuth:
             )
         if self.session_max_age_seconds <= 0:
             raise ConfigurationError("session_max_age_seconds must be positive")
+        patterns = [_host_pattern(entry) for entry in self.allowed_hosts]
+        if self.insecure_no_auth:
+            # Without credentials the Host check is the only thing between a rebinding page and
+            # the admin: a name anyone can point at 127.0.0.1 must not be accepted.
+            for entry, (name, _port) in zip(self.allowed_hosts, patterns, strict=True):
+                if not is_loopback(name):
+                    raise ConfigurationError(
+                        f"insecure_no_auth only serves loopback names; {entry!r} in allowed "
+                        "hosts needs credentials"
+                    )
+            for origin in self.trusted_origins:
+                parsed = split_host(urlsplit(origin).netloc)
+                if parsed is None or not is_loopback(parsed[0]):
+                    raise ConfigurationError(f"insecure_no_auth only trusts loopback origins, not {origin!r}")
 
     @property
     def has_credentials(self) -> bool:
@@ -83,17 +149,22 @@ class AdminAuth:
     def from_env(
         cls, environ: Mapping[str, str] | None = None, *, insecure_no_auth: bool = False
     ) -> AdminAuth:
-        """``PGQUEUE_ADMIN_TOKEN``, ``PGQUEUE_ADMIN_USER`` + ``PGQUEUE_ADMIN_PASSWORD`` and
-        ``PGQUEUE_ADMIN_TRUSTED_ORIGINS`` (comma-separated); empty values count as unset."""
+        """``PGQUEUE_ADMIN_TOKEN``, ``PGQUEUE_ADMIN_USER`` + ``PGQUEUE_ADMIN_PASSWORD``,
+        ``PGQUEUE_ADMIN_TRUSTED_ORIGINS`` and ``PGQUEUE_ADMIN_ALLOWED_HOSTS`` (both
+        comma-separated); empty values count as unset."""
         env = os.environ if environ is None else environ
-        origins = tuple(o.strip() for o in env.get("PGQUEUE_ADMIN_TRUSTED_ORIGINS", "").split(","))
         return cls(
             token=env.get("PGQUEUE_ADMIN_TOKEN") or None,
             username=env.get("PGQUEUE_ADMIN_USER") or None,
             password=env.get("PGQUEUE_ADMIN_PASSWORD") or None,
             insecure_no_auth=insecure_no_auth,
-            trusted_origins=tuple(o for o in origins if o),
+            trusted_origins=_csv(env.get("PGQUEUE_ADMIN_TRUSTED_ORIGINS", "")),
+            allowed_hosts=_csv(env.get("PGQUEUE_ADMIN_ALLOWED_HOSTS", "")),
         )
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(item for item in (part.strip() for part in value.split(",")) if item)
 
 
 def _equal(given: str, expected: str) -> bool:
@@ -146,7 +217,8 @@ class Identity:
 
 
 class Guard:
-    """Checks requests against :class:`AdminAuth`; its methods are FastAPI dependencies."""
+    """Checks requests against :class:`AdminAuth`; its methods are FastAPI dependencies (and
+    what :class:`pgqueue.admin.shield.Shield` calls before a request's body is read)."""
 
     def __init__(self, auth: AdminAuth) -> None:
         self.auth = auth
@@ -155,6 +227,43 @@ class Guard:
         )
         # Derived from the credentials: every replica agrees, and rotating them logs all out.
         self._key = hashlib.sha256(material.encode("utf-8")).digest()
+        self._hosts = [_host_pattern(entry) for entry in auth.allowed_hosts]
+        # Sessions logged out of, by nonce, until they would have expired anyway. Sync routes
+        # run in a thread pool, hence the lock.
+        self._revoked: dict[str, float] = {}
+        self._revoked_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ hosts
+
+    def host_allowed(self, host: str | None) -> bool:
+        """Whether to serve a request whose ``Host`` header (or Origin's netloc) is ``host``."""
+        parsed = split_host(host) if host else None
+        if parsed is not None and is_loopback(parsed[0]):
+            return True
+        if self.auth.insecure_no_auth:
+            return False
+        if not self._hosts:
+            return True
+        if parsed is None:
+            return False
+        name, port = parsed
+        for pattern, wanted_port in self._hosts:
+            if wanted_port is not None and wanted_port != port:
+                continue
+            if pattern == "*" or pattern == name:
+                return True
+            if pattern.startswith("*.") and name.endswith(pattern[1:]):
+                return True
+        return False
+
+    def host_refusal(self) -> str:
+        """The one sentence a request for a disallowed Host gets."""
+        if self.auth.insecure_no_auth:
+            return (
+                "Host not allowed: without credentials the admin only answers to localhost, "
+                "127.0.0.1 and [::1]"
+            )
+        return "Host not allowed: add it to PGQUEUE_ADMIN_ALLOWED_HOSTS (AdminAuth.allowed_hosts)"
 
     # ------------------------------------------------------------------ sessions
 
@@ -165,14 +274,39 @@ class Guard:
         body = f"{int(time.time())}.{secrets.token_urlsafe(16)}"
         return f"{body}.{self._sign(body)}"
 
-    def session_valid(self, value: str) -> bool:
+    def _session_parts(self, value: str) -> tuple[int, str] | None:
+        """(issued at, nonce) of a well-signed, unexpired session; None otherwise."""
         issued, _, rest = value.partition(".")
         nonce, _, signature = rest.partition(".")
         if not issued.isdigit() or not nonce or not signature:
-            return False
+            return None
         if time.time() - int(issued) > self.auth.session_max_age_seconds:
+            return None
+        if not _equal(signature, self._sign(f"{issued}.{nonce}")):
+            return None
+        return int(issued), nonce
+
+    def session_valid(self, value: str) -> bool:
+        parts = self._session_parts(value)
+        if parts is None:
             return False
-        return _equal(signature, self._sign(f"{issued}.{nonce}"))
+        with self._revoked_lock:
+            return parts[1] not in self._revoked
+
+    def revoke(self, value: str) -> None:
+        """End a session for good: the cookie (and any copy of it) no longer authenticates.
+
+        Kept per process until the session would have expired; entries past that are dropped
+        on each revocation, so the set stays as small as the logouts of one session lifetime.
+        """
+        parts = self._session_parts(value)
+        if parts is None:
+            return
+        issued, nonce = parts
+        now = time.time()
+        with self._revoked_lock:
+            self._revoked = {n: until for n, until in self._revoked.items() if until > now}
+            self._revoked[nonce] = issued + self.auth.session_max_age_seconds
 
     def csrf_token(self, session: str | None) -> str:
         """The token the dashboard embeds; bound to the session, so it leaks nothing reusable."""
@@ -212,7 +346,9 @@ class Guard:
         return None
 
     def same_origin(self, request: Request) -> bool:
-        """False when a browser tells us another site triggered this request."""
+        """False when a browser tells us another site triggered this request: its
+        ``Sec-Fetch-Site`` says so, or its ``Origin`` is neither trusted nor this host (an
+        allowed one)."""
         site = request.headers.get("sec-fetch-site")
         if site is not None and site not in ("same-origin", "none"):
             return False
@@ -222,7 +358,8 @@ class Guard:
         if origin in self.auth.trusted_origins:
             return True
         host = request.headers.get("host", "")
-        return bool(host) and urlsplit(origin).netloc.lower() == host.lower()
+        netloc = urlsplit(origin).netloc.lower()
+        return bool(host) and netloc == host.lower() and self.host_allowed(netloc)
 
     def _unauthorized(self) -> HTTPException:
         challenge = 'Bearer realm="pgqueue-admin"'

@@ -14,12 +14,14 @@ from typing import Any
 
 import psycopg
 from fastapi import HTTPException
+from fastapi.routing import APIRoute
 from psycopg_pool import PoolTimeout
 
 from pgqueue.admin.alerts import AlertMonitor, AlertSettings
 from pgqueue.admin.auth import Guard
 from pgqueue.admin.redaction import Redactor
 from pgqueue.admin.settings import AdminOptions
+from pgqueue.admin.shield import route_class
 from pgqueue.queue import Queue
 from pgqueue.sql import Queries
 
@@ -34,10 +36,15 @@ class AdminContext:
     monitor: AlertMonitor | None = None
     read: Any = field(init=False)
     write: Any = field(init=False)
+    route_class: type[APIRoute] = field(init=False)
+    """Every admin router's ``route_class``: routes that refuse by headers before any body."""
 
     def __post_init__(self) -> None:
         self.read = self.guard.read_dependency()
         self.write = self.guard.write_dependency()
+        self.route_class = route_class(
+            self.guard, read=self.read, write=self.write, max_body=self.options.max_body_bytes
+        )
 
     @property
     def queries(self) -> Queries:

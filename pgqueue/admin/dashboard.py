@@ -73,6 +73,17 @@ def _parse_filters(query: dict[str, str]) -> tuple[store.JobFilter, int | None, 
     return store.JobFilter(**values), before, "; ".join(problems) or None
 
 
+async def _read_capped(request: Request, limit: int) -> bytes:
+    """The body, refusing (413) as soon as it passes ``limit``: a chunked upload declares no
+    length, so the declared one alone proves nothing."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, "login form too large", headers={"Connection": "close"})
+    return bytes(body)
+
+
 class Pages:
     """Renders the pages; one instance per admin router."""
 
@@ -100,7 +111,7 @@ class Pages:
 
 
 def build(ctx: AdminContext) -> APIRouter:
-    router = APIRouter(include_in_schema=False)
+    router = APIRouter(include_in_schema=False, route_class=ctx.route_class)
     pages = Pages(ctx)
 
     @router.get("/", name="pgqueue_admin_overview")
@@ -131,7 +142,7 @@ def build(ctx: AdminContext) -> APIRouter:
         where, before, problem = _parse_filters(query)
         size = ctx.options.page_size
         with ctx.connection() as conn:
-            page = store.list_jobs(conn, ctx.queries, where, before_id=before, limit=size)
+            page = store.list_jobs(conn, ctx.queries, where, before_id=before, limit=size, redact=ctx.redact)
             names = [r["name"] for r in store.queue_rows(conn, ctx.queries)]
         kept = {k: v for k, v in query.items() if k != "before_id" and v}
         older = urlencode({**kept, "before_id": page.next_cursor}) if page.next_cursor else None
@@ -181,9 +192,9 @@ def build(ctx: AdminContext) -> APIRouter:
             raise HTTPException(403, "cross-site login refused")
         if int(request.headers.get("content-length") or 0) > MAX_LOGIN_BODY:
             raise HTTPException(413, "login form too large")
-        body = await request.body()
+        body = await _read_capped(request, MAX_LOGIN_BODY)
         try:
-            fields = parse_qs(body[:MAX_LOGIN_BODY].decode("utf-8", "replace"), max_num_fields=10)
+            fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=10)
         except ValueError as exc:
             raise HTTPException(400, "malformed login form") from exc
         form = {k: v[0] for k, v in fields.items()}
@@ -215,6 +226,10 @@ def build(ctx: AdminContext) -> APIRouter:
 
     @router.post("/logout", dependencies=[ctx.write])
     def logout(request: Request) -> Response:
+        """Revoke the session server-side (a copy of the cookie dies with it), then drop it."""
+        session = request.cookies.get(SESSION_COOKIE)
+        if session:
+            ctx.guard.revoke(session)
         response = Response(status_code=204)
         response.delete_cookie(SESSION_COOKIE, path=f"{_base(request)}/", httponly=True, samesite="strict")
         return response

@@ -29,7 +29,7 @@ def expected_revision() -> str:
 
 
 def build(ctx: AdminContext) -> APIRouter:
-    router = APIRouter(prefix="/health", tags=["health"])
+    router = APIRouter(prefix="/health", tags=["health"], route_class=ctx.route_class)
 
     @router.get("/live", response_model=LiveOut)
     async def live() -> LiveOut:

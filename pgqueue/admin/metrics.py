@@ -1,6 +1,7 @@
 """``/metrics`` in Prometheus' text format, read from the tables at scrape time.
 
-Gauges (jobs by queue and state, oldest waiting age, paused, live workers) are plain counts.
+Gauges (jobs by queue and state, oldest waiting age, paused, live workers, their abandoned
+threads) are plain counts.
 Counters and the run-time histogram need monotonic totals the tables do not keep (finished rows
 are pruned), so the collector adds up deltas: each scrape counts the rows that finished between
 the previous scrape's database time and now (less a short lag for transactions still committing).
@@ -27,6 +28,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from psycopg import sql
 
 from pgqueue.admin.context import AdminContext
 from pgqueue.admin.store import queue_rows
@@ -53,6 +55,13 @@ RUN_BUCKETS = (
     3600.0,
 )
 GAUGE_STATES = ("queued", "delayed", "retrying", "running", "completed", "cancelled", "dead")
+# Sync handlers that ran past their timeout keep a worker thread (and a slot) until they end;
+# workers report how many in their heartbeat. Only live workers count: a dead one's threads died
+# with it.
+ABANDONED_THREADS = sql.SQL(
+    "SELECT coalesce(sum(abandoned_threads), 0) FROM {workers} "
+    "WHERE heartbeat_at > now() - make_interval(secs => %(stale)s)"
+)
 
 
 class QueueCollector(Collector):
@@ -82,12 +91,30 @@ class QueueCollector(Collector):
             try:
                 with self.queue.pool().connection(timeout=self.db_timeout) as conn:
                     rows, live = self._read(conn)
+                    abandoned = self._abandoned(conn)
             except (psycopg.Error, OSError) as exc:
                 log.warning("metrics scrape could not read the database: %s", exc)
                 yield _gauge("pgqueue_up", "1 when the database answered this scrape", 0)
                 return
             yield _gauge("pgqueue_up", "1 when the database answered this scrape", 1)
             yield from self._families(rows, live)
+            if abandoned is not None:
+                yield _gauge(
+                    "pgqueue_worker_abandoned_threads",
+                    "Threads live workers still spend on sync handlers abandoned past their timeout",
+                    abandoned,
+                )
+
+    def _abandoned(self, conn: psycopg.Connection[Any]) -> int | None:
+        """Summed over live workers; None on a schema from before the column (migration 0003),
+        so a scrape of an older schema still reports everything else. Read last, so a failure
+        here cannot spoil the statements before it."""
+        statement = ABANDONED_THREADS.format(workers=sql.Identifier(self.queue.queries.schema, "workers"))
+        try:
+            row = conn.execute(statement, {"stale": self.stale_seconds}).fetchone()
+        except psycopg.errors.UndefinedColumn:
+            return None
+        return int(row[0]) if row else 0
 
     def _read(self, conn: psycopg.Connection[Any]) -> tuple[list[dict[str, Any]], int]:
         q = self.queue.queries
@@ -184,7 +211,7 @@ def build(ctx: AdminContext) -> APIRouter:
             db_timeout=ctx.options.db_timeout,
         )
     )
-    router = APIRouter(tags=["metrics"])
+    router = APIRouter(tags=["metrics"], route_class=ctx.route_class)
 
     @router.get(
         "/metrics",

@@ -7,6 +7,7 @@ untrusted text, and one ``<script>`` in a job argument must not run in the opera
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 
 def ago(seconds: float | None) -> str:
     """``42 s``, ``3 min``, ``2 h 5 min``, ``3 d`` — coarse, as an operator reads an age."""
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):  # an 'infinity' timestamp written by hand
         return "—"
     s = max(0, int(seconds))
     if s < 60:

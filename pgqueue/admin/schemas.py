@@ -1,15 +1,17 @@
 """The admin API's request and response bodies: every route answers with one of these.
 
 They are the contract the OpenAPI document publishes, so field descriptions live here rather
-than in the routes. Inputs forbid unknown fields, so a typo is a 422, not a silent no-op.
+than in the routes. Inputs forbid unknown fields, so a typo is a 422, not a silent no-op, and
+are strict, so ``true`` is not a number of seconds and ``"5"`` is not a concurrency (``5.0`` is:
+JSON Schema counts it as an integer, and the OpenAPI document promises JSON Schema).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 JobStateName = Literal["queued", "delayed", "running", "completed", "cancelled", "dead"]
 """A job's state as the admin shows it: "delayed" is queued with a future run time."""
@@ -22,6 +24,20 @@ QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$"
 TASK_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$"
 MAX_JOB_ID = 2**63 - 1
 TEN_YEARS = 10 * 365 * 86400.0
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integer includes ``5.0``; strict mode would refuse it, so it becomes ``5``
+    here. Booleans, strings and ``2.5`` still reach strict validation, which refuses them."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Concurrency = Annotated[int, Field(ge=1, le=1_000_000), BeforeValidator(_json_integer)]
+"""A concurrency cap: an integer as JSON Schema (and so the OpenAPI document) defines one,
+validated strictly. The bounds sit inside, next to ``int``, so the schema shows them as
+``minimum``/``maximum``."""
 
 
 class ErrorOut(BaseModel):
@@ -73,9 +89,9 @@ class QueueSettingsOut(BaseModel):
 class QueueLimitsIn(BaseModel):
     """Change a queue's global limits. Omit a field to keep it; send null to remove the limit."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    concurrency: int | None = Field(default=None, ge=1, le=1_000_000)
+    concurrency: Concurrency | None = None
     rate_limit: float | None = Field(default=None, gt=0, le=1_000_000, allow_inf_nan=False)
 
 
@@ -148,7 +164,7 @@ def _finished_states() -> list[CleanState]:
 class CleanIn(BaseModel):
     """Delete finished jobs older than a cut-off (by finished_at, or failed_at for dead ones)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     older_than_seconds: float = Field(ge=0, le=TEN_YEARS, allow_inf_nan=False)
     queue: str | None = Field(default=None, pattern=QUEUE_PATTERN, description="Default: all.")

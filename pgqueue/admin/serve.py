@@ -6,7 +6,6 @@ it the same way; the CLI's options override them.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 
@@ -14,8 +13,8 @@ from fastapi import FastAPI
 
 from pgqueue.admin.alerts import alerts_from_env
 from pgqueue.admin.app import create_admin_app
-from pgqueue.admin.auth import AdminAuth
-from pgqueue.admin.settings import AdminOptions
+from pgqueue.admin.auth import AdminAuth, is_loopback
+from pgqueue.admin.settings import DEFAULT_MAX_BODY_BYTES, AdminOptions
 from pgqueue.connections import resolve_dsn
 from pgqueue.errors import ConfigurationError
 from pgqueue.migrate import DEFAULT_SCHEMA
@@ -28,6 +27,16 @@ def _flag(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() in _TRUE
 
 
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a whole number of bytes, not {raw!r}") from None
+
+
 def app_from_env(
     environ: Mapping[str, str] | None = None,
     *,
@@ -37,7 +46,9 @@ def app_from_env(
 ) -> FastAPI:
     """The standalone app, configured by ``PGQUEUE_DSN``/``DATABASE_URL``, ``PGQUEUE_SCHEMA``,
     ``PGQUEUE_ADMIN_TOKEN`` or ``PGQUEUE_ADMIN_USER``/``PGQUEUE_ADMIN_PASSWORD``,
-    ``PGQUEUE_ADMIN_PUBLIC_METRICS``/``PGQUEUE_ADMIN_PUBLIC_HEALTH`` and ``PGQUEUE_ADMIN_ALERT_*``.
+    ``PGQUEUE_ADMIN_ALLOWED_HOSTS``/``PGQUEUE_ADMIN_TRUSTED_ORIGINS``,
+    ``PGQUEUE_ADMIN_PUBLIC_METRICS``/``PGQUEUE_ADMIN_PUBLIC_HEALTH``,
+    ``PGQUEUE_ADMIN_MAX_BODY_BYTES`` and ``PGQUEUE_ADMIN_ALERT_*``.
 
     Raises :class:`ConfigurationError` without credentials unless ``insecure_no_auth``.
     """
@@ -50,17 +61,9 @@ def app_from_env(
     options = AdminOptions(
         public_metrics=_flag(env, "PGQUEUE_ADMIN_PUBLIC_METRICS"),
         public_health=_flag(env, "PGQUEUE_ADMIN_PUBLIC_HEALTH"),
+        max_body_bytes=_int(env, "PGQUEUE_ADMIN_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
     )
     return create_admin_app(queue, auth=auth, alerts=alerts_from_env(env), options=options, close_queue=True)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(

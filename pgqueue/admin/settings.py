@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from pgqueue.errors import ConfigurationError
 
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class AdminOptions:
@@ -35,6 +37,9 @@ class AdminOptions:
     """Dashboard auto-refresh period."""
     clean_batch: int = 5000
     """Rows deleted per statement by "clean", so a big clean never holds long locks."""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    """Largest request body accepted (413 beyond); the admin's own bodies are a few hundred
+    bytes, so anything near this is not an operator."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.throughput_minutes <= 1440:
@@ -48,3 +53,5 @@ class AdminOptions:
             raise ConfigurationError("metrics_lag_seconds must not be negative")
         if self.clean_batch < 1:
             raise ConfigurationError("clean_batch must be at least 1")
+        if isinstance(self.max_body_bytes, bool) or not 1024 <= self.max_body_bytes <= 1 << 30:
+            raise ConfigurationError("max_body_bytes must be within 1024..1073741824")

@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from pgqueue.admin.redaction import Redactor, redact_value
+from pgqueue.admin.redaction import Redactor, redact_strings, redact_value
 from pgqueue.admin.schemas import (
     AttemptError,
     JobDetail,
@@ -92,9 +92,18 @@ class JobFilter:
 
 
 def list_jobs(
-    conn: Conn, queries: Queries, where: JobFilter, *, before_id: int | None, limit: int
+    conn: Conn,
+    queries: Queries,
+    where: JobFilter,
+    *,
+    before_id: int | None,
+    limit: int,
+    redact: Redactor,
 ) -> JobPage:
-    """One page, newest first; ``next_cursor`` is the id to pass as ``before_id`` next."""
+    """One page, newest first; ``next_cursor`` is the id to pass as ``before_id`` next.
+
+    Each row's last error message goes through ``redact``: messages repeat what failed, DSNs
+    and tokens included."""
     params = {
         "queue": where.queue,
         "state": where.state,
@@ -107,7 +116,8 @@ def list_jobs(
         "dead": where.state in (None, "dead"),
     }
     rows = _rows(conn, queries.admin_list_jobs, params)
-    jobs = [JobSummary(**r) for r in rows[:limit]]
+    errors = redact_strings(redact, [r["last_error"] for r in rows[:limit]])
+    jobs = [JobSummary(**{**r, "last_error": e}) for r, e in zip(rows[:limit], errors, strict=True)]
     return JobPage(jobs=jobs, next_cursor=jobs[-1].id if len(rows) > limit else None)
 
 
@@ -132,19 +142,23 @@ def _attempt_errors(errors: Any) -> list[AttemptError]:
 
 
 def get_job(conn: Conn, queries: Queries, job_id: int, redact: Redactor) -> JobDetail | None:
-    """A live or dead-lettered job with its arguments and result passed through ``redact``."""
+    """A live or dead-lettered job with everything that can carry a secret — arguments,
+    result, progress, every error's message and traceback, the unique key — passed through
+    ``redact``."""
     rows = _rows(conn, queries.admin_get_job, {"id": job_id})
     if not rows:
         return None
     row = rows[0]
-    errors = row["errors"]
+    errors = _attempt_errors(redact_value(redact, row["errors"]))
+    redacted = ("args", "result", "progress", "errors", "unique_key")
     return JobDetail(
-        **{k: v for k, v in row.items() if k not in ("args", "result", "progress", "errors")},
-        last_error=_attempt_errors(errors)[-1].message if errors else None,
+        **{k: v for k, v in row.items() if k not in redacted},
+        last_error=errors[-1].message if errors else None,
         args=redact_value(redact, row["args"]) if isinstance(row["args"], dict) else {},
         result=redact_value(redact, row["result"]),
         progress=redact_value(redact, row["progress"]),
-        errors=_attempt_errors(errors),
+        errors=errors,
+        unique_key=redact_strings(redact, [row["unique_key"]])[0],
     )
 
 

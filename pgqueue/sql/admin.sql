@@ -64,6 +64,7 @@ CROSS JOIN LATERAL (
     FROM {schema}.jobs
     WHERE queue = q.name AND state = 'completed'
       AND finished_at > now() - make_interval(mins => %(minutes)s)
+      AND finished_at <= now()  -- a hand-written 'infinity' must not break the cast above
     GROUP BY 1
 ) AS t
 

@@ -114,8 +114,11 @@ SELECT version_num FROM {schema}.alembic_version
 -- id) are locked with SKIP LOCKED through the claim index, then merged in the same order.
 -- Paused and limited queues are skipped here, in the same statement, so a pause or a new cap
 -- takes effect at once even for a worker whose cached settings are stale.
+-- The first %(start)s rows start at once and are charged an attempt; the rest wait in the
+-- worker's prefetch buffer uncharged (start_jobs charges them when they start), so a worker
+-- killed with a full buffer costs those jobs nothing. Every row carries the claim's token.
 WITH candidates AS (
-    SELECT c.id
+    SELECT c.id, row_number() OVER (ORDER BY c.priority, c.run_at, c.id) AS rank
     FROM unnest(%(queues)s::text[]) AS q(name)
     CROSS JOIN LATERAL (
         SELECT id, priority, run_at FROM {schema}.jobs
@@ -131,12 +134,14 @@ WITH candidates AS (
     LIMIT %(limit)s
 )
 UPDATE {schema}.jobs AS j
-SET state = 'running', attempts = j.attempts + 1, started_at = now(), worker_id = %(worker_id)s,
+SET state = 'running', worker_id = %(worker_id)s, claim_token = %(token)s,
+    attempts = j.attempts + (candidates.rank <= %(start)s)::int,
+    started_at = CASE WHEN candidates.rank <= %(start)s THEN now() END,
     lease_expires_at = now() + make_interval(secs => %(lease)s)
 FROM candidates
 WHERE j.id = candidates.id
 RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.timeout,
-          j.run_at, j.scheduled_for
+          j.run_at, j.scheduled_for, candidates.rank <= %(start)s AS started
 
 -- name: lock_queue
 -- Serialises claims on a queue with a global cap or rate limit; the next statement then sees
@@ -164,13 +169,15 @@ WITH settings AS (
     LIMIT (SELECT n FROM budget)
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
+    -- Capped and rate-limited queues claim only what starts at once: charged here.
     UPDATE {schema}.jobs AS j
     SET state = 'running', attempts = j.attempts + 1, started_at = now(),
-        worker_id = %(worker_id)s, lease_expires_at = now() + make_interval(secs => %(lease)s)
+        worker_id = %(worker_id)s, claim_token = %(token)s,
+        lease_expires_at = now() + make_interval(secs => %(lease)s)
     FROM candidates
     WHERE j.id = candidates.id
     RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.timeout,
-              j.run_at, j.scheduled_for
+              j.run_at, j.scheduled_for, true AS started
 ), spent AS (
     UPDATE {schema}.queues AS q
     SET rate_tokens = s.tokens - (SELECT count(*) FROM claimed), rate_updated_at = clock_timestamp()
@@ -193,43 +200,58 @@ CROSS JOIN LATERAL (
     ORDER BY run_at LIMIT 1
 ) AS n
 
+-- name: start_jobs
+-- Charges an attempt to prefetched jobs as they leave the buffer, before their handlers run:
+-- a job that crashes its worker has paid for the crash. Rows not returned were lost meanwhile
+-- (rescued after an expired lease): the worker drops them.
+UPDATE {schema}.jobs AS j
+SET attempts = j.attempts + 1, started_at = now()
+FROM unnest(%(id)s::bigint[], %(token)s::uuid[]) AS s(id, token)
+WHERE j.id = s.id AND j.claim_token = s.token AND j.state::text = 'running'
+  AND j.started_at IS NULL
+RETURNING j.id, j.attempts
+
 -- ---------------------------------------------------------------- worker: acknowledge
 
 -- name: ack
--- Every outcome buffered since the last flush, in one statement. Each row names the attempt it
--- finished: a worker that lost its lease (and so its job) cannot overwrite the new owner's run.
+-- Every outcome buffered since the last flush, in one statement. Each row names the claim it
+-- finished (its token): a worker that lost its lease (and so its job) cannot overwrite a later
+-- run, even one that restarted the attempt count after a retry from the dead letter.
 -- `state::text` keeps the planner off the partial index of running jobs: statistics taken while
 -- the jobs were queued say "almost none running", and a plan built on that scans every running
 -- row for each outcome. Joined through the primary key instead, a flush costs one lookup a job.
+-- Kinds: completed, cancelled, retry, dead, and requeue: handed back at shutdown, where a started
+-- attempt does not count (a prefetched job that never started was never charged).
 WITH outcome AS (
-    SELECT * FROM unnest(%(id)b::bigint[], %(attempt)b::int[], %(kind)b::text[],
+    SELECT * FROM unnest(%(id)b::bigint[], %(token)b::uuid[], %(kind)b::text[],
                          %(result)b::jsonb[], %(error)b::jsonb[], %(delay)b::float8[])
-        AS o(id, attempt, kind, result, error, delay)
+        AS o(id, token, kind, result, error, delay)
 ), done AS (
     UPDATE {schema}.jobs AS j
     SET state = CASE o.kind WHEN 'cancelled' THEN 'cancelled'::{schema}.job_state
                             ELSE 'completed'::{schema}.job_state END,
-        result = o.result, finished_at = now(), lease_expires_at = NULL,
+        result = o.result, finished_at = now(), lease_expires_at = NULL, claim_token = NULL,
         errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || o.error END
     FROM outcome AS o
-    WHERE o.kind IN ('completed', 'cancelled') AND j.id = o.id AND j.attempts = o.attempt
+    WHERE o.kind IN ('completed', 'cancelled') AND j.id = o.id AND j.claim_token = o.token
       AND j.state::text = 'running'
     RETURNING j.id
 ), retried AS (
     UPDATE {schema}.jobs AS j
     SET state = 'queued', run_at = now() + make_interval(secs => o.delay), worker_id = NULL,
-        lease_expires_at = NULL, cancel_requested = false,
+        lease_expires_at = NULL, cancel_requested = false, claim_token = NULL,
         errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || o.error END,
-        -- an interrupted attempt (shutdown) is handed back without counting
-        attempts = CASE o.kind WHEN 'requeue' THEN j.attempts - 1 ELSE j.attempts END
+        attempts = CASE WHEN o.kind = 'requeue' AND j.started_at IS NOT NULL THEN j.attempts - 1
+                        ELSE j.attempts END
     FROM outcome AS o
-    WHERE o.kind IN ('retry', 'requeue') AND j.id = o.id AND j.attempts = o.attempt
+    WHERE o.kind IN ('retry', 'requeue') AND j.id = o.id AND j.claim_token = o.token
       AND j.state::text = 'running'
     RETURNING j.id
 ), dead AS (
     DELETE FROM {schema}.jobs AS j
     USING outcome AS o
-    WHERE o.kind = 'dead' AND j.id = o.id AND j.attempts = o.attempt AND j.state::text = 'running'
+    WHERE o.kind = 'dead' AND j.id = o.id AND j.claim_token = o.token
+      AND j.state::text = 'running'
     RETURNING j.*, o.error AS last_error
 ), buried AS (
     INSERT INTO {schema}.dead_letter
@@ -248,27 +270,25 @@ SELECT pg_notify(%(channel)s, q) FROM unnest(%(queues)s::text[]) AS q
 
 -- ---------------------------------------------------------------- worker: liveness
 
--- name: register_worker
-INSERT INTO {schema}.workers (id, host, pid, queues, concurrency)
-VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s)
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
-
 -- name: heartbeat
--- Renews this worker's leases and reports which of its jobs were asked to cancel.
+-- Renews the leases of the claims this worker holds and reports which were asked to cancel;
+-- a held claim missing from the answer was lost (its lease expired and it was rescued).
 WITH beat AS (
-    INSERT INTO {schema}.workers (id, host, pid, queues, concurrency)
-    VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s)
-    ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()
+    INSERT INTO {schema}.workers (id, host, pid, queues, concurrency, abandoned_threads)
+    VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s, %(abandoned)s)
+    ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), abandoned_threads = %(abandoned)s
 )
-UPDATE {schema}.jobs
+UPDATE {schema}.jobs AS j
 SET lease_expires_at = now() + make_interval(secs => %(lease)s)
-WHERE state = 'running' AND worker_id = %(id)s AND id = ANY(%(held)s::bigint[])
-RETURNING id, attempts, cancel_requested
+FROM unnest(%(held)s::bigint[], %(token)s::uuid[]) AS h(id, token)
+WHERE j.id = h.id AND j.claim_token = h.token AND j.state = 'running'
+  AND j.worker_id = %(id)s
+RETURNING j.id, j.cancel_requested
 
 -- name: save_progress
 UPDATE {schema}.jobs AS j SET progress = p.progress
-FROM unnest(%(id)s::bigint[], %(attempt)s::int[], %(progress)s::jsonb[]) AS p(id, attempt, progress)
-WHERE j.id = p.id AND j.attempts = p.attempt AND j.state::text = 'running'
+FROM unnest(%(id)s::bigint[], %(token)s::uuid[], %(progress)s::jsonb[]) AS p(id, token, progress)
+WHERE j.id = p.id AND j.claim_token = p.token AND j.state::text = 'running'
 
 -- name: deregister_worker
 DELETE FROM {schema}.workers WHERE id = %(id)s
@@ -285,7 +305,10 @@ WITH expired AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), lost AS (
-    SELECT j.id, j.attempts >= j.max_attempts AS exhausted,
+    -- A job that never left its worker's prefetch buffer (never started) lost nothing: it goes
+    -- back uncharged and without an error entry. A started one paid its attempt at start.
+    SELECT j.id, j.started_at IS NOT NULL AND j.attempts >= j.max_attempts AS exhausted,
+           j.started_at IS NULL AS unstarted,
            jsonb_build_object('attempt', j.attempts, 'at', now(), 'type', 'LeaseExpired',
                               'message', 'worker ' || coalesce(j.worker_id, '?')
                                          || ' stopped renewing its lease',
@@ -294,7 +317,8 @@ WITH expired AS (
 ), requeued AS (
     UPDATE {schema}.jobs AS j
     SET state = 'queued', run_at = now(), worker_id = NULL, lease_expires_at = NULL,
-        cancel_requested = false, errors = j.errors || lost.error
+        cancel_requested = false, claim_token = NULL,
+        errors = CASE WHEN lost.unstarted THEN j.errors ELSE j.errors || lost.error END
     FROM lost
     WHERE j.id = lost.id AND NOT lost.exhausted
     RETURNING j.id, j.queue

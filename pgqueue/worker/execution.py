@@ -1,31 +1,44 @@
-"""Run one claimed job's handler and decide what happens to the job next.
+"""Run one job's handler and decide what happens to the job next.
 
 The decision (complete, retry with backoff, dead-letter, cancelled) is made here, from the
-handler's outcome and the task's options; the worker only buffers it for acknowledgement.
+handler's outcome and the task's options; the worker only hands it to the completer. Nothing a
+handler does escapes as an exception: a ``BaseException`` (``SystemExit``, ``KeyboardInterrupt``)
+raised by handler code is a failed attempt like any other, never the worker's exit.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import json
-import traceback
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Literal
+from uuid import UUID
 
-from pgqueue.errors import UnknownTaskError
+from pgqueue.errors import (
+    HandlerProcessDied,
+    JobCancelled,
+    JobTimeout,
+    UnknownTaskError,
+    UnstorableResult,
+)
 from pgqueue.retry import Abort, Retry
 from pgqueue.tasks import CONTEXT_PARAMETER, Task
 from pgqueue.worker.context import JobContext
+from pgqueue.worker.outcomes import dump_result, error_entry, exception_entry, to_jsonb
+from pgqueue.worker.processes import ProcessOutcome, ProcessSlots
 
 OutcomeKind = Literal["completed", "retry", "dead", "cancelled", "requeue"]
 
 
 @dataclass(frozen=True, slots=True)
 class ClaimedJob:
+    """A claimed job as the claim statement returned it, with the token of that claim."""
+
     id: int
     queue: str
     task: str
@@ -36,15 +49,31 @@ class ClaimedJob:
     timeout: float | None
     run_at: datetime
     scheduled_for: datetime | None
+    started: bool
+    token: UUID
 
     @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> ClaimedJob:
-        return cls(*row)
+    def from_row(cls, row: tuple[Any, ...], token: UUID) -> ClaimedJob:
+        id_, queue, task, args, priority, attempt, max_attempts, timeout, run_at, scheduled_for, started = row
+        return cls(
+            id_,
+            queue,
+            task,
+            args,
+            priority,
+            attempt,
+            max_attempts,
+            timeout,
+            run_at,
+            scheduled_for,
+            started,
+            token,
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What to write back for one attempt; ``error`` is the JSON entry appended to the job."""
+    """What to write back for one claim; ``error_json`` is the entry appended to the job."""
 
     job: ClaimedJob
     kind: OutcomeKind
@@ -53,100 +82,200 @@ class Outcome:
     delay: float = 0.0
 
 
-class JobTimeout(Exception):
-    """The handler ran past the job's timeout."""
+def decide(
+    job: ClaimedJob, task: Task[Any] | None, error_json: str, *, final: bool, retry_in: float | None
+) -> Outcome:
+    """Retry with backoff (or when asked), or dead-letter when nothing is left to try."""
+    if final or task is None or job.attempt >= job.max_attempts:
+        return Outcome(job, "dead", error_json=error_json)
+    delay = retry_in if retry_in is not None else float(task.options.backoff(job.attempt))
+    return Outcome(job, "retry", error_json=error_json, delay=max(0.0, delay))
 
 
-class JobCancelled(Exception):
-    """The job was cancelled while it ran."""
-
-
-def error_entry(job: ClaimedJob, exc: BaseException) -> str:
-    tb = "".join(traceback.format_exception(exc)) if exc.__traceback__ is not None else None
-    return json.dumps(
-        {
-            "attempt": job.attempt,
-            "at": datetime.now(UTC).isoformat(),
-            "type": type(exc).__name__,
-            "message": str(exc),
-            "traceback": tb,
-        }
+def decide_exception(job: ClaimedJob, task: Task[Any] | None, exc: BaseException) -> Outcome:
+    """The outcome of an attempt that raised ``exc`` (Abort and ``abort_on`` types are final)."""
+    final = isinstance(exc, Abort | UnknownTaskError) or bool(
+        task is not None and task.options.abort_on and isinstance(exc, task.options.abort_on)
     )
+    retry_in = exc.delay if isinstance(exc, Retry) else None
+    return decide(job, task, exception_entry(job.attempt, exc), final=final, retry_in=retry_in)
 
 
-def decide(job: ClaimedJob, task: Task[Any] | None, exc: BaseException) -> Outcome:
-    """Retry with backoff, retry when asked, or dead-letter (last attempt, Abort, abort_on types)."""
-    error = error_entry(job, exc)
-    final = (
-        task is None
-        or isinstance(exc, Abort | UnknownTaskError)
-        or (task.options.abort_on and isinstance(exc, task.options.abort_on))
-        or job.attempt >= job.max_attempts
-    )
-    if final:
-        return Outcome(job, "dead", error_json=error)
-    assert task is not None
-    delay = exc.delay if isinstance(exc, Retry) else float(task.options.backoff(job.attempt))
-    return Outcome(job, "retry", error_json=error, delay=max(0.0, delay))
+@dataclass(slots=True)
+class Runners:
+    """Where handlers run: the thread pool for sync handlers, the child processes if isolated."""
 
+    threads: Executor
+    processes: ProcessSlots | None
+    # Told about a handler thread still running after its job got an outcome (timeout,
+    # shutdown): it keeps its slot until it ends.
+    on_abandoned: Callable[[asyncio.Future[Any]], None]
+    default_isolation: str = "thread"
 
-def dump_result(value: Any) -> str:
-    return json.dumps(value, allow_nan=False)
+    def isolated(self, task: Task[Any]) -> bool:
+        isolation = task.options.isolation or self.default_isolation
+        return isolation == "process" and self.processes is not None
 
 
 async def execute(
     job: ClaimedJob,
     task: Task[Any] | None,
     ctx: JobContext | None,
-    cancelled: Callable[[], bool],
-    threads: Executor,
+    cancel: asyncio.Event,
+    runners: Runners,
+    on_progress: Callable[[str], None],
 ) -> Outcome:
-    """Run the handler under the job's timeout; never raises (every failure becomes an Outcome).
+    """Run the handler under the job's timeout; never raises but for the worker's own shutdown.
 
-    ``ctx`` is built only for handlers that take one; ``cancelled`` tells a cancellation of the
-    job apart from the worker shutting down.
+    ``ctx`` is built only for handlers that take one; ``cancel`` is set when the job itself is
+    cancelled, which tells a cancellation of the job apart from the worker shutting down.
     """
     try:
         if task is None:
             raise UnknownTaskError(f"no handler is registered for task {job.task!r} on this worker")
+        if runners.isolated(task):
+            return await _run_isolated(job, task, ctx, cancel, runners, on_progress)
         kwargs: Mapping[str, Any] = {**job.args, CONTEXT_PARAMETER: ctx} if task.takes_context else job.args
         if task.is_async:
             result = await _run_async(task, kwargs, job.timeout)
         else:
-            result = await _run_sync(task, kwargs, job.timeout, threads)
-        if cancelled():
+            result = await _run_sync(task, kwargs, job.timeout, runners)
+        if cancel.is_set():
             raise JobCancelled("cancelled while running")
-        try:
-            return Outcome(job, "completed", result_json=None if result is None else dump_result(result))
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"handler returned a result that is not JSON-serialisable: {exc}") from exc
+        return Outcome(job, "completed", result_json=dump_result(result))
     except asyncio.CancelledError:
-        if cancelled():
+        if cancel.is_set():
             return Outcome(
                 job,
                 "cancelled",
-                error_json=error_entry(job, JobCancelled("cancelled while running")),
+                error_json=exception_entry(job.attempt, JobCancelled("cancelled while running")),
             )
         raise  # the worker itself is shutting down: it decides what to do with the job
     except JobCancelled as exc:
-        return Outcome(job, "cancelled", error_json=error_entry(job, exc))
-    except Exception as exc:
-        return decide(job, task, exc)
+        return Outcome(job, "cancelled", error_json=exception_entry(job.attempt, exc))
+    except BaseException as exc:  # handler code may raise SystemExit & co: a failed attempt
+        return decide_exception(job, task, exc)
 
 
 async def _run_async(task: Task[Any], kwargs: Mapping[str, Any], timeout: float | None) -> Any:
+    began = time.monotonic()
+    # asyncio.timeout (not wait_for) keeps the handler in this task, so a blocked loop can be
+    # traced to the job that blocks it, and a SystemExit stays inside this coroutine.
+    deadline = asyncio.timeout(timeout)
     try:
-        return await asyncio.wait_for(task.fn(**kwargs), timeout)
+        async with deadline:
+            result = await task.fn(**kwargs)
     except TimeoutError as exc:
-        raise JobTimeout(f"timed out after {timeout:g}s (handler cancelled)") from exc
+        if deadline.expired():
+            raise JobTimeout(f"timed out after {timeout:g}s (handler cancelled)") from exc
+        raise
+    elapsed = time.monotonic() - began
+    if timeout is not None and elapsed > timeout:  # it blocked the loop, so no cancel could land
+        raise JobTimeout(f"ran {elapsed:.1f}s, past its timeout of {timeout:g}s, blocking the event loop")
+    return result
 
 
 async def _run_sync(
-    task: Task[Any], kwargs: Mapping[str, Any], timeout: float | None, threads: Executor
+    task: Task[Any], kwargs: Mapping[str, Any], timeout: float | None, runners: Runners
 ) -> Any:
-    future = asyncio.get_running_loop().run_in_executor(threads, functools.partial(task.fn, **kwargs))
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[None] = loop.create_future()
+
+    def call() -> Any:
+        loop.call_soon_threadsafe(_resolve, started)
+        try:
+            return task.fn(**kwargs)
+        except BaseException as exc:
+            # Carried across the future wrapped: a GeneratorExit set on a future is thrown into
+            # the awaiting coroutine, which closes the whole chain instead of raising in it.
+            raise _Raised(exc) from None
+
+    future = loop.run_in_executor(runners.threads, call)
     try:
-        # A thread cannot be killed: on timeout the attempt fails and the thread is abandoned.
+        # The timeout counts from the handler's start, never while it waits for a thread.
+        await asyncio.wait({started, future}, return_when=asyncio.FIRST_COMPLETED)
         return await asyncio.wait_for(asyncio.shield(future), timeout)
+    except _Raised as raised:
+        raise raised.original from None
     except TimeoutError as exc:
-        raise JobTimeout(f"timed out after {timeout:g}s (thread abandoned)") from exc
+        if future.done():
+            raise  # the handler itself raised TimeoutError
+        runners.on_abandoned(future)
+        raise JobTimeout(
+            f"timed out after {timeout:g}s (thread abandoned; it keeps its slot until it ends)"
+        ) from exc
+    except asyncio.CancelledError:
+        if not future.done():
+            runners.on_abandoned(future)
+        raise
+
+
+class _Raised(Exception):
+    """What a handler thread raised, in a wrapper any future can carry."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(original)
+        self.original = original
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _run_isolated(
+    job: ClaimedJob,
+    task: Task[Any],
+    ctx: JobContext | None,
+    cancel: asyncio.Event,
+    runners: Runners,
+    on_progress: Callable[[str], None],
+) -> Outcome:
+    assert runners.processes is not None
+    context = None
+    if ctx is not None:
+        context = {
+            "job_id": ctx.job_id,
+            "queue": ctx.queue,
+            "task": ctx.task,
+            "attempt": ctx.attempt,
+            "max_attempts": ctx.max_attempts,
+            "scheduled_for": ctx.scheduled_for,
+            "worker_id": ctx.worker_id,
+        }
+
+    def progress(value: Any) -> None:
+        # The child checked it; check again, what crosses a pipe is not trusted blindly.
+        with contextlib.suppress(ValueError):
+            on_progress(value if isinstance(value, str) else to_jsonb(value))
+
+    out = await runners.processes.run(
+        job.task, dict(job.args), timeout=job.timeout, context=context, on_progress=progress, cancel=cancel
+    )
+    return process_outcome(job, task, out)
+
+
+def process_outcome(job: ClaimedJob, task: Task[Any], out: ProcessOutcome) -> Outcome:
+    """Map what a child process reported to the job's outcome."""
+    if out.kind == "ok":
+        try:
+            result = None if out.result_json is None else to_jsonb(json.loads(out.result_json))
+        except ValueError as exc:
+            return decide_exception(
+                job, task, UnstorableResult(f"the handler's result cannot be stored: {exc}")
+            )
+        return Outcome(job, "completed", result_json=result)
+    if out.kind == "cancelled":
+        return Outcome(
+            job, "cancelled", error_json=exception_entry(job.attempt, JobCancelled("cancelled while running"))
+        )
+    if out.kind == "timeout":
+        timeout = JobTimeout(f"timed out after {job.timeout:g}s (process killed)")
+        return decide_exception(job, task, timeout)
+    if out.kind == "died":
+        died = HandlerProcessDied(f"the handler's process exited with code {out.exitcode} before finishing")
+        return decide_exception(job, task, died)
+    name = out.error_type or "Exception"
+    entry = error_entry(job.attempt, name, out.error_message or "", out.traceback)
+    final = name in ("Abort", "UnknownTaskError") or any(t.__name__ == name for t in task.options.abort_on)
+    return decide(job, task, entry, final=final, retry_in=None)

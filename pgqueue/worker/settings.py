@@ -9,6 +9,7 @@ from typing import Any
 
 from pgqueue.errors import ConfigurationError
 from pgqueue.naming import check_queue_name
+from pgqueue.tasks import ISOLATIONS, Isolation
 
 ENV_PREFIX = "PGQUEUE_"
 
@@ -46,6 +47,17 @@ class WorkerSettings:
     prune_interval: float = 60.0
     prune_batch: int = 1000
     rate_burst_seconds: float = 0.1
+    # Where sync handlers run: "thread" (a thread cannot be stopped: past its timeout it keeps
+    # its slot until it returns) or "process" (a child process, killed at the job's timeout).
+    # A task's own ``isolation=`` option wins over this.
+    isolation: Isolation = "thread"
+    # The app's ``module:attribute`` import path; child processes import it to find handlers.
+    app: str | None = None
+    # The event loop blocked longer than this is logged with the job that blocks it.
+    block_warning: float = 1.0
+    # Where the LISTEN connection goes, if not the worker's DSN: straight to PostgreSQL or to a
+    # session-mode pool when the DSN is a transaction-mode pooler (which never delivers NOTIFY).
+    listen_dsn: str | None = None
 
     def __post_init__(self) -> None:
         if not self.queues:
@@ -68,6 +80,10 @@ class WorkerSettings:
             object.__setattr__(self, "prefetch", self.concurrency)
         if self.grace_period < 0:
             raise ConfigurationError("grace_period must not be negative")
+        if self.isolation not in ISOLATIONS:
+            raise ConfigurationError(f"isolation must be one of {ISOLATIONS}, got {self.isolation!r}")
+        if self.block_warning <= 0:
+            raise ConfigurationError("block_warning must be positive")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
@@ -93,4 +109,6 @@ def _parse(name: str, raw: str) -> Any:
         return parse_queue_limits(raw)
     if name in ("concurrency", "prune_batch", "prefetch"):
         return int(raw)
+    if name in ("isolation", "app", "listen_dsn"):
+        return raw.strip()
     return float(raw)

@@ -22,7 +22,9 @@ from pgqueue.admin.schemas import (
 
 
 def build(ctx: AdminContext) -> APIRouter:
-    router = APIRouter(prefix="/api/dead", tags=["dead letter"], dependencies=[ctx.read])
+    router = APIRouter(
+        prefix="/api/dead", tags=["dead letter"], dependencies=[ctx.read], route_class=ctx.route_class
+    )
 
     @router.get("", response_model=JobPage, responses=ERRORS)
     def list_dead(
@@ -34,7 +36,9 @@ def build(ctx: AdminContext) -> APIRouter:
         """Dead-lettered jobs, newest first (finished_at is when they died)."""
         where = store.JobFilter(queue=queue, task=task, state="dead")
         with ctx.connection() as conn:
-            return store.list_jobs(conn, ctx.queries, where, before_id=before_id, limit=limit)
+            return store.list_jobs(
+                conn, ctx.queries, where, before_id=before_id, limit=limit, redact=ctx.redact
+            )
 
     @router.get("/{job_id}", response_model=JobDetail, responses=ERRORS)
     def get_dead(job_id: JobId) -> JobDetail:
@@ -52,7 +56,7 @@ def build(ctx: AdminContext) -> APIRouter:
             if job is None or job.state != "dead":
                 raise HTTPException(404, f"no dead-lettered job with id {job_id}")
             with action_errors():
-                return actions.retry(ctx.queue, conn, job_id)
+                return actions.retry(ctx.queue, conn, job_id, redact=ctx.redact)
 
     @router.delete("/{job_id}", response_model=ActionOut, responses=WRITE_ERRORS, dependencies=[ctx.write])
     def discard(job_id: JobId) -> ActionOut:

@@ -17,7 +17,7 @@ ScheduleName = Annotated[
 
 
 def build(ctx: AdminContext) -> APIRouter:
-    router = APIRouter(prefix="/api", dependencies=[ctx.read])
+    router = APIRouter(prefix="/api", dependencies=[ctx.read], route_class=ctx.route_class)
 
     @router.get("/workers", response_model=WorkerList, responses=ERRORS, tags=["workers"])
     def list_workers() -> WorkerList:

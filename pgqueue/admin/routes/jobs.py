@@ -33,7 +33,9 @@ def aware(value: datetime | None) -> datetime | None:
 
 
 def build(ctx: AdminContext) -> APIRouter:
-    router = APIRouter(prefix="/api/jobs", tags=["jobs"], dependencies=[ctx.read])
+    router = APIRouter(
+        prefix="/api/jobs", tags=["jobs"], dependencies=[ctx.read], route_class=ctx.route_class
+    )
 
     @router.get("", response_model=JobPage, responses=ERRORS)
     def list_jobs(
@@ -56,7 +58,9 @@ def build(ctx: AdminContext) -> APIRouter:
             created_before=aware(created_before),
         )
         with ctx.connection() as conn:
-            return store.list_jobs(conn, ctx.queries, where, before_id=before_id, limit=limit)
+            return store.list_jobs(
+                conn, ctx.queries, where, before_id=before_id, limit=limit, redact=ctx.redact
+            )
 
     @router.post("/clean", response_model=ActionOut, responses=WRITE_ERRORS, dependencies=[ctx.write])
     def clean(body: CleanIn) -> ActionOut:
@@ -80,7 +84,7 @@ def build(ctx: AdminContext) -> APIRouter:
         """Run it (again): dead → back to its queue (same id); waiting → due now; completed or
         cancelled → a copy with a new id. A running job is a 409."""
         with ctx.connection() as conn, action_errors():
-            return actions.retry(ctx.queue, conn, job_id)
+            return actions.retry(ctx.queue, conn, job_id, redact=ctx.redact)
 
     @router.post(
         "/{job_id}/cancel",

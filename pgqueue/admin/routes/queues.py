@@ -28,7 +28,9 @@ def _settings_out(s: QueueSettings) -> QueueSettingsOut:
 
 
 def build(ctx: AdminContext) -> APIRouter:
-    router = APIRouter(prefix="/api/queues", tags=["queues"], dependencies=[ctx.read])
+    router = APIRouter(
+        prefix="/api/queues", tags=["queues"], dependencies=[ctx.read], route_class=ctx.route_class
+    )
 
     @router.get("", response_model=QueueList, responses=ERRORS)
     def list_queues() -> QueueList:

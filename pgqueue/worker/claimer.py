@@ -1,0 +1,232 @@
+"""The claimer: claims batches of runnable jobs when there is room, sleeps until there is work.
+
+Woken by a notification, a freed slot, the clock (the next delayed job or local retry falling
+due) or its poll timer. Plain queues share one claim statement and also fill the prefetch
+buffer; capped and rate-limited queues claim only what can start at once, each under its
+queue's settings row lock, so a global cap holds across workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pgqueue.sql import Queries
+from pgqueue.worker.db import ServiceConnection, reconnect_delay
+from pgqueue.worker.execution import ClaimedJob
+from pgqueue.worker.executor import Executor
+from pgqueue.worker.settings import WorkerSettings
+
+log = logging.getLogger("pgqueue.worker")
+DEAF_POLL_INTERVAL = 0.25  # how often to look when notifications do not arrive
+
+
+@dataclass(slots=True)
+class QueueLimits:
+    """A queue's cross-process settings as last read from the ``queues`` table."""
+
+    paused: bool = False
+    concurrency: int | None = None
+    rate_limit: float | None = None
+
+    @property
+    def limited(self) -> bool:
+        return self.concurrency is not None or self.rate_limit is not None
+
+
+class Claimer:
+    def __init__(
+        self,
+        conn: ServiceConnection,
+        queries: Queries,
+        settings: WorkerSettings,
+        executor: Executor,
+        worker_id: str,
+        *,
+        prepare: bool,
+        stopping: asyncio.Event,
+    ) -> None:
+        self._conn = conn
+        self._queries = queries
+        self._settings = settings
+        self._executor = executor
+        self._worker_id = worker_id
+        self._prepare = prepare or None
+        self._stopping = stopping
+        self.wake = asyncio.Event()
+        self.limits: dict[str, QueueLimits] = {}
+        self._limits_read_at = float("-inf")
+        self._retry_due: float | None = None
+        self._poll_interval = settings.poll_interval
+        self.alive_at = time.monotonic()
+
+    def notifications_lost(self, lost: bool) -> None:
+        """The listener found LISTEN deaf (or hearing again): poll often meanwhile."""
+        self._poll_interval = (
+            min(DEAF_POLL_INTERVAL, self._settings.poll_interval) if lost else self._settings.poll_interval
+        )
+
+    def settings_changed(self) -> None:
+        """A queue's settings changed: read them again before the next claim."""
+        self._limits_read_at = float("-inf")
+        self.wake.set()
+
+    def retry_due_in(self, seconds: float) -> None:
+        """A job of ours goes back in line in ``seconds``: look again then, not at the next poll."""
+        due = time.monotonic() + seconds
+        self._retry_due = due if self._retry_due is None else min(self._retry_due, due)
+
+    def limited(self, queue: str) -> bool:
+        return self.limits.get(queue, QueueLimits()).limited
+
+    async def run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            self.alive_at = time.monotonic()
+            self.wake.clear()
+            saturated, rate_limited = False, False
+            if self._executor.room() > 0:
+                try:
+                    saturated, rate_limited = await self.claim()
+                    if failures:
+                        log.info("claiming again after %d failed attempts", failures)
+                    failures = 0
+                except Exception as exc:
+                    failures += 1
+                    log.warning("claim failed (%s); retrying", exc)
+                    await self._sleep(reconnect_delay(failures))
+                    continue
+            if saturated and self._executor.room() > 0:
+                continue
+            timeout = self._poll_interval
+            if rate_limited:
+                timeout = min(timeout, max(0.01, self._settings.rate_burst_seconds / 2))
+            if not saturated:
+                timeout = min(timeout, await self._seconds_to_next_job())
+            await self._wait_for_work(timeout)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    async def _wait_for_work(self, timeout: float) -> None:
+        if timeout <= 0:
+            return
+        waiters = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(self._stopping.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _seconds_to_next_job(self) -> float:
+        """Time until the next delayed job (or local retry) falls due, by the database's clock."""
+        due = self._poll_interval
+        if self._retry_due is not None:
+            due = min(due, self._retry_due - time.monotonic())
+            if due <= 0:
+                self._retry_due = None
+        try:
+            async with self._conn.use() as c:
+                cur = await c.execute(self._queries.next_run_at, {"queues": list(self._settings.queues)})
+                row = await cur.fetchone()
+        except Exception as exc:
+            log.warning("next run time lookup failed: %s", exc)
+            return due
+        if row is not None and row[0] is not None:
+            due = min(due, float(row[0]) + 0.001)
+        return max(due, 0.0)
+
+    async def _refresh_limits(self) -> None:
+        if time.monotonic() - self._limits_read_at < self._settings.poll_interval:
+            return
+        async with self._conn.use() as c:
+            cur = await c.execute(self._queries.queue_settings, {"queues": list(self._settings.queues)})
+            rows = await cur.fetchall()
+        self.limits = {name: QueueLimits(paused, conc, rate) for name, paused, conc, rate in rows}
+        self._limits_read_at = time.monotonic()
+
+    async def claim(self) -> tuple[bool, bool]:
+        """Claim up to the room there is; returns (got all it asked for, a rate limit is in play).
+
+        Capped and rate-limited queues claim only what can start at once: a job waiting in a
+        buffer would hold a share of a global limit without running.
+        """
+        await self._refresh_limits()
+        s = self._settings
+        ex = self._executor
+        free = ex.room()
+        plain: list[str] = []
+        saturated, rate_limited = False, False
+        for name in s.queues:
+            limits = self.limits.get(name, QueueLimits())
+            local_cap = s.queue_concurrency.get(name)
+            if not limits.limited and local_cap is None:
+                plain.append(name)
+                continue
+            room = min(free, ex.free_slots())
+            if local_cap is not None:
+                room = min(room, local_cap - ex.per_queue[name])
+            if room <= 0:
+                continue
+            rate_limited |= limits.rate_limit is not None
+            if limits.limited:
+                got = await self._claim_limited(name, room)
+            else:
+                got = await self._claim_plain([name], room, start=room)
+            free -= got
+            saturated |= got == room
+            if free <= 0:
+                return True, rate_limited
+        if plain and free > 0:
+            got = await self._claim_plain(plain, free, start=max(0, ex.free_slots()))
+            saturated |= got == free
+        return saturated, rate_limited
+
+    async def _claim_plain(self, queues: list[str], limit: int, *, start: int) -> int:
+        token = uuid.uuid4()
+        params = {
+            "queues": queues,
+            "limit": limit,
+            "start": start,
+            "worker_id": self._worker_id,
+            "lease": self._settings.lease_seconds,
+            "token": token,
+        }
+        return await self._take(self._queries.claim, params, token, reserve=start)
+
+    async def _claim_limited(self, queue: str, limit: int) -> int:
+        token = uuid.uuid4()
+        params = {
+            "queue": queue,
+            "limit": limit,
+            "worker_id": self._worker_id,
+            "lease": self._settings.lease_seconds,
+            "burst": self._settings.rate_burst_seconds,
+            "token": token,
+        }
+        return await self._take(self._queries.claim_limited, params, token, reserve=limit, lock=True)
+
+    async def _take(
+        self, query: str, params: dict[str, Any], token: uuid.UUID, *, reserve: int, lock: bool = False
+    ) -> int:
+        """Run a claim statement with ``reserve`` slots held for the rows it starts at once."""
+        ex = self._executor
+        ex.reserved += reserve
+        try:
+            async with self._conn.use() as c:
+                if lock:
+                    async with c.transaction():
+                        await c.execute(self._queries.lock_queue, params)
+                        rows = await (await c.execute(query, params, prepare=self._prepare)).fetchall()
+                else:
+                    rows = await (await c.execute(query, params, prepare=self._prepare)).fetchall()
+        finally:
+            ex.reserved -= reserve
+        ex.take([ClaimedJob.from_row(row, token) for row in rows])
+        return len(rows)

@@ -1,0 +1,192 @@
+"""The completer: writes outcomes and start marks in batches (group commit), one statement each.
+
+Outcomes pile up while one flush is in flight, then go in one statement: under load each flush
+carries hundreds, when idle a single outcome goes out at once, so there is no timer to tune and
+no per-job round trip. The start marks of prefetched jobs ride the same flush.
+
+A flush that fails on the connection is retried whole after a backoff (nothing is dropped). A
+flush that the server refuses for one of its rows (a value it cannot store) is split in halves
+until the bad outcome stands alone; that one is replaced by a failure that records why, and the
+others are written: one bad outcome never blocks the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import psycopg
+
+from pgqueue.errors import UnstorableResult
+from pgqueue.sql import Queries
+from pgqueue.worker.db import ServiceConnection, reconnect_delay
+from pgqueue.worker.execution import ClaimedJob, Outcome
+from pgqueue.worker.outcomes import error_entry
+
+log = logging.getLogger("pgqueue.worker")
+
+# Bounded statements: a backlog (after an outage) drains as many short flushes rather than one
+# that holds thousands of row locks for seconds.
+MAX_BATCH = 2000
+
+
+def ack_params(outcomes: list[Outcome]) -> dict[str, list[Any]]:
+    return {
+        "id": [o.job.id for o in outcomes],
+        "token": [o.job.token for o in outcomes],
+        "kind": [o.kind for o in outcomes],
+        "result": [o.result_json for o in outcomes],
+        "error": [o.error_json for o in outcomes],
+        "delay": [o.delay for o in outcomes],
+    }
+
+
+def connection_lost(conn: psycopg.AsyncConnection[Any], exc: Exception) -> bool:
+    """Whether a failed statement failed for the connection (retry later) or for its data."""
+    if conn.closed or conn.broken or isinstance(exc, psycopg.InterfaceError):
+        return True
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    # Connection exceptions, serialization failures and deadlocks, operator intervention
+    # (shutdown, cancel), insufficient resources: the same rows will go through later.
+    return sqlstate[:2] in ("08", "40", "53", "57", "58")
+
+
+def fallback(outcome: Outcome, reason: str) -> Outcome:
+    """What to write when the server refused an outcome: a failure saying why, and no value."""
+    job = outcome.job
+    entry = error_entry(
+        job.attempt, UnstorableResult.__name__, f"the outcome could not be stored: {reason}", None
+    )
+    if outcome.kind in ("completed", "retry"):  # the attempt failed after all: the retry policy decides
+        if job.attempt < job.max_attempts:
+            return Outcome(job, "retry", error_json=entry, delay=max(1.0, outcome.delay))
+        return Outcome(job, "dead", error_json=entry)
+    return replace(outcome, result_json=None, error_json=entry)
+
+
+class Completer:
+    """Collects outcomes and starts; :meth:`run` writes them until cancelled."""
+
+    def __init__(
+        self,
+        conn: ServiceConnection,
+        queries: Queries,
+        *,
+        prepare: bool,
+        on_written: Callable[[list[Outcome]], None],
+        on_started: Callable[[ClaimedJob, int | None], None],
+        wake_after: Callable[[list[Outcome]], list[str]],
+    ) -> None:
+        self._conn = conn
+        self._queries = queries
+        self._prepare = prepare or None
+        self._on_written = on_written
+        self._on_started = on_started
+        self._wake_after = wake_after
+        self._outcomes: list[Outcome] = []
+        self._starts: list[ClaimedJob] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def add(self, outcome: Outcome) -> None:
+        self._outcomes.append(outcome)
+        self._idle.clear()
+        self._wake.set()
+
+    def start(self, job: ClaimedJob) -> None:
+        """Charge ``job``'s attempt before it runs; ``on_started`` is called once that is written."""
+        self._starts.append(job)
+        self._idle.clear()
+        self._wake.set()
+
+    def __len__(self) -> int:
+        return len(self._outcomes)
+
+    async def drained(self) -> None:
+        """Wait until everything added so far has been written."""
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        failures = 0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outcomes or self._starts:
+                try:
+                    await self._flush_once()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    failures += 1
+                    log.warning(
+                        "writing %d outcomes and %d starts failed (%s); retrying",
+                        len(self._outcomes),
+                        len(self._starts),
+                        exc,
+                    )
+                    await asyncio.sleep(reconnect_delay(failures))
+                    continue
+                failures = 0
+            self._idle.set()
+
+    async def _flush_once(self) -> None:
+        starts, self._starts = self._starts[:MAX_BATCH], self._starts[MAX_BATCH:]
+        try:
+            if starts:
+                await self._write_starts(starts)
+        except BaseException:
+            self._starts[:0] = starts
+            raise
+        batch, self._outcomes = self._outcomes[:MAX_BATCH], self._outcomes[MAX_BATCH:]
+        if not batch:
+            return
+        try:
+            written = await self._write_outcomes(batch)
+        except BaseException:
+            self._outcomes[:0] = batch  # keep them: nothing is dropped on a failed flush
+            raise
+        self._on_written(written)
+        queues = self._wake_after(written)
+        if queues:  # capacity freed under a global cap, or a job back in line: others look again
+            async with self._conn.use() as c:
+                await c.execute(
+                    self._queries.wake_queues, {"channel": self._queries.channel, "queues": queues}
+                )
+
+    async def _write_starts(self, jobs: list[ClaimedJob]) -> None:
+        params = {"id": [j.id for j in jobs], "token": [j.token for j in jobs]}
+        async with self._conn.use() as c:
+            rows = await (await c.execute(self._queries.start_jobs, params, prepare=self._prepare)).fetchall()
+        attempts = dict(rows)
+        for job in jobs:
+            self._on_started(job, attempts.get(job.id))
+
+    async def _write_outcomes(self, batch: list[Outcome], *, last_resort: bool = False) -> list[Outcome]:
+        """Write ``batch``; returns what was written (refused outcomes replaced by fallbacks)."""
+        async with self._conn.use() as c:
+            try:
+                await c.execute(self._queries.ack, ack_params(batch), prepare=self._prepare)
+                return batch
+            except psycopg.Error as exc:
+                if connection_lost(c, exc):
+                    raise
+                if len(batch) == 1:
+                    if last_resort:  # even the bare failure was refused: let go, the lease expires
+                        log.error(
+                            "job %d: no outcome could be stored (%s); left to lease rescue",
+                            batch[0].job.id,
+                            exc,
+                        )
+                        return batch
+                    log.error(
+                        "job %d: outcome refused by the server (%s); recorded as failed", batch[0].job.id, exc
+                    )
+                    return await self._write_outcomes(
+                        [fallback(batch[0], f"{type(exc).__name__}: {exc}")], last_resort=True
+                    )
+        half = len(batch) // 2
+        return await self._write_outcomes(batch[:half]) + await self._write_outcomes(batch[half:])

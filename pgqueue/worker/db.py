@@ -1,0 +1,97 @@
+"""One reconnecting database connection per worker service.
+
+Each service (claimer, completer, maintenance, …) owns its connection instead of borrowing from
+a shared pool: a dead connection is replaced by the service that met it, on its next use, with
+nothing to reopen, no pool-wide timeout to wait out and no service starved by another's burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import psycopg
+
+from pgqueue._timestamps import register_timestamp_loaders
+from pgqueue.connections import connection_kwargs
+
+log = logging.getLogger("pgqueue.worker")
+Conn = psycopg.AsyncConnection[Any]
+
+
+def reconnect_delay(failures: int) -> float:
+    """Backoff between attempts to reach the database: 0.1 s doubling to 2 s.
+
+    Capped low so a worker resumes within a couple of seconds of the database (or a promoted
+    standby) becoming reachable again.
+    """
+    return float(min(2.0, 0.1 * 2 ** min(failures, 5)))
+
+
+def connect_kwargs(role: str, dsn: str) -> dict[str, Any]:
+    """Keyword arguments for every connection a worker opens (named, bounded connect time)."""
+    return connection_kwargs(f"worker{'-' + role if role else ''}", dsn=dsn)
+
+
+SLOW_ANSWER = 5.0  # seconds without an answer before a worker says it is waiting
+
+
+@contextlib.contextmanager
+def say_if_slow(what: str, seconds: float = SLOW_ANSWER) -> Iterator[None]:
+    """Log once if the block takes longer than ``seconds``: a pooler in session mode with no free
+    server connection, or a locked table, holds a statement silently; the log says so."""
+    handle = asyncio.get_running_loop().call_later(
+        seconds,
+        log.warning,
+        "%s: no answer from the database after %.0f s (a pooler with no free server connection, "
+        "or a lock?); still waiting",
+        what,
+        seconds,
+    )
+    try:
+        yield
+    finally:
+        handle.cancel()
+
+
+class ServiceConnection:
+    """A lazily opened autocommit connection that is dropped as soon as it fails."""
+
+    def __init__(self, dsn: str, role: str) -> None:
+        self.dsn = dsn
+        self.role = role
+        self._conn: Conn | None = None
+
+    async def get(self) -> Conn:
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            self._conn = None
+            conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, **connect_kwargs(self.role, self.dsn)
+            )
+            # A due job with run_at = '-infinity' (written by hand) must not jam the claim.
+            register_timestamp_loaders(conn)
+            self._conn = conn
+        return conn
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[Conn]:
+        """The connection; on a connection-level failure it is discarded and the error re-raised."""
+        conn = await self.get()
+        try:
+            yield conn
+        except (psycopg.OperationalError, psycopg.InterfaceError):
+            await self.discard()
+            raise
+
+    async def discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def close(self) -> None:
+        await self.discard()

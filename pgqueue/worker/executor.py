@@ -1,0 +1,276 @@
+"""The executor: holds the claimed jobs, starts them in free slots, runs them, reports outcomes.
+
+A slot is taken by a running handler, by a prefetched job whose start is being written, and by
+a handler thread that outlived its job (a sync handler past its timeout cannot be stopped): so
+the worker never runs more handlers than its concurrency, whatever its handlers do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+from uuid import UUID
+
+from pgqueue.tasks import Registry, Task
+from pgqueue.worker.completer import Completer
+from pgqueue.worker.context import JobContext
+from pgqueue.worker.execution import ClaimedJob, Outcome, Runners, execute
+from pgqueue.worker.progress import ProgressWriter
+from pgqueue.worker.stats import WorkerStats
+
+log = logging.getLogger("pgqueue.worker")
+JOB_TASK_PREFIX = "pgqueue-job-"
+
+
+@dataclass(slots=True)
+class Running:
+    """A job whose handler runs: its handler, its context (only for handlers that take one)."""
+
+    job: ClaimedJob
+    handler: Task[Any] | None
+    ctx: JobContext | None
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    began: float = field(default_factory=time.monotonic)
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        concurrency: int,
+        prefetch: int,
+        registry: Registry,
+        runners: Runners,
+        completer: Completer,
+        progress: ProgressWriter,
+        stats: WorkerStats,
+        on_capacity: Callable[[], None],
+    ) -> None:
+        self.worker_id = worker_id
+        self.concurrency = concurrency
+        self.prefetch = prefetch
+        self.registry = registry
+        self.runners = runners
+        self.completer = completer
+        self.progress = progress
+        self.stats = stats
+        self._on_capacity = on_capacity
+        self.buffer: deque[ClaimedJob] = deque()
+        self.starting: dict[int, ClaimedJob] = {}
+        self.running: dict[int, Running] = {}
+        self.abandoned = 0
+        self.reserved = 0  # slots promised to a claim in flight, for the rows it starts at once
+        self.per_queue: Counter[str] = Counter()
+        # Claims whose lease this worker holds (id -> token), read by the lease keeper's thread.
+        self._held: dict[int, UUID] = {}
+        self._held_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ capacity
+
+    def busy(self) -> int:
+        return len(self.running) + len(self.starting) + self.abandoned + self.reserved
+
+    def free_slots(self) -> int:
+        """Handlers that could start now."""
+        return self.concurrency - self.busy()
+
+    def room(self) -> int:
+        """Jobs worth claiming: free slots plus the prefetch buffer's free places."""
+        return self.concurrency + self.prefetch - self.busy() - len(self.buffer)
+
+    def held(self) -> list[tuple[int, UUID]]:
+        with self._held_lock:
+            return list(self._held.items())
+
+    def job_of_task(self, task: asyncio.Task[Any] | None) -> Running | None:
+        """The job a running asyncio task belongs to (for naming what blocks the loop)."""
+        if task is None:
+            return None
+        name = task.get_name()
+        if not name.startswith(JOB_TASK_PREFIX):
+            return None
+        return self.running.get(int(name[len(JOB_TASK_PREFIX) :]))
+
+    # ------------------------------------------------------------------ taking and starting
+
+    def take(self, jobs: list[ClaimedJob]) -> None:
+        """Jobs a claim returned: start those it charged already, buffer the rest."""
+        self.stats.claimed += len(jobs)
+        with self._held_lock:
+            for job in jobs:
+                self._held[job.id] = job.token
+        for job in jobs:
+            self.per_queue[job.queue] += 1
+            if job.started:
+                self._begin(job)
+            else:
+                self.buffer.append(job)
+        self.fill()
+
+    def fill(self) -> None:
+        """Move buffered jobs into free slots; each starts once its attempt is written."""
+        while self.buffer and self.free_slots() > 0:
+            job = self.buffer.popleft()
+            self.starting[job.id] = job
+            self.completer.start(job)
+
+    def started(self, job: ClaimedJob, attempt: int | None) -> None:
+        """The completer wrote ``job``'s start (``attempt``), or found the claim lost (None)."""
+        if self.starting.pop(job.id, None) is None:
+            return  # handed back meanwhile (shutdown)
+        if attempt is None:
+            log.warning("job %d was taken from this worker before it started (lease lost)", job.id)
+            self._let_go(job)
+            self.fill()
+            return
+        self._begin(replace(job, attempt=attempt, started=True))
+
+    def _begin(self, job: ClaimedJob) -> None:
+        handler = self.registry.get(job.task)
+        ctx = None
+        if handler is not None and handler.takes_context:
+            ctx = JobContext(
+                job_id=job.id,
+                queue=job.queue,
+                task=job.task,
+                attempt=job.attempt,
+                max_attempts=job.max_attempts,
+                scheduled_for=job.scheduled_for,
+                worker_id=self.worker_id,
+                _report_progress=self.progress.report_from_any_thread(job.token),
+            )
+        running = Running(job, handler, ctx)
+        self.running[job.id] = running
+        running.task = asyncio.get_running_loop().create_task(
+            self._run(running), name=f"{JOB_TASK_PREFIX}{job.id}"
+        )
+
+    async def _run(self, running: Running) -> None:
+        job = running.job
+        try:
+            outcome = await execute(
+                job,
+                running.handler,
+                running.ctx,
+                running.cancel,
+                self.runners,
+                lambda text: self.progress.report(job.id, job.token, text),
+            )
+        except asyncio.CancelledError:
+            outcome = Outcome(job, "requeue")  # shutdown: handed back, the attempt does not count
+        duration = time.monotonic() - running.began
+        del self.running[job.id]
+        self.fill()
+        if self.progress.pending_for(job.id):  # its last progress lands before its outcome
+            await self.progress.write()
+        self.completer.add(outcome)
+        self._on_capacity()
+        log_outcome(outcome, duration)
+
+    # ------------------------------------------------------------------ after the fact
+
+    def written(self, outcomes: list[Outcome]) -> None:
+        """The completer wrote these outcomes: the claims are no longer this worker's."""
+        for o in outcomes:
+            self._let_go(o.job)
+            self.stats.count(o.kind)
+
+    def _let_go(self, job: ClaimedJob) -> None:
+        with self._held_lock:
+            if self._held.get(job.id) == job.token:
+                del self._held[job.id]
+        self.per_queue[job.queue] -= 1
+
+    def abandon(self, future: asyncio.Future[Any]) -> None:
+        """A handler thread outlived its job: it keeps a slot until it returns."""
+        self.abandoned += 1
+
+        def ended(_: asyncio.Future[Any]) -> None:
+            self.abandoned -= 1
+            self.fill()
+            self._on_capacity()
+
+        future.add_done_callback(ended)
+
+    def cancel(self, job_id: int) -> None:
+        """Stop a job: a buffered one never runs, an async one is cancelled, a sync one is told."""
+        running = self.running.get(job_id)
+        if running is None:
+            for job in self.buffer:
+                if job.id == job_id:
+                    self.buffer.remove(job)
+                    self.completer.add(Outcome(job, "cancelled"))
+                    break
+            return
+        running.cancel.set()
+        if running.ctx is not None:
+            running.ctx.cancelled.set()
+        handler = running.handler
+        if handler is not None and handler.is_async and not self.runners.isolated(handler) and running.task:
+            running.task.cancel()
+
+    def lost(self, job_ids: set[int]) -> None:
+        """The lease keeper found these running claims gone (rescued elsewhere): stop them."""
+        for job_id in job_ids:
+            running = self.running.get(job_id)
+            if running is None:
+                continue
+            log.warning(
+                "job %d (%s) lost its lease while running here; stopping it, another worker may run it",
+                job_id,
+                running.job.task,
+            )
+            self.cancel(job_id)
+
+    def release_buffer(self) -> None:
+        """Shutdown: claimed jobs that never started go straight back, uncharged."""
+        while self.buffer:
+            self.completer.add(Outcome(self.buffer.popleft(), "requeue"))
+        for job in list(self.starting.values()):
+            self.starting.pop(job.id)
+            self.completer.add(Outcome(job, "requeue"))
+
+
+def log_outcome(outcome: Outcome, duration: float) -> None:
+    job = outcome.job
+    level = logging.INFO if outcome.kind in ("completed", "requeue") else logging.WARNING
+    if outcome.kind == "dead":
+        level = logging.ERROR
+    if not log.isEnabledFor(level):
+        return
+    detail = ""
+    if outcome.error_json is not None:
+        import json
+
+        error = json.loads(outcome.error_json)
+        detail = f" error={error['type']}: {error['message']!r}"
+        if outcome.kind == "retry":
+            detail += f" retry_in={outcome.delay:.1f}s"
+    log.log(
+        level,
+        "job %s id=%d task=%s queue=%s attempt=%d/%d duration_ms=%.1f%s",
+        outcome.kind,
+        job.id,
+        job.task,
+        job.queue,
+        job.attempt,
+        job.max_attempts,
+        duration * 1000,
+        detail,
+        extra={
+            "job_id": job.id,
+            "task": job.task,
+            "queue": job.queue,
+            "attempt": job.attempt,
+            "outcome": outcome.kind,
+            "duration_ms": duration * 1000,
+        },
+    )

@@ -1,0 +1,158 @@
+"""The lease keeper: renews this worker's leases from a thread of its own, and names a blocked loop.
+
+Leases are renewed here, on a dedicated thread with its own connection, because the event loop
+runs handlers the worker does not control: an async handler that calls ``time.sleep(60)`` stops
+the loop, and with it anything scheduled on it. If renewal lived there, every job of the worker
+would look abandoned, be rescued and run a second time elsewhere. The same thread watches the
+loop's heartbeat tick and logs the job that blocks it.
+
+What the thread learns (cancel requests, claims lost to a rescue) is handed to the loop with
+``call_soon_threadsafe``; when the loop is blocked that waits, which is harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from pgqueue.sql import Queries
+from pgqueue.worker.db import connect_kwargs
+
+log = logging.getLogger("pgqueue.worker")
+TICK = 0.1  # how often the loop proves it is alive
+WATCH = 0.25  # how often the thread looks
+REPEAT_WARNING = 10.0  # a long block is reported again this often
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """What one heartbeat sends besides the held claims."""
+
+    worker_id: str
+    queues: list[str]
+    concurrency: int
+    lease_seconds: float
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        dsn: str,
+        queries: Queries,
+        beat: Beat,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        held: Callable[[], list[tuple[int, UUID]]],
+        abandoned: Callable[[], int],
+        on_renewed: Callable[[dict[int, UUID], set[int], set[int]], None],
+        blocker: Callable[[], str | None],
+        block_warning: float,
+    ) -> None:
+        self._dsn = dsn
+        self._queries = queries
+        self._beat = beat
+        self._loop = loop
+        self._held = held
+        self._abandoned = abandoned
+        self._on_renewed = on_renewed  # (sent, renewed, cancel requested), called on the loop
+        self._blocker = blocker
+        self._block_warning = block_warning
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="pgqueue-lease-keeper", daemon=True)
+        self._conn: psycopg.Connection[Any] | None = None
+        self.alive_at = time.monotonic()
+        self.interval = beat.lease_seconds / 3
+        self._abandoned_sent = 0
+
+    # ------------------------------------------------------------------ the loop's side
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def tick(self) -> None:
+        """Runs on the loop: proves it turns."""
+        while True:
+            self.alive_at = time.monotonic()
+            await asyncio.sleep(TICK)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ the thread
+
+    def _main(self) -> None:
+        next_beat = time.monotonic() + self.interval
+        blocked_since: float | None = None
+        warned_at = 0.0
+        ok = True
+        while not self._stop.wait(WATCH):
+            now = time.monotonic()
+            stalled = now - self.alive_at
+            if stalled >= self._block_warning:
+                if blocked_since is None:
+                    blocked_since = self.alive_at
+                if now - warned_at >= REPEAT_WARNING:
+                    warned_at = now
+                    log.warning("event loop blocked %.1f s by %s", stalled, self._blocker() or "worker code")
+            elif blocked_since is not None:
+                log.warning("event loop free again after %.1f s", self.alive_at - blocked_since)
+                blocked_since, warned_at = None, 0.0
+            # A change in abandoned threads shows on the worker's row at once, not a beat later.
+            if now >= next_beat or (ok and self._abandoned() != self._abandoned_sent):
+                ok = self._renew()
+                # After a failure, try again soon: leases run out while we are away.
+                next_beat = time.monotonic() + (self.interval if ok else min(1.0, self.interval))
+        self._close()
+
+    def _renew(self) -> bool:
+        held = self._held()
+        abandoned = self._abandoned()
+        params = {
+            "id": self._beat.worker_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": self._beat.queues,
+            "concurrency": self._beat.concurrency,
+            "abandoned": abandoned,
+            "lease": self._beat.lease_seconds,
+            "held": [job_id for job_id, _ in held],
+            "token": [token for _, token in held],
+        }
+        try:
+            conn = self._connection()
+            rows = conn.execute(self._queries.heartbeat, params).fetchall()
+        except Exception as exc:
+            self._close()
+            log.warning("heartbeat failed (%s); leases expire in %.0fs", exc, self._beat.lease_seconds)
+            return False
+        self._abandoned_sent = abandoned
+        renewed = {row[0] for row in rows}
+        cancels = {row[0] for row in rows if row[1]}
+        sent = dict(held)
+        if cancels or renewed != sent.keys():
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                self._loop.call_soon_threadsafe(self._on_renewed, sent, renewed, cancels)
+        return True
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = psycopg.connect(self._dsn, autocommit=True, **connect_kwargs("lease", self._dsn))
+        return self._conn
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()

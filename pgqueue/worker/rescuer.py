@@ -1,0 +1,76 @@
+"""The rescuer: jobs whose worker stopped renewing its lease go back to the queue (or die).
+
+Any live worker rescues, in small batches under SKIP LOCKED, so several rescuers never fight.
+A rescue right after the database comes back would race the owners: their leases lapsed while
+nobody could renew them, but the owners are alive and about to renew (and to write the outcomes
+they hold). So a rescuer waits one heartbeat interval plus a margin after its own connection
+recovers (a worker that started during an outage counts as recovering) before it rescues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pgqueue.sql import Queries
+from pgqueue.worker.db import ServiceConnection
+
+log = logging.getLogger("pgqueue.maintenance")
+BATCH = 500
+MARGIN = 1.5  # seconds on top of a heartbeat interval, for owners to reconnect and renew
+
+
+class Rescuer:
+    def __init__(
+        self, conn: ServiceConnection, queries: Queries, *, lease_seconds: float, interval: float
+    ) -> None:
+        self._conn = conn
+        self._queries = queries
+        self._lease = lease_seconds
+        self._interval = interval
+        # Owners renew every lease/3 and retry within a second after a failure.
+        self.settle = lease_seconds / 3 + MARGIN
+        self._healthy_since: float | None = float("-inf")
+
+    def recovered(self) -> None:
+        """The database just came back for this worker: let the owners renew first."""
+        self._healthy_since = time.monotonic()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.run_once()
+            except Exception as exc:
+                self._healthy_since = None
+                log.warning("lease rescue failed: %s", exc)
+
+    async def run_once(self) -> int:
+        """One round; returns how many jobs it rescued (0 while settling after a reconnect)."""
+        async with self._conn.use() as c:
+            await c.execute("SELECT 1")
+            now = time.monotonic()
+            if self._healthy_since is None:
+                self._healthy_since = now
+            if now - self._healthy_since < self.settle:
+                return 0
+            total = 0
+            while True:
+                cur = await c.execute(self._queries.rescue_expired, {"limit": BATCH})
+                row = await cur.fetchone()
+                assert row is not None
+                queues, requeued, buried = row
+                total += int(requeued) + int(buried)
+                if requeued or buried:
+                    log.warning(
+                        "rescued %d jobs with expired leases (%d dead-lettered)", requeued + buried, buried
+                    )
+                if queues:
+                    await c.execute(
+                        self._queries.wake_queues, {"channel": self._queries.channel, "queues": queues}
+                    )
+                if requeued + buried < BATCH:
+                    break
+            await c.execute(self._queries.forget_dead_workers, {"after": self._lease * 3})
+        return total
