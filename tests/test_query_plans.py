@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -62,6 +63,11 @@ def test_ack_uses_the_primary_key_even_with_stale_statistics(queue: Queue) -> No
             "result": "jsonb[]",
             "error": "jsonb[]",
             "delay": "float8[]",
+            "charge": "int[]",
+            "started_at": "timestamptz[]",
+            "start_id": "bigint[]",
+            "start_token": "uuid[]",
+            "start_at": "timestamptz[]",
         }
         conn.execute(f"PREPARE ack_plan({', '.join(types[n] for n in names)}) AS {text}")
         conn.execute("SET plan_cache_mode = force_generic_plan")
@@ -72,6 +78,12 @@ def test_ack_uses_the_primary_key_even_with_stale_statistics(queue: Queue) -> No
             "result": [None] * 2000,
             "error": [None] * 2000,
             "delay": [0.0] * 2000,
+            "charge": [0] * 2000,
+            "started_at": [None] * 2000,
+            # the starts of prefetched jobs ride the same statement: they must not scan either
+            "start_id": ids[2000:4000],
+            "start_token": [token] * 2000,
+            "start_at": [datetime.now(UTC)] * 2000,
         }
         placeholders = ", ".join(f"%s::{types[n]}" for n in names)
         # A utility statement takes no server-side parameters: bind them client-side.

@@ -115,3 +115,38 @@ def test_expired_leases_are_rescued_and_an_exhausted_job_is_dead_lettered(
     assert dead.attempts == 1
     assert [e["type"] for e in dead.errors] == ["LeaseExpired"]
     assert wdb.one("SELECT count(*) FROM {log} WHERE job_id = %s", [exhausted]) == 0
+
+
+def test_a_job_lost_before_its_start_was_recorded_costs_no_attempt_until_it_keeps_killing_workers(
+    wapp: worker_app.App, wdb: Db
+) -> None:
+    """An expired claim whose start was never recorded (prefetched, or just out of the buffer)
+    goes back uncharged and without an error entry; a job that has taken max_attempts + 2
+    workers down that way is dead-lettered, so even a poison job that kills its worker before
+    its start is written ends."""
+    with thread_worker(wapp, wdb, queues=("default",), concurrency=2, rescue_interval=0.2):
+        spared = wapp.queue.enqueue("record", {"note": "spared"}, delay=3600, max_attempts=1)
+        poison = wapp.queue.enqueue("record", {"note": "poison"}, delay=3600, max_attempts=1)
+        wdb.rows(
+            "UPDATE {jobs} SET state = 'running', started_at = NULL, run_at = now(),"
+            " worker_id = 'gone-host:1:feedface', claim_token = gen_random_uuid(),"
+            " unrecorded_losses = CASE WHEN id = %s THEN 3 ELSE 0 END,"
+            " lease_expires_at = now() - interval '1 second'"
+            " WHERE id IN (%s, %s) RETURNING id",
+            [poison, spared, poison],
+        )
+        wait_until(
+            lambda: (
+                wapp.queue.get_job(spared).state is JobState.COMPLETED
+                and wapp.queue.get_job(poison).state is JobState.DEAD
+            ),
+            5,
+            lambda: f"{wapp.queue.get_job(spared)}\n{wapp.queue.get_job(poison)}",
+        )
+    job = wapp.queue.get_job(spared)
+    assert job.attempts == 1 and job.errors == []  # its one attempt is the run that completed it
+    assert wdb.one("SELECT unrecorded_losses FROM {jobs} WHERE id = %s", [spared]) == 1
+    dead = wapp.queue.get_job(poison)
+    assert dead.attempts == 0
+    assert [e["type"] for e in dead.errors] == ["LeaseExpired"]
+    assert "before the job's start was recorded (4 such losses)" in dead.errors[0]["message"]

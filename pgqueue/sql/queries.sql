@@ -115,8 +115,8 @@ SELECT version_num FROM {schema}.alembic_version
 -- Paused and limited queues are skipped here, in the same statement, so a pause or a new cap
 -- takes effect at once even for a worker whose cached settings are stale.
 -- The first %(start)s rows start at once and are charged an attempt; the rest wait in the
--- worker's prefetch buffer uncharged (start_jobs charges them when they start), so a worker
--- killed with a full buffer costs those jobs nothing. Every row carries the claim's token.
+-- worker's prefetch buffer uncharged (the ack statement charges them once they start), so a
+-- worker killed with a full buffer costs those jobs nothing. Every row carries the claim's token.
 WITH candidates AS (
     SELECT c.id, row_number() OVER (ORDER BY c.priority, c.run_at, c.id) AS rank
     FROM unnest(%(queues)s::text[]) AS q(name)
@@ -141,7 +141,7 @@ SET state = 'running', worker_id = %(worker_id)s, claim_token = %(token)s,
 FROM candidates
 WHERE j.id = candidates.id
 RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.timeout,
-          j.run_at, j.scheduled_for, candidates.rank <= %(start)s AS started
+          j.scheduled_for, candidates.rank <= %(start)s AS started
 
 -- name: lock_queue
 -- Serialises claims on a queue with a global cap or rate limit; the next statement then sees
@@ -177,7 +177,7 @@ WITH settings AS (
     FROM candidates
     WHERE j.id = candidates.id
     RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts, j.max_attempts, j.timeout,
-              j.run_at, j.scheduled_for, true AS started
+              j.scheduled_for, true AS started
 ), spent AS (
     UPDATE {schema}.queues AS q
     SET rate_tokens = s.tokens - (SELECT count(*) FROM claimed), rate_updated_at = clock_timestamp()
@@ -200,17 +200,6 @@ CROSS JOIN LATERAL (
     ORDER BY run_at LIMIT 1
 ) AS n
 
--- name: start_jobs
--- Charges an attempt to prefetched jobs as they leave the buffer, before their handlers run:
--- a job that crashes its worker has paid for the crash. Rows not returned were lost meanwhile
--- (rescued after an expired lease): the worker drops them.
-UPDATE {schema}.jobs AS j
-SET attempts = j.attempts + 1, started_at = now()
-FROM unnest(%(id)s::bigint[], %(token)s::uuid[]) AS s(id, token)
-WHERE j.id = s.id AND j.claim_token = s.token AND j.state::text = 'running'
-  AND j.started_at IS NULL
-RETURNING j.id, j.attempts
-
 -- ---------------------------------------------------------------- worker: acknowledge
 
 -- name: ack
@@ -220,17 +209,23 @@ RETURNING j.id, j.attempts
 -- `state::text` keeps the planner off the partial index of running jobs: statistics taken while
 -- the jobs were queued say "almost none running", and a plan built on that scans every running
 -- row for each outcome. Joined through the primary key instead, a flush costs one lookup a job.
--- Kinds: completed, cancelled, retry, dead, and requeue: handed back at shutdown, where a started
--- attempt does not count (a prefetched job that never started was never charged).
+-- Kinds: completed, cancelled, retry, dead; requeue (a started attempt handed back at shutdown:
+-- it does not count) and release (a prefetched job that never started).
+-- `charge` is 1 for a job that started from the prefetch buffer and whose start this statement
+-- records along with its outcome (idempotent: a start already written is not charged again). The same statement records the starts (start_*) of prefetched
+-- jobs still running, so a job that crashes its worker has, in all likelihood, paid for it.
 WITH outcome AS (
     SELECT * FROM unnest(%(id)b::bigint[], %(token)b::uuid[], %(kind)b::text[],
-                         %(result)b::jsonb[], %(error)b::jsonb[], %(delay)b::float8[])
-        AS o(id, token, kind, result, error, delay)
+                         %(result)b::jsonb[], %(error)b::jsonb[], %(delay)b::float8[],
+                         %(charge)b::int[], %(started_at)b::timestamptz[])
+        AS o(id, token, kind, result, error, delay, charge, started_at)
 ), done AS (
     UPDATE {schema}.jobs AS j
     SET state = CASE o.kind WHEN 'cancelled' THEN 'cancelled'::{schema}.job_state
                             ELSE 'completed'::{schema}.job_state END,
         result = o.result, finished_at = now(), lease_expires_at = NULL, claim_token = NULL,
+        attempts = j.attempts + o.charge * (j.started_at IS NULL)::int,
+        started_at = coalesce(j.started_at, o.started_at),
         errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || o.error END
     FROM outcome AS o
     WHERE o.kind IN ('completed', 'cancelled') AND j.id = o.id AND j.claim_token = o.token
@@ -240,11 +235,11 @@ WITH outcome AS (
     UPDATE {schema}.jobs AS j
     SET state = 'queued', run_at = now() + make_interval(secs => o.delay), worker_id = NULL,
         lease_expires_at = NULL, cancel_requested = false, claim_token = NULL,
+        started_at = coalesce(j.started_at, o.started_at),
         errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || o.error END,
-        attempts = CASE WHEN o.kind = 'requeue' AND j.started_at IS NOT NULL THEN j.attempts - 1
-                        ELSE j.attempts END
+        attempts = j.attempts + o.charge * (j.started_at IS NULL)::int - (o.kind = 'requeue')::int
     FROM outcome AS o
-    WHERE o.kind IN ('retry', 'requeue') AND j.id = o.id AND j.claim_token = o.token
+    WHERE o.kind IN ('retry', 'requeue', 'release') AND j.id = o.id AND j.claim_token = o.token
       AND j.state::text = 'running'
     RETURNING j.id
 ), dead AS (
@@ -252,18 +247,27 @@ WITH outcome AS (
     USING outcome AS o
     WHERE o.kind = 'dead' AND j.id = o.id AND j.claim_token = o.token
       AND j.state::text = 'running'
-    RETURNING j.*, o.error AS last_error
+    RETURNING j.*, o.error AS last_error, o.charge, o.started_at AS run_started_at
 ), buried AS (
     INSERT INTO {schema}.dead_letter
         (id, queue, task, args, priority, attempts, max_attempts, timeout, unique_key,
          scheduled_for, progress, errors, created_at, started_at)
-    SELECT id, queue, task, args, priority, attempts, max_attempts, timeout, unique_key,
-           scheduled_for, progress, errors || coalesce(last_error, '[]'::jsonb), created_at,
-           started_at
+    SELECT id, queue, task, args, priority, attempts + charge * (started_at IS NULL)::int,
+           max_attempts, timeout, unique_key, scheduled_for, progress,
+           errors || coalesce(last_error, '[]'::jsonb), created_at, coalesce(started_at, run_started_at)
     FROM dead
     RETURNING id
+), started AS (
+    UPDATE {schema}.jobs AS j
+    SET attempts = j.attempts + 1, started_at = s.started_at
+    FROM unnest(%(start_id)b::bigint[], %(start_token)b::uuid[], %(start_at)b::timestamptz[])
+        AS s(id, token, started_at)
+    WHERE j.id = s.id AND j.claim_token = s.token AND j.state::text = 'running'
+      AND j.started_at IS NULL
+    RETURNING j.id
 )
 SELECT (SELECT count(*) FROM done) + (SELECT count(*) FROM retried) + (SELECT count(*) FROM buried)
+       + (SELECT count(*) FROM started)
 
 -- name: wake_queues
 SELECT pg_notify(%(channel)s, q) FROM unnest(%(queues)s::text[]) AS q
@@ -298,6 +302,10 @@ DELETE FROM {schema}.workers WHERE id = %(id)s
 -- name: rescue_expired
 -- Jobs whose worker stopped renewing the lease (killed, partitioned) go back to the queue; the
 -- lost attempt counts, and a job with none left is dead-lettered, all in one statement.
+-- A job whose start was never recorded (it sat in the worker's prefetch buffer, or had just
+-- left it) lost nothing: it goes back uncharged, its loss counted in unrecorded_losses. Only a
+-- job that keeps taking workers down that way, more than max_attempts + 2 times, is
+-- dead-lettered: a poison job ends even when it kills its worker before its start is written.
 WITH expired AS (
     SELECT id FROM {schema}.jobs
     WHERE state = 'running' AND lease_expires_at < now()
@@ -305,20 +313,25 @@ WITH expired AS (
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), lost AS (
-    -- A job that never left its worker's prefetch buffer (never started) lost nothing: it goes
-    -- back uncharged and without an error entry. A started one paid its attempt at start.
-    SELECT j.id, j.started_at IS NOT NULL AND j.attempts >= j.max_attempts AS exhausted,
-           j.started_at IS NULL AS unstarted,
+    SELECT j.id, j.started_at IS NULL AS unrecorded,
+           CASE WHEN j.started_at IS NULL THEN j.unrecorded_losses >= j.max_attempts + 2
+                ELSE j.attempts >= j.max_attempts END AS exhausted,
            jsonb_build_object('attempt', j.attempts, 'at', now(), 'type', 'LeaseExpired',
                               'message', 'worker ' || coalesce(j.worker_id, '?')
-                                         || ' stopped renewing its lease',
+                                         || ' stopped renewing its lease'
+                                         || CASE WHEN j.started_at IS NULL
+                                                 THEN ' before the job''s start was recorded ('
+                                                      || (j.unrecorded_losses + 1)
+                                                      || ' such losses)'
+                                                 ELSE '' END,
                               'traceback', NULL) AS error
     FROM {schema}.jobs AS j JOIN expired USING (id)
 ), requeued AS (
     UPDATE {schema}.jobs AS j
     SET state = 'queued', run_at = now(), worker_id = NULL, lease_expires_at = NULL,
         cancel_requested = false, claim_token = NULL,
-        errors = CASE WHEN lost.unstarted THEN j.errors ELSE j.errors || lost.error END
+        unrecorded_losses = j.unrecorded_losses + lost.unrecorded::int,
+        errors = CASE WHEN lost.unrecorded THEN j.errors ELSE j.errors || lost.error END
     FROM lost
     WHERE j.id = lost.id AND NOT lost.exhausted
     RETURNING j.id, j.queue

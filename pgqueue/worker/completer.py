@@ -1,8 +1,12 @@
-"""The completer: writes outcomes and start marks in batches (group commit), one statement each.
+"""The completer: writes outcomes and starts in batches (group commit), one statement each.
 
 Outcomes pile up while one flush is in flight, then go in one statement: under load each flush
 carries hundreds, when idle a single outcome goes out at once, so there is no timer to tune and
-no per-job round trip. The start marks of prefetched jobs ride the same flush.
+no per-job round trip.
+
+The same statement charges the attempts of prefetched jobs that left the buffer: a job starts
+at once (the buffer exists so a freed slot need not wait for the database) and its start is
+written by the next flush; if it already finished, its outcome's own row update charges it.
 
 A flush that fails on the connection is retried whole after a backoff (nothing is dropped). A
 flush that the server refuses for one of its rows (a value it cannot store) is split in halves
@@ -33,7 +37,7 @@ log = logging.getLogger("pgqueue.worker")
 MAX_BATCH = 2000
 
 
-def ack_params(outcomes: list[Outcome]) -> dict[str, list[Any]]:
+def ack_params(outcomes: list[Outcome], starts: list[ClaimedJob]) -> dict[str, list[Any]]:
     return {
         "id": [o.job.id for o in outcomes],
         "token": [o.job.token for o in outcomes],
@@ -41,6 +45,11 @@ def ack_params(outcomes: list[Outcome]) -> dict[str, list[Any]]:
         "result": [o.result_json for o in outcomes],
         "error": [o.error_json for o in outcomes],
         "delay": [o.delay for o in outcomes],
+        "charge": [o.charge for o in outcomes],
+        "started_at": [o.job.began_at if o.charge else None for o in outcomes],
+        "start_id": [j.id for j in starts],
+        "start_token": [j.token for j in starts],
+        "start_at": [j.began_at for j in starts],
     }
 
 
@@ -77,17 +86,16 @@ class Completer:
         *,
         prepare: bool,
         on_written: Callable[[list[Outcome]], None],
-        on_started: Callable[[ClaimedJob, int | None], None],
         wake_after: Callable[[list[Outcome]], list[str]],
     ) -> None:
         self._conn = conn
         self._queries = queries
         self._prepare = prepare or None
         self._on_written = on_written
-        self._on_started = on_started
         self._wake_after = wake_after
         self._outcomes: list[Outcome] = []
-        self._starts: list[ClaimedJob] = []
+        # Prefetched jobs that started and whose start is not written yet, by id.
+        self._starts: dict[int, ClaimedJob] = {}
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -97,9 +105,9 @@ class Completer:
         self._idle.clear()
         self._wake.set()
 
-    def start(self, job: ClaimedJob) -> None:
-        """Charge ``job``'s attempt before it runs; ``on_started`` is called once that is written."""
-        self._starts.append(job)
+    def record_start(self, job: ClaimedJob) -> None:
+        """``job`` left the prefetch buffer and runs: charge its attempt with the next write."""
+        self._starts[job.id] = job
         self._idle.clear()
         self._wake.set()
 
@@ -122,33 +130,32 @@ class Completer:
                     raise
                 except Exception as exc:
                     failures += 1
-                    log.warning(
-                        "writing %d outcomes and %d starts failed (%s); retrying",
-                        len(self._outcomes),
-                        len(self._starts),
-                        exc,
-                    )
+                    log.warning("writing %d outcomes failed (%s); retrying", len(self._outcomes), exc)
                     await asyncio.sleep(reconnect_delay(failures))
                     continue
                 failures = 0
             self._idle.set()
 
     async def _flush_once(self) -> None:
-        starts, self._starts = self._starts[:MAX_BATCH], self._starts[MAX_BATCH:]
+        taken, self._outcomes = self._outcomes[:MAX_BATCH], self._outcomes[MAX_BATCH:]
+        # A job that started from the buffer and already finished is charged by its outcome's
+        # own row update; only the starts of jobs still running need one of their own.
+        for o in taken:
+            if self._starts.pop(o.job.id, None) is not None:
+                o.charge = 1
+        batch = taken
+        starts = list(self._starts.values())[:MAX_BATCH]
+        for job in starts:
+            del self._starts[job.id]
         try:
-            if starts:
-                await self._write_starts(starts)
-        except BaseException:
-            self._starts[:0] = starts
-            raise
-        batch, self._outcomes = self._outcomes[:MAX_BATCH], self._outcomes[MAX_BATCH:]
-        if not batch:
-            return
-        try:
-            written = await self._write_outcomes(batch)
+            written = await self._write(batch, starts)
         except BaseException:
             self._outcomes[:0] = batch  # keep them: nothing is dropped on a failed flush
+            for job in starts + [o.job for o in batch if o.charge]:
+                self._starts[job.id] = job
             raise
+        if not written:
+            return
         self._on_written(written)
         queues = self._wake_after(written)
         if queues:  # capacity freed under a global cap, or a job back in line: others look again
@@ -157,19 +164,24 @@ class Completer:
                     self._queries.wake_queues, {"channel": self._queries.channel, "queues": queues}
                 )
 
-    async def _write_starts(self, jobs: list[ClaimedJob]) -> None:
-        params = {"id": [j.id for j in jobs], "token": [j.token for j in jobs]}
-        async with self._conn.use() as c:
-            rows = await (await c.execute(self._queries.start_jobs, params, prepare=self._prepare)).fetchall()
-        attempts = dict(rows)
-        for job in jobs:
-            self._on_started(job, attempts.get(job.id))
-
-    async def _write_outcomes(self, batch: list[Outcome], *, last_resort: bool = False) -> list[Outcome]:
-        """Write ``batch``; returns what was written (refused outcomes replaced by fallbacks)."""
+    async def _write(self, batch: list[Outcome], starts: list[ClaimedJob]) -> list[Outcome]:
+        """One statement for outcomes and starts; if the server refuses a row, split the outcomes."""
         async with self._conn.use() as c:
             try:
-                await c.execute(self._queries.ack, ack_params(batch), prepare=self._prepare)
+                await c.execute(self._queries.ack, ack_params(batch, starts), prepare=self._prepare)
+                return batch
+            except psycopg.Error as exc:
+                if connection_lost(c, exc) or not batch:
+                    raise
+        if starts:  # they carry only ids, tokens and times: the refused value is an outcome's
+            await self._write([], starts)
+        return await self._write_outcomes(batch)
+
+    async def _write_outcomes(self, batch: list[Outcome], *, last_resort: bool = False) -> list[Outcome]:
+        """Write ``batch``, halving it around refused rows (replaced by fallbacks)."""
+        async with self._conn.use() as c:
+            try:
+                await c.execute(self._queries.ack, ack_params(batch, []), prepare=self._prepare)
                 return batch
             except psycopg.Error as exc:
                 if connection_lost(c, exc):

@@ -181,7 +181,6 @@ class AsyncWorker:
             q,
             prepare=prepare,
             on_written=lambda outcomes: executor().written(outcomes),
-            on_started=lambda job, attempt: executor().started(job, attempt),
             wake_after=wake_after,
         )
         runners = Runners(

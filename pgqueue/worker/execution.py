@@ -32,12 +32,16 @@ from pgqueue.worker.context import JobContext
 from pgqueue.worker.outcomes import dump_result, error_entry, exception_entry, to_jsonb
 from pgqueue.worker.processes import ProcessOutcome, ProcessSlots
 
-OutcomeKind = Literal["completed", "retry", "dead", "cancelled", "requeue"]
+OutcomeKind = Literal["completed", "retry", "dead", "cancelled", "requeue", "release"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClaimedJob:
-    """A claimed job as the claim statement returned it, with the token of that claim."""
+    """A claimed job as the claim statement returned it, with the token of that claim.
+
+    Mutable only for the executor, which records a prefetched job's start on it (a copy per
+    job would cost more than the rest of the hot path).
+    """
 
     id: int
     queue: str
@@ -47,14 +51,15 @@ class ClaimedJob:
     attempt: int
     max_attempts: int
     timeout: float | None
-    run_at: datetime
     scheduled_for: datetime | None
-    started: bool
+    started: bool  # charged: started by the claim, or its start recorded / to be recorded
     token: UUID
+    # When a prefetched job left the buffer (its start, written with the next flush).
+    began_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: tuple[Any, ...], token: UUID) -> ClaimedJob:
-        id_, queue, task, args, priority, attempt, max_attempts, timeout, run_at, scheduled_for, started = row
+        id_, queue, task, args, priority, attempt, max_attempts, timeout, scheduled_for, started = row
         return cls(
             id_,
             queue,
@@ -64,22 +69,25 @@ class ClaimedJob:
             attempt,
             max_attempts,
             timeout,
-            run_at,
             scheduled_for,
             started,
             token,
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
-    """What to write back for one claim; ``error_json`` is the entry appended to the job."""
+    """What to write back for one claim; ``error_json`` is the entry appended to the job.
+
+    ``charge`` is set by the completer when the job's start is recorded by this same write.
+    """
 
     job: ClaimedJob
     kind: OutcomeKind
     result_json: str | None = None
     error_json: str | None = None
     delay: float = 0.0
+    charge: int = 0
 
 
 def decide(
@@ -158,6 +166,8 @@ async def execute(
 
 
 async def _run_async(task: Task[Any], kwargs: Mapping[str, Any], timeout: float | None) -> Any:
+    if timeout is None:
+        return await task.fn(**kwargs)
     began = time.monotonic()
     # asyncio.timeout (not wait_for) keeps the handler in this task, so a blocked loop can be
     # traced to the job that blocks it, and a SystemExit stays inside this coroutine.
@@ -170,7 +180,7 @@ async def _run_async(task: Task[Any], kwargs: Mapping[str, Any], timeout: float 
             raise JobTimeout(f"timed out after {timeout:g}s (handler cancelled)") from exc
         raise
     elapsed = time.monotonic() - began
-    if timeout is not None and elapsed > timeout:  # it blocked the loop, so no cancel could land
+    if elapsed > timeout:  # it blocked the loop, so no cancel could land
         raise JobTimeout(f"ran {elapsed:.1f}s, past its timeout of {timeout:g}s, blocking the event loop")
     return result
 

@@ -13,7 +13,8 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -64,9 +65,9 @@ class Executor:
         self.stats = stats
         self._on_capacity = on_capacity
         self.buffer: deque[ClaimedJob] = deque()
-        self.starting: dict[int, ClaimedJob] = {}
         self.running: dict[int, Running] = {}
         self.abandoned = 0
+        self.closing = False  # shutdown began: nothing more starts
         self.reserved = 0  # slots promised to a claim in flight, for the rows it starts at once
         self.per_queue: Counter[str] = Counter()
         # Claims whose lease this worker holds (id -> token), read by the lease keeper's thread.
@@ -76,7 +77,7 @@ class Executor:
     # ------------------------------------------------------------------ capacity
 
     def busy(self) -> int:
-        return len(self.running) + len(self.starting) + self.abandoned + self.reserved
+        return len(self.running) + self.abandoned + self.reserved
 
     def free_slots(self) -> int:
         """Handlers that could start now."""
@@ -116,22 +117,13 @@ class Executor:
         self.fill()
 
     def fill(self) -> None:
-        """Move buffered jobs into free slots; each starts once its attempt is written."""
-        while self.buffer and self.free_slots() > 0:
+        """Start buffered jobs in free slots; the completer records each start with its next write."""
+        while self.buffer and self.free_slots() > 0 and not self.closing:
             job = self.buffer.popleft()
-            self.starting[job.id] = job
-            self.completer.start(job)
-
-    def started(self, job: ClaimedJob, attempt: int | None) -> None:
-        """The completer wrote ``job``'s start (``attempt``), or found the claim lost (None)."""
-        if self.starting.pop(job.id, None) is None:
-            return  # handed back meanwhile (shutdown)
-        if attempt is None:
-            log.warning("job %d was taken from this worker before it started (lease lost)", job.id)
-            self._let_go(job)
-            self.fill()
-            return
-        self._begin(replace(job, attempt=attempt, started=True))
+            job.attempt += 1
+            job.started, job.began_at = True, datetime.now(UTC)
+            self.completer.record_start(job)
+            self._begin(job)
 
     def _begin(self, job: ClaimedJob) -> None:
         handler = self.registry.get(job.task)
@@ -205,7 +197,7 @@ class Executor:
         running = self.running.get(job_id)
         if running is None:
             for job in self.buffer:
-                if job.id == job_id:
+                if job.id == job_id:  # claimed, never started: cancelled without running
                     self.buffer.remove(job)
                     self.completer.add(Outcome(job, "cancelled"))
                     break
@@ -232,16 +224,14 @@ class Executor:
 
     def release_buffer(self) -> None:
         """Shutdown: claimed jobs that never started go straight back, uncharged."""
+        self.closing = True
         while self.buffer:
-            self.completer.add(Outcome(self.buffer.popleft(), "requeue"))
-        for job in list(self.starting.values()):
-            self.starting.pop(job.id)
-            self.completer.add(Outcome(job, "requeue"))
+            self.completer.add(Outcome(self.buffer.popleft(), "release"))
 
 
 def log_outcome(outcome: Outcome, duration: float) -> None:
     job = outcome.job
-    level = logging.INFO if outcome.kind in ("completed", "requeue") else logging.WARNING
+    level = logging.INFO if outcome.kind in ("completed", "requeue", "release") else logging.WARNING
     if outcome.kind == "dead":
         level = logging.ERROR
     if not log.isEnabledFor(level):

@@ -26,4 +26,5 @@ _COUNTER = {
     "dead": "dead",
     "cancelled": "cancelled",
     "requeue": "requeued",
+    "release": "requeued",
 }

@@ -107,7 +107,7 @@ async def test_unstorable_result_is_an_error(shared: ProcessSlots, task: str, wh
     assert outcome.kind == "error"
     assert outcome.error_type == "UnstorableResult"
     assert outcome.error_message is not None
-    assert "not JSON-serialisable" in outcome.error_message
+    assert "cannot be stored" in outcome.error_message
     assert why in outcome.error_message.lower()
 
 

@@ -679,6 +679,38 @@ def test_kill_9_charges_an_attempt_only_to_the_jobs_that_had_started(
         assert rows[job_id].attempts == len(expected) and rows[job_id].result == len(expected)
 
 
+def test_a_job_started_from_the_prefetch_buffer_pays_when_its_worker_dies(
+    fapp: fault_app.FaultApp, wdb: Db, wprocs: Workers
+) -> None:
+    """A prefetched job starts without waiting for the database; its start is written with the
+    next flush, so a worker killed while it runs still charges its attempt (a poison job that
+    kills its worker pays), while the job still in the buffer pays nothing."""
+    env = {"PGQUEUE_LEASE_SECONDS": "2", "PGQUEUE_RESCUE_INTERVAL": "0.5"}
+    killed = start_worker(wprocs, wdb, "--concurrency", "1", "--prefetch", "2", env=env)
+    first, second, third = fapp.queue.enqueue_many(
+        [JobSpec("sleep_unless_fast", {"seconds": 1.0}, max_attempts=3, priority=p) for p in (1, 2, 3)]
+    )
+    wait_until(
+        lambda: wdb.one("SELECT count(*) FROM {log} WHERE job_id = %s", [second]) == 1,
+        10,
+        lambda: f"the second job did not start from the buffer\n{wprocs.logs()}",
+    )
+    time.sleep(0.5)  # more than a flush: its start is on record
+    assert wdb.one("SELECT attempts FROM {jobs} WHERE id = %s", [second]) == 1
+    assert wdb.one("SELECT attempts FROM {jobs} WHERE id = %s", [third]) == 0
+    killed.proc.kill()
+    killed.wait(5)
+    wdb.set_flag(FAST_FLAG)
+    survivor = start_worker(wprocs, wdb, "--concurrency", "2", env=env)
+    ids = [first, second, third]
+    rows = wait_settled(wdb, wprocs, ids, alive=[survivor])
+    assert all(rows[i].state == "completed" for i in ids), describe_all(wdb, ids)
+    assert [r.attempt for r in runs_of(wdb, first)] == [1]
+    assert [r.attempt for r in runs_of(wdb, second)] == [1, 2], rows[second].describe()
+    assert [r.attempt for r in runs_of(wdb, third)] == [1], rows[third].describe()
+    assert rows[second].attempts == 2 and rows[third].attempts == 1
+
+
 def wait_died_or_settled(db: Db, wprocs: Workers, worker: WorkerProcess, ids: Sequence[int]) -> bool:
     """True once every job is settled, False once the worker has died."""
 
