@@ -96,6 +96,7 @@ def _worker(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         prefetch=args.prefetch,
         queue_concurrency=parse_queue_limits(args.queue_concurrency) if args.queue_concurrency else None,
+        queue_weights=parse_queue_limits(args.queue_weights) if args.queue_weights else None,
         poll_interval=args.poll_interval,
         lease_seconds=args.lease_seconds,
         grace_period=args.grace_period,
@@ -269,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefetch", type=int, help="jobs claimed ahead into memory (default: as many as --concurrency)"
     )
     p.add_argument("--queue-concurrency", help="per-queue caps in this process, e.g. email=10,reports=2")
+    p.add_argument(
+        "--queue-weights",
+        help="free slots go round robin across queues with ready jobs; weights, e.g. email=3 (default 1)",
+    )
     p.add_argument("--poll-interval", type=float, help="seconds between polls when idle (default: 2)")
     p.add_argument("--lease-seconds", type=float, help="lease renewed by heartbeat (default: 30)")
     p.add_argument("--grace-period", type=float, help="seconds running jobs get on shutdown (default: 30)")

@@ -111,26 +111,35 @@ SELECT version_num FROM {schema}.alembic_version
 
 -- name: claim
 -- One statement claims a batch: per queue the best runnable rows (priority, then run time, then
--- id) are locked with SKIP LOCKED through the claim index, then merged in the same order.
+-- id) are locked with SKIP LOCKED through the claim index, then dealt out across the queues by
+-- stride: a queue's n-th row comes at vtime + n / weight (the worker keeps each queue's virtual
+-- time across claims), so a backlog in one queue never makes another queue's jobs wait for it,
+-- and a queue of weight w gets w rows for each one of weight 1. Priority orders jobs within a
+-- queue, not across queues.
 -- Paused and limited queues are skipped here, in the same statement, so a pause or a new cap
 -- takes effect at once even for a worker whose cached settings are stale.
 -- The first %(start)s rows start at once and are charged an attempt; the rest wait in the
 -- worker's prefetch buffer uncharged (the ack statement charges them once they start), so a
 -- worker killed with a full buffer costs those jobs nothing. Every row carries the claim's token.
 WITH candidates AS (
-    SELECT c.id, row_number() OVER (ORDER BY c.priority, c.run_at, c.id) AS rank
-    FROM unnest(%(queues)s::text[]) AS q(name)
+    SELECT c.id, row_number() OVER (ORDER BY c.turn, q.pos) AS rank
+    FROM unnest(%(queues)s::text[], %(weights)s::float8[], %(vtimes)s::float8[])
+         WITH ORDINALITY AS q(name, weight, vtime, pos)
     CROSS JOIN LATERAL (
-        SELECT id, priority, run_at FROM {schema}.jobs
-        WHERE state = 'queued' AND queue = q.name AND run_at <= now()
-        ORDER BY priority, run_at, id
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
+        SELECT l.id, q.vtime + row_number() OVER (ORDER BY l.priority, l.run_at, l.id) / q.weight
+                   AS turn
+        FROM (
+            SELECT id, priority, run_at FROM {schema}.jobs
+            WHERE state = 'queued' AND queue = q.name AND run_at <= now()
+            ORDER BY priority, run_at, id
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ) AS l
     ) AS c
     -- Queues with a global cap or rate limit are claimed only through claim_limited.
     WHERE q.name NOT IN (SELECT name FROM {schema}.queues
                          WHERE paused OR concurrency IS NOT NULL OR rate_limit IS NOT NULL)
-    ORDER BY c.priority, c.run_at, c.id
+    ORDER BY c.turn, q.pos
     LIMIT %(limit)s
 )
 UPDATE {schema}.jobs AS j

@@ -1,8 +1,9 @@
 """The claimer: claims batches of runnable jobs when there is room, sleeps until there is work.
 
 Woken by a notification, a freed slot, the clock (the next delayed job or local retry falling
-due) or its poll timer. Plain queues share one claim statement and also fill the prefetch
-buffer; capped and rate-limited queues claim only what can start at once, each under its
+due) or its poll timer. Plain queues share one claim statement, which deals the room out round
+robin across the queues with ready jobs (weighted by ``queue_weights``), and also fill the
+prefetch buffer; capped and rate-limited queues claim only what can start at once, each under its
 queue's settings row lock, so a global cap holds across workers.
 """
 
@@ -64,6 +65,23 @@ class Claimer:
         self._retry_due: float | None = None
         self._poll_interval = settings.poll_interval
         self.alive_at = time.monotonic()
+        # Stride scheduling across claims (which are often one or two rows: a slot frees, a
+        # claim fills it): each queue's virtual time advances by 1/weight per job it got, and
+        # the queues furthest behind go first. A queue that sat idle is brought to within one
+        # round of the others, so its return takes one round of precedence, not a whole hour's.
+        self._vtime: dict[str, float] = dict.fromkeys(settings.queues, 0.0)
+        self._weights = {q: float(settings.queue_weights.get(q, 1)) for q in settings.queues}
+
+    def _served(self, jobs: list[ClaimedJob]) -> None:
+        if len(self._vtime) < 2 or not jobs:
+            return
+        for job in jobs:
+            if job.queue in self._vtime:
+                self._vtime[job.queue] += 1 / self._weights[job.queue]
+        top = max(self._vtime.values())
+        floor = min(max(v, top - 1) for v in self._vtime.values())
+        for q, v in self._vtime.items():
+            self._vtime[q] = max(v, top - 1) - floor
 
     def notifications_lost(self, lost: bool) -> None:
         """The listener found LISTEN deaf (or hearing again): poll often meanwhile."""
@@ -192,6 +210,8 @@ class Claimer:
         token = uuid.uuid4()
         params = {
             "queues": queues,
+            "weights": [self._weights[q] for q in queues],
+            "vtimes": [self._vtime[q] for q in queues],
             "limit": limit,
             "start": start,
             "worker_id": self._worker_id,
@@ -228,5 +248,7 @@ class Claimer:
                     rows = await (await c.execute(query, params, prepare=self._prepare)).fetchall()
         finally:
             ex.reserved -= reserve
-        ex.take([ClaimedJob.from_row(row, token) for row in rows])
+        jobs = [ClaimedJob.from_row(row, token) for row in rows]
+        self._served(jobs)
+        ex.take(jobs)
         return len(rows)

@@ -39,6 +39,9 @@ class WorkerSettings:
     # -1 means "as many as concurrency". They count as running (and are leased) while they wait.
     prefetch: int = -1
     queue_concurrency: Mapping[str, int] = field(default_factory=dict)
+    # Free slots are dealt out round robin across the queues with ready jobs; a queue of weight
+    # w gets w jobs a round (default 1): "email=3,imports=1".
+    queue_weights: Mapping[str, int] = field(default_factory=dict)
     poll_interval: float = 2.0
     lease_seconds: float = 30.0
     grace_period: float = 30.0
@@ -71,6 +74,11 @@ class WorkerSettings:
                 raise ConfigurationError(f"queue_concurrency names {name!r}, which is not in queues")
             if limit < 1:
                 raise ConfigurationError(f"queue_concurrency for {name!r} must be at least 1")
+        for name, weight in self.queue_weights.items():
+            if name not in self.queues:
+                raise ConfigurationError(f"queue_weights names {name!r}, which is not in queues")
+            if weight < 1:
+                raise ConfigurationError(f"queue_weights for {name!r} must be at least 1")
         for name in ("poll_interval", "lease_seconds", "rescue_interval", "prune_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"{name} must be positive")
@@ -105,7 +113,7 @@ class WorkerSettings:
 def _parse(name: str, raw: str) -> Any:
     if name == "queues":
         return parse_queue_list(raw)
-    if name == "queue_concurrency":
+    if name in ("queue_concurrency", "queue_weights"):
         return parse_queue_limits(raw)
     if name in ("concurrency", "prune_batch", "prefetch"):
         return int(raw)
