@@ -70,7 +70,7 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
                     connection_class=observed_async_connection_class(health),
                     min_size=1,
                     max_size=self.pool_size,
-                    kwargs=self.connection_kwargs(),
+                    kwargs=self._pool_kwargs(),
                     timeout=POOL_WAIT,
                     reconnect_timeout=RECONNECT_TIMEOUT,
                     configure=configure_async_connection,
@@ -78,7 +78,8 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
                     open=False,
                 )
                 await pool.open()
-                self._pool, self._pool_health = pool, health
+                self._pool_health = health  # before the pool: whoever sees the pool sees its health
+                self._pool = pool
             return self._pool
 
     async def close(self) -> None:
@@ -130,9 +131,10 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
             return pool, conn
 
     async def _after_timeout(self, pool: AsyncPool, waited: float) -> AsyncPool:
+        current = self._pool
         health = self._pool_health
-        if pool is not self._pool or health is None:
-            return await self._first_pool()
+        if pool is not current or health is None:  # replaced meanwhile: go on with the new one
+            return current if current is not None and not current.closed else await self._first_pool()
         error, cause = pool_wait_verdict(health, waited, self.connect_wait, pool.max_size)
         if error is None:
             return pool

@@ -152,7 +152,7 @@ class QueueBase(Generic[R]):
         """The DSN in use: the one given, else ``PGQUEUE_DSN``, else ``DATABASE_URL``."""
         return resolve_dsn(self._dsn)
 
-    def connection_kwargs(self) -> dict[str, Any]:
+    def _pool_kwargs(self) -> dict[str, Any]:
         """The connect keyword arguments of the queue's own connections (see
         :func:`pgqueue.connections.connection_kwargs`), autocommit included."""
         return {

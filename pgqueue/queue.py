@@ -70,19 +70,19 @@ class Queue(QueueBase[int]):
         with self._pool_lock:
             if self._pool is None or self._pool.closed:
                 health = ConnectHealth()
+                self._pool_health = health  # before the pool: whoever sees the pool sees its health
                 self._pool = ConnectionPool(
                     self.dsn,
                     connection_class=observed_connection_class(health),
                     min_size=1,
                     max_size=self.pool_size,
-                    kwargs=self.connection_kwargs(),
+                    kwargs=self._pool_kwargs(),
                     configure=configure_connection,
                     name=f"pgqueue-{self.schema}",
                     timeout=POOL_WAIT,
                     reconnect_timeout=RECONNECT_TIMEOUT,
                     open=True,
                 )
-                self._pool_health = health
             return self._pool
 
     def close(self) -> None:
@@ -146,9 +146,10 @@ class Queue(QueueBase[int]):
             return pool, conn
 
     def _after_timeout(self, pool: Pool, waited: float) -> Pool:
+        current = self._pool
         health = self._pool_health
-        if pool is not self._pool or health is None:
-            return self._first_pool()
+        if pool is not current or health is None:  # replaced meanwhile: go on with the new one
+            return current if current is not None and not current.closed else self._first_pool()
         error, cause = pool_wait_verdict(health, waited, self.connect_wait, pool.max_size)
         if error is None:
             return pool
