@@ -6,8 +6,9 @@ name can contain, so the two can never be confused.
 
 CANCEL_PREFIX = "!cancel "  # + job id: its worker stops it now (written by the cancel queries)
 SETTINGS_PREFIX = "!settings "  # + queue name: re-read the queue's shared settings
+PING_PREFIX = "!ping "  # + worker id: a listener's self-test that notifications reach it
 
 
 def settings_changed(queue: str) -> str:
     return SETTINGS_PREFIX + queue
-PING_PREFIX = "!ping "  # + worker id: a listener's self-test that notifications reach it
+
