@@ -13,7 +13,7 @@ from pgqueue.connections import connection_kwargs, prepared_statements_enabled, 
 from pgqueue.enqueue import JobSpec, make_request
 from pgqueue.errors import ConfigurationError, InvalidJobError
 from pgqueue.jobs import JobRequest
-from pgqueue.naming import check_queue_name
+from pgqueue.naming import DEFAULT_SCHEMA, check_queue_name
 from pgqueue.retry import Backoff
 from pgqueue.schedules import MisfirePolicy, Schedule
 from pgqueue.sql import Queries, queries_for
@@ -41,7 +41,6 @@ def _seconds_or_none(value: timedelta | float | None) -> float | None:
     return seconds
 
 
-DEFAULT_SCHEMA = "pgqueue"
 UNIQUE_RACE_RETRIES = 20
 
 

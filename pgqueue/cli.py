@@ -17,9 +17,8 @@ import psycopg
 
 from pgqueue.base import KEEP, QueueBase
 from pgqueue.connections import classify_connection_error, resolve_dsn
-from pgqueue.dev import add_arguments as dev_arguments
 from pgqueue.errors import ConfigurationError, PgQueueError
-from pgqueue.migrate import DEFAULT_SCHEMA, current_revision, downgrade, head_revision, upgrade
+from pgqueue.naming import DEFAULT_SCHEMA
 from pgqueue.queue import Queue
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -58,6 +57,10 @@ def _plain_queue(args: argparse.Namespace) -> Queue:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    # Alembic and SQLAlchemy load only for this command: workers and their child processes
+    # import this module too, and start faster without them.
+    from pgqueue.migrate import current_revision, downgrade, head_revision, upgrade
+
     dsn = resolve_dsn(args.dsn)
     if args.downgrade:
         downgrade(dsn, schema=args.schema, revision=args.downgrade)
@@ -355,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_admin)
 
     p = commands.add_parser("dev", help="try it: embedded PostgreSQL, demo jobs, worker, dashboard")
+    from pgqueue.dev import add_arguments as dev_arguments
+
     dev_arguments(p)
     p.set_defaults(handler=_dev)
 

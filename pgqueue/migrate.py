@@ -21,9 +21,8 @@ from sqlalchemy.exc import DBAPIError
 
 from pgqueue.connections import classify_connection_error, connect
 from pgqueue.errors import ConfigurationError, PgQueueError
-from pgqueue.naming import check_schema_name
+from pgqueue.naming import DEFAULT_SCHEMA, check_schema_name
 
-DEFAULT_SCHEMA = "pgqueue"
 SCHEMA_ATTRIBUTE = "pgqueue_schema"
 # Serialises concurrent `pgqueue migrate` runs (e.g. every replica migrating at start-up).
 _MIGRATION_LOCK_KEY = 0x70675F71  # "pg_q"

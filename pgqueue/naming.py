@@ -5,6 +5,8 @@ from functools import lru_cache
 
 from pgqueue.errors import ConfigurationError, InvalidJobError
 
+DEFAULT_SCHEMA = "pgqueue"
+
 _QUEUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}")
 _TASK = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,199}")
 _SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,47}")

@@ -17,7 +17,7 @@ from pgqueue.admin.auth import AdminAuth, is_loopback
 from pgqueue.admin.settings import DEFAULT_MAX_BODY_BYTES, AdminOptions
 from pgqueue.connections import resolve_dsn
 from pgqueue.errors import ConfigurationError
-from pgqueue.migrate import DEFAULT_SCHEMA
+from pgqueue.naming import DEFAULT_SCHEMA
 from pgqueue.queue import Queue
 
 _TRUE = {"1", "true", "yes", "on"}
