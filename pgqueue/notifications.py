@@ -11,4 +11,3 @@ PING_PREFIX = "!ping "  # + worker id: a listener's self-test that notifications
 
 def settings_changed(queue: str) -> str:
     return SETTINGS_PREFIX + queue
-

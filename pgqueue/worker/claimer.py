@@ -88,6 +88,7 @@ class Claimer:
         self._poll_interval = (
             min(DEAF_POLL_INTERVAL, self._settings.poll_interval) if lost else self._settings.poll_interval
         )
+        self.wake.set()  # the wait in progress was planned on the old interval
 
     def settings_changed(self) -> None:
         """A queue's settings changed: read them again before the next claim."""

@@ -34,7 +34,7 @@ from pgqueue.connections import classify_connection_error, is_transient, prepare
 from pgqueue.errors import ConfigurationError, SchemaNotReadyError
 from pgqueue.worker.claimer import Claimer
 from pgqueue.worker.completer import Completer
-from pgqueue.worker.db import ServiceConnection, reconnect_delay, say_if_slow
+from pgqueue.worker.db import ServiceConnection, reconnect_delay
 from pgqueue.worker.execution import Outcome, Runners
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.lease_keeper import Beat, LeaseKeeper
@@ -301,8 +301,7 @@ class AsyncWorker:
         conn = run.connections[0]
         while True:
             try:
-                with say_if_slow("worker start"):
-                    await self._register(conn)
+                await self._register(conn)
                 if failures:
                     log.info("database reachable after %d failed attempts", failures)
                     run.rescuer.recovered()

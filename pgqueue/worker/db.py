@@ -79,13 +79,18 @@ class ServiceConnection:
 
     @contextlib.asynccontextmanager
     async def use(self) -> AsyncIterator[Conn]:
-        """The connection; on a connection-level failure it is discarded and the error re-raised."""
-        conn = await self.get()
-        try:
-            yield conn
-        except (psycopg.OperationalError, psycopg.InterfaceError):
-            await self.discard()
-            raise
+        """The connection; on a connection-level failure it is discarded and the error re-raised.
+
+        A use that gets no answer for a while says so (a pooler with no free server connection
+        holds a statement silently, and a worker that cannot renew its leases must not be quiet).
+        """
+        with say_if_slow(f"worker {self.role or 'claim'} connection"):
+            conn = await self.get()
+            try:
+                yield conn
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                await self.discard()
+                raise
 
     async def discard(self) -> None:
         conn, self._conn = self._conn, None

@@ -27,12 +27,16 @@ from uuid import UUID
 import psycopg
 
 from pgqueue.sql import Queries
-from pgqueue.worker.db import connect_kwargs
+from pgqueue.worker.db import SLOW_ANSWER, connect_kwargs
 
 log = logging.getLogger("pgqueue.worker")
 TICK = 0.1  # how often the loop proves it is alive
 WATCH = 0.25  # how often the thread looks
 REPEAT_WARNING = 10.0  # a long block is reported again this often
+SLOW_HEARTBEAT = (
+    "heartbeat: no answer from the database after %.0f s (a pooler with no free server "
+    "connection, or a lock?); still waiting, leases run out %.0f s after the last renewal"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +134,11 @@ class LeaseKeeper:
             "held": [job_id for job_id, _ in held],
             "token": [token for _, token in held],
         }
+        slow = threading.Timer(
+            SLOW_ANSWER, log.warning, (SLOW_HEARTBEAT, SLOW_ANSWER, self._beat.lease_seconds)
+        )
+        slow.daemon = True
+        slow.start()
         try:
             conn = self._connection()
             rows = conn.execute(self._queries.heartbeat, params).fetchall()
@@ -137,6 +146,8 @@ class LeaseKeeper:
             self._close()
             log.warning("heartbeat failed (%s); leases expire in %.0fs", exc, self._beat.lease_seconds)
             return False
+        finally:
+            slow.cancel()
         self._abandoned_sent = abandoned
         renewed = {row[0] for row in rows}
         cancels = {row[0] for row in rows if row[1]}

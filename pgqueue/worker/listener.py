@@ -47,8 +47,19 @@ async def listen(
 ) -> None:
     """Run until cancelled, reconnecting with backoff whenever the connection drops."""
     failures = 0
-    warned_deaf = False
+    deaf = False
     ping = PING_PREFIX + worker_id
+
+    def judged(test: asyncio.Task[bool | None]) -> None:
+        nonlocal deaf
+        if test.cancelled() or test.exception() is not None or test.result() is None:
+            return  # the self-test could not run: nothing learned
+        now_deaf = test.result() is False
+        if now_deaf != deaf:
+            _report(now_deaf)
+            deaf = now_deaf
+        handlers.on_deaf(now_deaf)
+
     while True:
         try:
             async with await psycopg.AsyncConnection.connect(
@@ -61,6 +72,7 @@ async def listen(
                 handlers.on_reconnect()
                 heard = asyncio.Event()
                 test = asyncio.create_task(_self_test(notify_dsn, channel, ping, heard))
+                test.add_done_callback(judged)
                 try:
                     async for note in conn.notifies():
                         payload = note.payload
@@ -74,13 +86,6 @@ async def listen(
                             handlers.on_settings(payload[len(SETTINGS_PREFIX) :])
                         else:
                             handlers.on_queue(payload)
-                        if test.done() and not test.cancelled():
-                            deaf = test.result() is False
-                            test = _done(None)
-                            if deaf != warned_deaf:
-                                _report(deaf)
-                                warned_deaf = deaf
-                            handlers.on_deaf(deaf)
                 finally:
                     test.cancel()
         except asyncio.CancelledError:
@@ -90,15 +95,6 @@ async def listen(
             delay = retry_delay(failures)
             log.warning("listener connection lost (%s); reconnecting in %.1fs", exc, delay)
             await asyncio.sleep(delay)
-
-
-def _done(value: bool | None) -> asyncio.Task[bool | None]:
-    async def constant() -> bool | None:
-        return value
-
-    task = asyncio.ensure_future(constant())
-    task.cancel()
-    return task
 
 
 def _report(deaf: bool) -> None:

@@ -2,10 +2,18 @@
 
 Debian's ``pgbouncer`` package puts the binary at ``/usr/sbin/pgbouncer`` (``$PGQUEUE_PGBOUNCER``
 overrides it); CI installs the package, so a missing binary fails the tests rather than skipping
-them. Each bouncer gets a configuration of its own in a temporary directory and listens on a free
-loopback port; it runs in the foreground as a child of the test, so the test stops it by its pid.
-PgBouncer refuses to run as root: as root it runs as the ``postgres`` system user, the same one
-that runs the test servers.
+them. Tests get one with ``with running_pgbouncer(server, pool_mode=…) as bouncer:``, the
+``pgbouncer_factory`` fixture, or ``pg_bouncer`` (transaction mode in front of ``pg_server``; list
+both modules in ``pytest_plugins``). Each bouncer gets a configuration of its own in a temporary
+directory and listens on a free loopback port; it runs in the foreground as a child of the test,
+so the test stops it by its pid. PgBouncer refuses to run as root: as root it runs as the
+``postgres`` system user, the same one that runs the test servers.
+
+The module is also a worker app, ``pgbouncer:queue``: ``worker_app``'s handlers, whose own
+logging connections never prepare statements. A handler's connection through PgBouncer in
+transaction mode needs ``prepare_threshold=None`` just like the caller's own connections: with
+psycopg's default (prepare at the fifth run) some transactions land on a server connection that
+never saw the statement, and the handler fails with ``prepared statement "_pg3_0" does not exist``.
 
 The knobs the tests turn are the pool mode (``transaction`` or ``session``), the authentication
 (``trust``, or ``md5`` against an ``auth_file``), ``default_pool_size`` and ``max_client_conn``.
@@ -19,6 +27,7 @@ so the list names both, as a production configuration would.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import pwd
@@ -27,13 +36,18 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import psycopg
+import pytest
+import worker_app
 from pgserver import SUPERUSER, SYSTEM_USER, PgServer, free_port
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from pgqueue import Queue
 
 PoolMode = Literal["session", "transaction"]
 AuthType = Literal["trust", "md5"]
@@ -80,33 +94,32 @@ class PgBouncer:
         self.binary = pgbouncer_binary()
         self._as_user = SYSTEM_USER if os.geteuid() == 0 else None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._write_config(
-            {
-                "listen_addr": "127.0.0.1",
-                "listen_port": self.port,
-                "unix_socket_dir": "",
-                "auth_type": auth_type,
-                "auth_file": str(root / "userlist.txt"),
-                "admin_users": SUPERUSER,
-                "pool_mode": pool_mode,
-                "default_pool_size": default_pool_size,
-                "min_pool_size": 0,
-                "reserve_pool_size": 0,
-                "max_client_conn": max_client_conn,
-                "ignore_startup_parameters": "extra_float_digits,options",
-                # A server that went away is tried again within a second, not the default 15 s.
-                "server_login_retry": 1,
-                # Longer than any test: a client waiting for a server connection waits, it is
-                # not dropped (what the session-mode sizing test looks at).
-                "query_wait_timeout": 120,
-                "logfile": str(self.log),
-                "pidfile": str(root / "pgbouncer.pid"),
-                "log_connections": 1,
-                "log_disconnections": 1,
-                "verbose": 0,
-                **dict(settings or {}),
-            }
-        )
+        self._options: dict[str, Any] = {
+            "listen_addr": "127.0.0.1",
+            "listen_port": self.port,
+            "unix_socket_dir": "",
+            "auth_type": auth_type,
+            "auth_file": str(root / "userlist.txt"),
+            "admin_users": SUPERUSER,
+            "pool_mode": pool_mode,
+            "default_pool_size": default_pool_size,
+            "min_pool_size": 0,
+            "reserve_pool_size": 0,
+            "max_client_conn": max_client_conn,
+            "ignore_startup_parameters": "extra_float_digits,options",
+            # A server that went away is tried again within a second, not the default 15 s.
+            "server_login_retry": 1,
+            # Longer than any test: a client waiting for a server connection waits, it is
+            # not dropped (what the session-mode sizing test looks at).
+            "query_wait_timeout": 120,
+            "logfile": str(self.log),
+            "pidfile": str(root / "pgbouncer.pid"),
+            "log_connections": 1,
+            "log_disconnections": 1,
+            "verbose": 0,
+            **dict(settings or {}),
+        }
+        self._write_config(self._options)
 
     # ------------------------------------------------------------------ configuration
 
@@ -195,6 +208,13 @@ class PgBouncer:
                 return row
         return {}
 
+    def reconfigure(self, **settings: Any) -> None:
+        """Change ``[pgbouncer]`` settings of the running bouncer (``RELOAD``: pool sizes apply to
+        the pools that exist, clients stay connected)."""
+        self._options.update(settings)
+        self._write_config(self._options)
+        self.admin("RELOAD")
+
     def log_text(self) -> str:
         try:
             return self.log.read_text(errors="replace")
@@ -215,3 +235,60 @@ def running_pgbouncer(server: PgServer, **options: Any) -> Iterator[PgBouncer]:
         if bouncer is not None:
             bouncer.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pgbouncer_factory() -> Iterator[Callable[..., PgBouncer]]:
+    """``pgbouncer_factory(server, pool_mode="session", default_pool_size=6, …)`` starts a
+    bouncer (options: see :class:`PgBouncer`); every one started is stopped after the test."""
+    with contextlib.ExitStack() as stack:
+
+        def start(server: PgServer, **options: Any) -> PgBouncer:
+            return stack.enter_context(running_pgbouncer(server, **options))
+
+        yield start
+
+
+@pytest.fixture
+def pg_bouncer(pg_server: PgServer, request: pytest.FixtureRequest) -> Iterator[PgBouncer]:
+    """A transaction-mode bouncer in front of the test's own server; parametrize indirectly with
+    a dict of :class:`PgBouncer` options for another mode, authentication or pool size."""
+    options: dict[str, Any] = getattr(request, "param", None) or {}
+    with running_pgbouncer(pg_server, **options) as bouncer:
+        yield bouncer
+
+
+# ---------------------------------------------------------------------------- the worker app
+
+
+class BouncerApp(worker_app.App):
+    """``worker_app``'s handlers and tables; their logging pool never prepares statements."""
+
+    def _pool(self) -> AsyncConnectionPool[Any]:
+        loop_id = id(asyncio.get_running_loop())
+        pool = self._pools.get(loop_id)
+        if pool is None:
+            pool = AsyncConnectionPool(
+                self.queue.dsn,
+                min_size=1,
+                max_size=3,
+                open=False,
+                kwargs={"autocommit": True, "prepare_threshold": None},
+                name="bouncer-app",
+            )
+            self._pools[loop_id] = pool
+        return pool
+
+
+_app: BouncerApp | None = None
+
+
+def __getattr__(name: str) -> Queue:
+    """``pgbouncer:queue`` for ``pgqueue worker``, built on first access from ``PGQUEUE_DSN`` and
+    ``PGQUEUE_SCHEMA`` (so importing this module as a fixture builds nothing)."""
+    global _app
+    if name != "queue":
+        raise AttributeError(name)
+    if _app is None:
+        _app = BouncerApp(os.environ.get("PGQUEUE_DSN"), os.environ.get("PGQUEUE_SCHEMA", "pgqueue"))
+    return _app.queue
