@@ -115,7 +115,7 @@ class Queue(QueueBase[int]):
         # Closing joins the pool's threads, one of which may be inside a connection attempt.
         threading.Thread(target=pool.close, name=f"{pool.name}-close", daemon=True).start()
 
-    def _checkout(self) -> tuple[Pool, psycopg.Connection[Any]]:
+    def _checkout(self, wait: float | None = None) -> tuple[Pool, psycopg.Connection[Any]]:
         """A live pooled connection, or the named reason there is none.
 
         Connections the server has already closed (a restart, ``pg_terminate_backend``) are
@@ -123,6 +123,7 @@ class Queue(QueueBase[int]):
         goes to a fresh one. While the pool cannot connect, a failure retrying cannot fix is
         raised at the next look (within :data:`CHECKOUT_SLICE`), a transient one after
         ``connect_wait``; a pool that is merely busy is waited on for :data:`POOL_WAIT`.
+        ``wait`` bounds all of it (the admin answers 503 rather than hang a page).
         """
         pool = self._pool
         if pool is None or pool.closed:
@@ -135,6 +136,11 @@ class Queue(QueueBase[int]):
                 now = time.monotonic()
                 started = started or now - CHECKOUT_SLICE
                 pool = self._after_timeout(pool, now - started)
+                if wait is not None and now - started >= wait:
+                    raise DatabaseUnavailableError(
+                        f"no database connection within {wait:g}s (the pool of {pool.max_size} "
+                        "is busy, or the server is slow to accept connections)"
+                    ) from None
                 continue
             except PoolClosed:  # closed by close(), or retired by another caller meanwhile
                 pool = self._first_pool()
@@ -207,7 +213,7 @@ class Queue(QueueBase[int]):
         self.close()
 
     @contextmanager
-    def connection(self, conn: Any = None) -> Iterator[psycopg.Connection[Any]]:
+    def connection(self, conn: Any = None, *, wait: float | None = None) -> Iterator[psycopg.Connection[Any]]:
         """The caller's connection (its transaction) if given, else a live one from the pool
         (autocommit).
 
@@ -224,7 +230,7 @@ class Queue(QueueBase[int]):
                     raise
                 raise not_ready from exc
             return
-        pool, c = self._checkout()
+        pool, c = self._checkout(wait)
         try:
             with c:
                 yield c

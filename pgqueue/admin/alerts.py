@@ -103,7 +103,7 @@ class AlertMonitor:
         return [f.breach for f in self._firing.values()]
 
     def _breaches(self) -> list[Breach]:
-        with self.queue.pool().connection(timeout=self.db_timeout) as conn:
+        with self.queue.connection(wait=self.db_timeout) as conn:
             snap = snapshot(conn, self.queue.queries, self.settings.rules, self.stale_seconds)
         return evaluate(snap, self.settings.rules)
 

@@ -32,6 +32,7 @@ from pgqueue.admin.routes import dead, fleet, jobs, queues
 from pgqueue.admin.settings import AdminOptions
 from pgqueue.admin.shield import Shield
 from pgqueue.base import QueueBase
+from pgqueue.errors import DatabaseUnavailableError
 from pgqueue.queue import Queue
 
 
@@ -140,5 +141,6 @@ def create_admin_app(
     app.include_router(router)
     app.add_middleware(Shield, guard=ctx.guard, max_body=None)  # routes enforce the size
     app.add_exception_handler(PoolTimeout, _database_unavailable)
+    app.add_exception_handler(DatabaseUnavailableError, _database_unavailable)
     app.add_exception_handler(psycopg.OperationalError, _database_unavailable)
     return app

@@ -22,6 +22,7 @@ from pgqueue.admin.auth import Guard
 from pgqueue.admin.redaction import Redactor
 from pgqueue.admin.settings import AdminOptions
 from pgqueue.admin.shield import route_class
+from pgqueue.errors import ConfigurationError, DatabaseUnavailableError, SchemaNotReadyError
 from pgqueue.queue import Queue
 from pgqueue.sql import Queries
 
@@ -54,18 +55,18 @@ class AdminContext:
     def db_errors(self) -> Iterator[None]:
         try:
             yield
-        except psycopg.errors.UndefinedTable as exc:
+        except (psycopg.errors.UndefinedTable, SchemaNotReadyError) as exc:
             raise HTTPException(
                 503, f"schema {self.queue.schema!r} is not migrated: run `pgqueue migrate`"
             ) from exc
-        except (PoolTimeout, psycopg.OperationalError) as exc:
+        except (PoolTimeout, psycopg.OperationalError, DatabaseUnavailableError, ConfigurationError) as exc:
             raise HTTPException(503, f"database unavailable: {exc}".strip()) from exc
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled autocommit connection, waiting at most ``options.db_timeout`` for one."""
+        """A live pooled autocommit connection (stale ones replaced); 503 when there is none."""
         with (
             self.db_errors(),
-            self.queue.pool().connection(timeout=self.options.db_timeout) as conn,
+            self.queue.connection(wait=self.options.db_timeout) as conn,
         ):
             yield conn

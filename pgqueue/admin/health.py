@@ -19,6 +19,7 @@ from pgqueue.admin.checks import evaluate, queue_health, snapshot
 from pgqueue.admin.context import AdminContext
 from pgqueue.admin.routes.common import ERRORS
 from pgqueue.admin.schemas import DetailedHealthOut, LiveOut, ReadyOut
+from pgqueue.errors import ConfigurationError, DatabaseUnavailableError, PgQueueError, SchemaNotReadyError
 from pgqueue.migrate import head_revision
 
 
@@ -44,12 +45,12 @@ def build(ctx: AdminContext) -> APIRouter:
         detail: str | None = None
         database = True
         try:
-            with ctx.queue.pool().connection(timeout=ctx.options.db_timeout) as conn:
+            with ctx.queue.connection(wait=ctx.options.db_timeout) as conn:
                 row = conn.execute(ctx.queries.schema_version).fetchone()
                 revision = None if row is None else str(row[0])
-        except psycopg.errors.UndefinedTable:
+        except (psycopg.errors.UndefinedTable, SchemaNotReadyError):
             detail = f"schema {ctx.queue.schema!r} is not migrated: run `pgqueue migrate`"
-        except (PoolTimeout, psycopg.OperationalError) as exc:
+        except (PoolTimeout, psycopg.OperationalError, DatabaseUnavailableError, ConfigurationError) as exc:
             database, detail = False, f"database unavailable: {exc}"
         if database and revision is not None and revision != head:
             detail = f"schema is at {revision}, this pgqueue expects {head}: run `pgqueue migrate`"
@@ -80,9 +81,9 @@ def build(ctx: AdminContext) -> APIRouter:
         heartbeat. 503 when an alert rule's threshold is crossed or the database is down."""
         rules = ctx.alerts.rules
         try:
-            with ctx.queue.pool().connection(timeout=ctx.options.db_timeout) as conn:
+            with ctx.queue.connection(wait=ctx.options.db_timeout) as conn:
                 snap = snapshot(conn, ctx.queries, rules, ctx.options.worker_stale_seconds)
-        except (PoolTimeout, psycopg.Error):
+        except (PoolTimeout, psycopg.Error, PgQueueError):
             response.status_code = 503
             return DetailedHealthOut(status="unavailable", queues=[], breaches=[], live_workers=0)
         breaches = evaluate(snap, rules)

@@ -32,6 +32,7 @@ from psycopg import sql
 
 from pgqueue.admin.context import AdminContext
 from pgqueue.admin.store import queue_rows
+from pgqueue.errors import PgQueueError
 from pgqueue.queue import Queue
 
 log = logging.getLogger("pgqueue.admin.metrics")
@@ -89,10 +90,10 @@ class QueueCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             try:
-                with self.queue.pool().connection(timeout=self.db_timeout) as conn:
+                with self.queue.connection(wait=self.db_timeout) as conn:
                     rows, live = self._read(conn)
                     abandoned = self._abandoned(conn)
-            except (psycopg.Error, OSError) as exc:
+            except (psycopg.Error, OSError, PgQueueError) as exc:
                 log.warning("metrics scrape could not read the database: %s", exc)
                 yield _gauge("pgqueue_up", "1 when the database answered this scrape", 0)
                 return
