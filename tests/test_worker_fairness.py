@@ -34,6 +34,7 @@ def test_a_backlog_in_one_queue_does_not_delay_another_queues_job(wapp: worker_a
             "the email never started",
         )[0][0]
         left = wdb.one("SELECT count(*) FROM {jobs} WHERE queue = 'imports' AND state = 'queued'")
+    print(f"\n[fairness] the email waited {waited * 1000:.0f} ms; {left} imports still queued")
     # A claim round here is a few milliseconds; the backlog still had most of its jobs to go.
     assert waited < 0.5, f"the email waited {waited:.3f}s behind the imports backlog"
     assert left > 1000, f"only {left} imports were left: the backlog did not stand in the way"
