@@ -3,8 +3,8 @@
 Debian's ``pgbouncer`` package puts the binary at ``/usr/sbin/pgbouncer`` (``$PGQUEUE_PGBOUNCER``
 overrides it); CI installs the package, so a missing binary fails the tests rather than skipping
 them. Tests get one with ``with running_pgbouncer(server, pool_mode=…) as bouncer:``, the
-``pgbouncer_factory`` fixture, or ``pg_bouncer`` (transaction mode in front of ``pg_server``; list
-both modules in ``pytest_plugins``). Each bouncer gets a configuration of its own in a temporary
+``pgbouncer_factory`` fixture, or ``pg_bouncer`` (transaction mode in front of ``pg_server``); the
+fault suite's conftest offers both fixtures. Each bouncer gets a configuration of its own in a temporary
 directory and listens on a free loopback port; it runs in the foreground as a child of the test,
 so the test stops it by its pid. PgBouncer refuses to run as root: as root it runs as the
 ``postgres`` system user, the same one that runs the test servers.

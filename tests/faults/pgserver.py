@@ -6,11 +6,9 @@ session's shared server.
 directory that listens on a free loopback TCP port and on a unix socket in that directory. As
 root (the servers refuse it) every server command runs as the ``postgres`` system user.
 
-Tests get one with the ``pg_server`` / ``stopped_pg_server`` fixtures (``pytest_plugins =
-["pgserver"]`` in the test module) or ``with temporary_server() as server:`` in a fixture of their
-own; the server is stopped (``-m immediate``) and its directory removed afterwards. (A module that
-both imports names from here and lists it in ``pytest_plugins`` gets pytest's "already imported,
-cannot be rewritten" warning: plain asserts in this file still work.)
+Tests get one with the ``pg_server`` / ``stopped_pg_server`` fixtures (offered to the whole fault
+suite by its conftest) or ``with temporary_server() as server:`` in a fixture of their own; the
+server is stopped (``-m immediate``) and its directory removed afterwards.
 """
 
 from __future__ import annotations

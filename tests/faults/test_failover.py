@@ -37,21 +37,10 @@ from worker_helpers import Db, Workers, wait_until
 from pgqueue import DatabaseUnavailableError
 from pgqueue.migrate import upgrade
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_worker_environment")]
 
 SCHEMA = "failover"
-KEPT = ("PGQUEUE_PG_BIN", "PGQUEUE_PGBOUNCER", "PGQUEUE_TEST_DSN")
 RESUME_BOUND = 5.0  # seconds from "the standby accepts writes" to the first job started there
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Workers inherit the test's environment: only what a test passes may configure them."""
-    for name in list(os.environ):
-        if name.startswith("PGQUEUE_") and name not in KEPT:
-            monkeypatch.delenv(name)
-    for name in ("PGAPPNAME", "PGCONNECT_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
 
 
 class Standby(PgServer):

@@ -39,25 +39,18 @@ from pgqueue import AsyncQueue, JobSpec, Queue
 from pgqueue.errors import AuthenticationError
 from pgqueue.migrate import upgrade
 
-pytest_plugins = ["pgserver", "pgbouncer"]
 pytestmark = pytest.mark.slow
 
 FAULTS_DIR = Path(__file__).resolve().parent
 APP = "pgbouncer:queue"
-KEPT = ("PGQUEUE_PG_BIN", "PGQUEUE_PGBOUNCER", "PGQUEUE_TEST_DSN")
 OFF = {"PGQUEUE_PREPARED_STATEMENTS": "off"}
 DEAF_WARNING = "LISTEN does not deliver notifications"
 
 
 @pytest.fixture(autouse=True)
-def _prepared_statements_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def _prepared_statements_off(clean_worker_environment: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Only what a test sets configures pgqueue; prepared statements are off, as behind any
     transaction pooler."""
-    for name in list(os.environ):
-        if name.startswith("PGQUEUE_") and name not in KEPT:
-            monkeypatch.delenv(name)
-    for name in ("PGAPPNAME", "PGCONNECT_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PGQUEUE_PREPARED_STATEMENTS", "off")
 
 

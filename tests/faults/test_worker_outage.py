@@ -34,24 +34,10 @@ from worker_helpers import REPO_DIR, TESTS_DIR, Db, WorkerProcess, Workers, term
 from pgqueue import JobSpec
 from pgqueue.migrate import upgrade
 
-pytest_plugins = ["pgserver"]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_worker_environment")]
 
 SCHEMA = "wout"
 APP_ROLE = "app"  # a role without superuser rights: it cannot take the reserved slots
-# Variables of the test's own environment that must not leak into the workers.
-KEPT = ("PGQUEUE_PG_BIN", "PGQUEUE_PGBOUNCER", "PGQUEUE_TEST_DSN")
-
-
-@pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Workers inherit the test's environment: only what a test passes may configure them."""
-    for name in list(os.environ):
-        if name.startswith("PGQUEUE_") and name not in KEPT:
-            monkeypatch.delenv(name)
-    for name in ("PGAPPNAME", "PGCONNECT_TIMEOUT"):
-        monkeypatch.delenv(name, raising=False)
-
 
 # ---------------------------------------------------------------------------- the rig
 
