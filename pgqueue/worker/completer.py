@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 
+from pgqueue.connections import is_transient
 from pgqueue.errors import UnstorableResult
 from pgqueue.sql import Queries
 from pgqueue.worker.db import ServiceConnection, reconnect_delay
@@ -53,14 +54,10 @@ def ack_params(outcomes: list[Outcome], starts: list[ClaimedJob]) -> dict[str, l
     }
 
 
-def connection_lost(conn: psycopg.AsyncConnection[Any], exc: Exception) -> bool:
-    """Whether a failed statement failed for the connection (retry later) or for its data."""
-    if conn.closed or conn.broken or isinstance(exc, psycopg.InterfaceError):
-        return True
-    sqlstate = getattr(exc, "sqlstate", None) or ""
-    # Connection exceptions, serialization failures and deadlocks, operator intervention
-    # (shutdown, cancel), insufficient resources: the same rows will go through later.
-    return sqlstate[:2] in ("08", "40", "53", "57", "58")
+def retry_later(conn: psycopg.AsyncConnection[Any], exc: Exception) -> bool:
+    """Whether a refused write failed for the connection or the server's state (the same rows
+    will go through later) rather than for one of its values."""
+    return conn.closed or conn.broken or isinstance(exc, psycopg.InterfaceError) or is_transient(exc)
 
 
 def fallback(outcome: Outcome, reason: str) -> Outcome:
@@ -171,7 +168,7 @@ class Completer:
                 await c.execute(self._queries.ack, ack_params(batch, starts), prepare=self._prepare)
                 return batch
             except psycopg.Error as exc:
-                if connection_lost(c, exc) or not batch:
+                if retry_later(c, exc) or not batch:
                     raise
         if starts:  # they carry only ids, tokens and times: the refused value is an outcome's
             await self._write([], starts)
@@ -184,7 +181,7 @@ class Completer:
                 await c.execute(self._queries.ack, ack_params(batch, []), prepare=self._prepare)
                 return batch
             except psycopg.Error as exc:
-                if connection_lost(c, exc):
+                if retry_later(c, exc):
                     raise
                 if len(batch) == 1:
                     if last_resort:  # even the bare failure was refused: let go, the lease expires
