@@ -19,7 +19,7 @@ from typing import Any
 
 from pgqueue.sql import Queries
 from pgqueue.worker.db import ServiceConnection, reconnect_delay
-from pgqueue.worker.execution import ClaimedJob
+from pgqueue.worker.execution import ClaimedJob, Outcome
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.settings import WorkerSettings
 
@@ -102,6 +102,16 @@ class Claimer:
 
     def limited(self, queue: str) -> bool:
         return self.limits.get(queue, QueueLimits()).limited
+
+    def after_written(self, outcomes: list[Outcome]) -> list[str]:
+        """Outcomes are on record: look again when a retry falls due; the queues whose workers
+        should look again now (capacity freed under a global cap, or a job back in line)."""
+        for o in outcomes:
+            if o.kind == "retry":
+                self.retry_due_in(o.delay)
+        return sorted(
+            {o.job.queue for o in outcomes if self.limited(o.job.queue) or o.kind in ("retry", "requeue")}
+        )
 
     async def run(self) -> None:
         failures = 0

@@ -25,7 +25,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-from uuid import UUID
 
 import psycopg
 
@@ -35,7 +34,7 @@ from pgqueue.errors import ConfigurationError, SchemaNotReadyError
 from pgqueue.worker.claimer import Claimer
 from pgqueue.worker.completer import Completer
 from pgqueue.worker.db import ServiceConnection, reconnect_delay
-from pgqueue.worker.execution import Outcome, Runners
+from pgqueue.worker.execution import Runners
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.lease_keeper import Beat, LeaseKeeper
 from pgqueue.worker.listener import Handlers, listen
@@ -156,40 +155,21 @@ class AsyncWorker:
         threads = ThreadPoolExecutor(max_workers=s.concurrency, thread_name_prefix="pgqueue-job")
         processes = self._process_slots()
         progress = ProgressWriter(upkeep_conn, q)
-        holder: dict[str, Any] = {}
-
-        def executor() -> Executor:
-            return holder["executor"]  # type: ignore[no-any-return]
-
-        def claimer() -> Claimer:
-            return holder["claimer"]  # type: ignore[no-any-return]
-
-        def wake_after(outcomes: list[Outcome]) -> list[str]:
-            for o in outcomes:
-                if o.kind == "retry":
-                    claimer().retry_due_in(o.delay)
-            return sorted(
-                {
-                    o.job.queue
-                    for o in outcomes
-                    if claimer().limited(o.job.queue) or o.kind in ("retry", "requeue")
-                }
-            )
-
+        # The services call each other back; the lambdas bind ``ex`` and ``cl`` once both exist.
         completer = Completer(
             ack_conn,
             q,
             prepare=prepare,
-            on_written=lambda outcomes: executor().written(outcomes),
-            wake_after=wake_after,
+            on_written=lambda outcomes: ex.written(outcomes),
+            wake_after=lambda outcomes: cl.after_written(outcomes),
         )
         runners = Runners(
             threads=threads,
             processes=processes,
-            on_abandoned=lambda future: executor().abandon(future),
+            on_abandoned=lambda future: ex.abandon(future),
             default_isolation=s.isolation,
         )
-        holder["executor"] = ex = Executor(
+        ex = Executor(
             worker_id=self.id,
             concurrency=s.concurrency,
             prefetch=s.prefetch,
@@ -198,25 +178,9 @@ class AsyncWorker:
             completer=completer,
             progress=progress,
             stats=self.stats,
-            on_capacity=lambda: claimer().wake.set(),
+            on_capacity=lambda: cl.wake.set(),
         )
-        holder["claimer"] = cl = Claimer(claim_conn, q, s, ex, self.id, prepare=prepare, stopping=stopping)
-
-        def blocker() -> str | None:
-            running = ex.job_of_task(asyncio.current_task(loop))
-            return None if running is None else f"job {running.job.id} ({running.job.task})"
-
-        def renewed(sent: dict[int, UUID], got: set[int], cancels: set[int]) -> None:
-            for job_id in cancels:
-                ex.cancel(job_id)
-            ex.lost(
-                {
-                    job_id
-                    for job_id, token in sent.items()
-                    if job_id not in got and job_id in ex.running and ex.running[job_id].job.token == token
-                }
-            )
-
+        cl = Claimer(claim_conn, q, s, ex, self.id, prepare=prepare, stopping=stopping)
         keeper = LeaseKeeper(
             dsn,
             q,
@@ -224,8 +188,8 @@ class AsyncWorker:
             loop,
             held=ex.held,
             abandoned=lambda: ex.abandoned,
-            on_renewed=renewed,
-            blocker=blocker,
+            on_renewed=ex.renewed,
+            blocker=lambda: ex.blocker(asyncio.current_task(loop)),
             block_warning=s.block_warning,
         )
         return WorkerRun(

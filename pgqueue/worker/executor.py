@@ -91,14 +91,12 @@ class Executor:
         with self._held_lock:
             return list(self._held.items())
 
-    def job_of_task(self, task: asyncio.Task[Any] | None) -> Running | None:
-        """The job a running asyncio task belongs to (for naming what blocks the loop)."""
-        if task is None:
+    def blocker(self, task: asyncio.Task[Any] | None) -> str | None:
+        """The job a running asyncio task belongs to, in words (for naming what blocks the loop)."""
+        if task is None or not task.get_name().startswith(JOB_TASK_PREFIX):
             return None
-        name = task.get_name()
-        if not name.startswith(JOB_TASK_PREFIX):
-            return None
-        return self.running.get(int(name[len(JOB_TASK_PREFIX) :]))
+        running = self.running.get(int(task.get_name()[len(JOB_TASK_PREFIX) :]))
+        return None if running is None else f"job {running.job.id} ({running.job.task})"
 
     # ------------------------------------------------------------------ taking and starting
 
@@ -209,11 +207,14 @@ class Executor:
         if handler is not None and handler.is_async and not self.runners.isolated(handler) and running.task:
             running.task.cancel()
 
-    def lost(self, job_ids: set[int]) -> None:
-        """The lease keeper found these running claims gone (rescued elsewhere): stop them."""
-        for job_id in job_ids:
+    def renewed(self, sent: dict[int, UUID], renewed: set[int], cancels: set[int]) -> None:
+        """A heartbeat's answer: stop the jobs asked to cancel, and the running claims it no
+        longer found (rescued elsewhere after this worker stalled past its lease)."""
+        for job_id in cancels:
+            self.cancel(job_id)
+        for job_id, token in sent.items():
             running = self.running.get(job_id)
-            if running is None:
+            if job_id in renewed or running is None or running.job.token != token:
                 continue
             log.warning(
                 "job %d (%s) lost its lease while running here; stopping it, another worker may run it",
