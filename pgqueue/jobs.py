@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,13 +10,12 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from pgqueue import _jsonb as jsonb
 from pgqueue.errors import InvalidJobError
 from pgqueue.naming import check_queue_name, check_task_name
 
 # A JSON "\u0000" escape (not an escaped backslash followed by "u0000").
 # One encoder for every job: building one per call costs more than the encoding itself.
-_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _CONTAINERS = (dict, list, tuple)
 
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 1, 10, 5
@@ -178,7 +175,7 @@ def dump_args(args: object) -> str:
         if type(key) is not str and not isinstance(key, str):
             raise InvalidJobError(f"job args keys must be strings, got {short_repr(key)}")
     try:
-        text = _ENCODER.encode(args)
+        text = jsonb.encode(args)
     except RecursionError as exc:  # far deeper than the limit: the encoder itself gave up
         raise InvalidJobError(_too_deep()) from exc
     except (TypeError, ValueError) as exc:
@@ -192,12 +189,10 @@ def dump_args(args: object) -> str:
         if problem is not None:
             raise InvalidJobError(problem)
     # What JSON allows but PostgreSQL's jsonb refuses: refused here, before anything is written.
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidJobError(f"job args hold a string that is not valid Unicode: {exc}") from exc
-    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+    surrogate = jsonb.lone_surrogate(text)
+    if surrogate is not None:
+        raise InvalidJobError(f"job args hold a string that is not valid Unicode: {surrogate}") from surrogate
+    if jsonb.holds_nul(text):
         raise InvalidJobError("job args hold a NUL character (\\x00): PostgreSQL cannot store it")
     return text
 

@@ -10,7 +10,6 @@ import contextlib
 import itertools
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -18,13 +17,15 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 from scheduler_app import BAD_CRON_VARIABLE, TICK, TICK_QUEUE
+from worker_helpers import PgqueueProcess as Proc
+from worker_helpers import percentile, wait_until
 
 from pgqueue import Queue
 from pgqueue.scheduler import Scheduler
@@ -34,69 +35,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 APP = "tests.scheduler_app:queue"
 SECOND = timedelta(seconds=1)
-T = TypeVar("T")
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, message: str | Callable[[], str]) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {message() if callable(message) else message}")
-        time.sleep(0.05)
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * p / 100
-    low, high = int(rank), min(int(rank) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-class Proc:
-    """One ``python -m pgqueue ...`` process, its output in a file."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.log_path = name, log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pgqueue", *args],
-                cwd=REPO,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def tail(self, lines: int = 40) -> str:
-        return f"--- {self.name} (exit {self.proc.poll()}) ---\n" + "\n".join(
-            self.log().splitlines()[-lines:]
-        )
-
-    def wait_for_log(self, text: str, timeout: float) -> None:
-        def seen() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited before logging {text!r}\n{self.tail()}")
-            return text in self.log()
-
-        wait_until(seen, timeout, lambda: f"{self.name} never logged {text!r}\n{self.tail()}")
-
-    def stop(self, timeout: float) -> int:
-        """SIGTERM, then the exit code (killed and failed if it does not exit in time)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-            raise AssertionError(
-                f"{self.name} did not exit within {timeout}s of SIGTERM\n{self.tail()}"
-            ) from None
 
 
 @pytest.fixture

@@ -50,6 +50,9 @@ def create_tables(dsn: str, schema: str) -> None:
 class App:
     """A queue with its handlers, plus the connections the handlers use to record their runs."""
 
+    # How the handlers' own logging pool connects (a pooler in transaction mode needs more).
+    pool_kwargs: dict[str, Any] = {"autocommit": True}  # noqa: RUF012 (read-only)
+
     def __init__(self, dsn: str | None, schema: str) -> None:
         self.schema = schema
         self.queue = Queue(dsn, schema=schema)
@@ -83,7 +86,7 @@ class App:
                 min_size=1,
                 max_size=3,
                 open=False,
-                kwargs={"autocommit": True},
+                kwargs=self.pool_kwargs,
                 name="worker-app",
             )
             self._pools[loop_id] = pool

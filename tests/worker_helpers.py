@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -59,6 +60,50 @@ def percentile(values: list[float], p: float) -> float:
     rank = (len(ordered) - 1) * p / 100
     low, high = int(rank), min(int(rank) + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+class PgqueueProcess:
+    """One ``python -m pgqueue ...`` process (scheduler, CLI command…), its output in a file."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.name, self.log_path = name, log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pgqueue", *args],
+                cwd=REPO_DIR,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 40) -> str:
+        return f"--- {self.name} (exit {self.proc.poll()}) ---\n" + "\n".join(
+            self.log().splitlines()[-lines:]
+        )
+
+    def wait_for_log(self, text: str, timeout: float) -> None:
+        def seen() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited before logging {text!r}\n{self.tail()}")
+            return text in self.log()
+
+        wait_until(seen, timeout, lambda: f"{self.name} never logged {text!r}\n{self.tail()}")
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM, then the exit code (killed and failed if it does not exit in time)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(
+                f"{self.name} did not exit within {timeout}s of SIGTERM\n{self.tail()}"
+            ) from None
 
 
 # ---------------------------------------------------------------------------- the database

@@ -55,7 +55,6 @@ __all__ = ["AsyncWorker", "Worker", "WorkerStats"]
 class WorkerRun:
     """Everything one run of a worker holds; gone when the run ends."""
 
-    loop: asyncio.AbstractEventLoop
     stopping: asyncio.Event
     connections: list[ServiceConnection]
     threads: ThreadPoolExecutor
@@ -193,7 +192,6 @@ class AsyncWorker:
             block_warning=s.block_warning,
         )
         return WorkerRun(
-            loop=loop,
             stopping=stopping,
             connections=[claim_conn, ack_conn, upkeep_conn],
             threads=threads,

@@ -8,6 +8,7 @@ the worker never runs more handlers than its concurrency, whatever its handlers 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -239,8 +240,6 @@ def log_outcome(outcome: Outcome, duration: float) -> None:
         return
     detail = ""
     if outcome.error_json is not None:
-        import json
-
         error = json.loads(outcome.error_json)
         detail = f" error={error['type']}: {error['message']!r}"
         if outcome.kind == "retry":

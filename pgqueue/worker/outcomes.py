@@ -9,11 +9,11 @@ refused with a named error), error texts are escaped here (they must always be r
 from __future__ import annotations
 
 import json
-import re
 import traceback
 from datetime import UTC, datetime
 from typing import Any
 
+from pgqueue import _jsonb as jsonb
 from pgqueue.errors import UnstorableResult
 
 # An error message or traceback longer than this is cut: a handler raising a 100 MB message
@@ -21,24 +21,18 @@ from pgqueue.errors import UnstorableResult
 MAX_MESSAGE_CHARS = 10_000
 MAX_TRACEBACK_CHARS = 50_000
 
-_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-
 
 def to_jsonb(value: Any) -> str:
     """``value`` as JSON text jsonb accepts; ``ValueError`` naming the reason otherwise."""
     try:
-        text = _ENCODER.encode(value)
+        text = jsonb.encode(value)
     except RecursionError:
         raise ValueError("it is nested too deeply") from None
     except (TypeError, ValueError) as exc:
         raise ValueError(f"it is not JSON: {exc}") from None
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError("it holds a lone surrogate, which is not valid Unicode") from None
-    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+    if jsonb.lone_surrogate(text) is not None:
+        raise ValueError("it holds a lone surrogate, which is not valid Unicode")
+    if jsonb.holds_nul(text):
         raise ValueError("it holds a NUL character (\\x00), which PostgreSQL cannot store")
     return text
 

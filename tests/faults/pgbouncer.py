@@ -27,7 +27,6 @@ so the list names both, as a production configuration would.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import pwd
@@ -45,7 +44,6 @@ import pytest
 import worker_app
 from pgserver import SUPERUSER, SYSTEM_USER, PgServer, free_port
 from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool
 
 from pgqueue import Queue
 
@@ -264,20 +262,7 @@ def pg_bouncer(pg_server: PgServer, request: pytest.FixtureRequest) -> Iterator[
 class BouncerApp(worker_app.App):
     """``worker_app``'s handlers and tables; their logging pool never prepares statements."""
 
-    def _pool(self) -> AsyncConnectionPool[Any]:
-        loop_id = id(asyncio.get_running_loop())
-        pool = self._pools.get(loop_id)
-        if pool is None:
-            pool = AsyncConnectionPool(
-                self.queue.dsn,
-                min_size=1,
-                max_size=3,
-                open=False,
-                kwargs={"autocommit": True, "prepare_threshold": None},
-                name="bouncer-app",
-            )
-            self._pools[loop_id] = pool
-        return pool
+    pool_kwargs: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}  # noqa: RUF012
 
 
 _app: BouncerApp | None = None

@@ -16,7 +16,6 @@ import contextlib
 import itertools
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -27,12 +26,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import pytest
 from pgserver import PgServer, free_port, temporary_server
 from psycopg import sql
+from worker_helpers import PgqueueProcess as Proc
+from worker_helpers import wait_until
 
 from pgqueue import AsyncQueue, DatabaseUnavailableError, Queue, SchemaNotReadyError
 from pgqueue.connections import (
@@ -50,18 +51,6 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = "outage"
-T = TypeVar("T")
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, message: str | Callable[[], str]) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {message() if callable(message) else message}")
-        time.sleep(0.05)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -651,45 +640,6 @@ async def test_async_connections_are_named(migrated: PgServer) -> None:
 
 
 # ---------------------------------------------------------------------------- the scheduler
-
-
-class Proc:
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.log_path = name, log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pgqueue", *args],
-                cwd=REPO,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def tail(self, lines: int = 30) -> str:
-        return f"--- {self.name} (exit {self.proc.poll()}) ---\n" + "\n".join(
-            self.log().splitlines()[-lines:]
-        )
-
-    def wait_for_log(self, text: str, timeout: float) -> None:
-        def seen() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited before logging {text!r}\n{self.tail()}")
-            return text in self.log()
-
-        wait_until(seen, timeout, lambda: f"{self.name} never logged {text!r}\n{self.tail()}")
-
-    def stop(self, timeout: float = 15) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-            raise AssertionError(f"{self.name} did not exit on SIGTERM\n{self.tail()}") from None
 
 
 @pytest.fixture
