@@ -6,18 +6,28 @@ Everything public is re-exported here and listed in ``__all__``; other modules a
 from pgqueue.aqueue import AsyncQueue
 from pgqueue.enqueue import JobSpec
 from pgqueue.errors import (
+    AuthenticationError,
     ConfigurationError,
+    ConflictError,
+    DatabaseConfigurationError,
     DatabaseUnavailableError,
+    HandlerProcessDied,
     InvalidJobError,
+    InvalidQueueSettingsError,
+    JobCancelled,
     JobNotFoundError,
+    JobTimeout,
+    NotFoundError,
     PgQueueError,
+    ScheduleNotFoundError,
     SchemaNotReadyError,
     UnknownTaskError,
+    UnstorableProgress,
+    UnstorableResult,
 )
 from pgqueue.jobs import Job, JobState
 from pgqueue.queue import Queue
 from pgqueue.retry import Abort, Backoff, Retry, exponential, fixed, linear
-from pgqueue.schedule_store import ScheduleNotFoundError
 from pgqueue.schedules import Schedule
 from pgqueue.tasks import Registry, Task, TaskOptions
 from pgqueue.worker.context import JobContext
@@ -27,15 +37,23 @@ __version__ = "0.1.0"
 __all__ = [
     "Abort",
     "AsyncQueue",
+    "AuthenticationError",
     "Backoff",
     "ConfigurationError",
+    "ConflictError",
+    "DatabaseConfigurationError",
     "DatabaseUnavailableError",
+    "HandlerProcessDied",
     "InvalidJobError",
+    "InvalidQueueSettingsError",
     "Job",
+    "JobCancelled",
     "JobContext",
     "JobNotFoundError",
     "JobSpec",
     "JobState",
+    "JobTimeout",
+    "NotFoundError",
     "PgQueueError",
     "Queue",
     "Registry",
@@ -46,6 +64,8 @@ __all__ = [
     "Task",
     "TaskOptions",
     "UnknownTaskError",
+    "UnstorableProgress",
+    "UnstorableResult",
     "__version__",
     "exponential",
     "fixed",

@@ -1,12 +1,17 @@
-"""The asynchronous twin of :class:`pgqueue.Queue`: same methods, awaited."""
+"""The asyncio queue: what an async app uses to enqueue, inspect and cancel jobs.
+
+This file is the source of both twins: ``tools/async_to_sync.py`` writes :mod:`pgqueue.queue`
+(the synchronous :class:`~pgqueue.Queue`) from it, and CI fails when the two drift. Lines marked
+``# async-only`` are left out of the sync twin; ``# sync: …`` comments are its own lines.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import asyncio  # async-only
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping  # async-only
+from contextlib import asynccontextmanager  # async-only
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
@@ -25,8 +30,8 @@ from pgqueue.connections import (
     RECONNECT_TIMEOUT,
     ConnectHealth,
     Retry,
-    async_connection,
-    connect_async,
+    async_connection,  # async-only
+    connect_async,  # async-only
     connection_is_stale,
     observed_async_connection_class,
     pool_wait_verdict,
@@ -34,34 +39,51 @@ from pgqueue.connections import (
     translate_failure,
 )
 from pgqueue.enqueue import JobSpec
-from pgqueue.errors import DatabaseUnavailableError, JobNotFoundError, PgQueueError
-from pgqueue.jobs import Job, JobRequest, job_from_row
+from pgqueue.errors import DatabaseUnavailableError, JobNotFoundError, PgQueueError, ScheduleNotFoundError
+from pgqueue.jobs import Job, JobOptions, JobRequest, job_from_row
 from pgqueue.notifications import settings_changed
-from pgqueue.schedule_store import ScheduleNotFoundError, schedule_from_row, schedule_params
+from pgqueue.rows import ScheduleRow, dataclass_row
+from pgqueue.schedule_rows import schedule_from_row, schedule_params
 from pgqueue.schedules import Schedule, ScheduleOptions
+
+# sync: import threading
+# sync: from collections.abc import Callable, Iterable, Iterator, Mapping
+# sync: from contextlib import contextmanager
+# sync: from pgqueue.connections import connect, sync_connection
 
 T = TypeVar("T")
 AsyncPool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
 log = logging.getLogger("pgqueue.queue")
-# Pools retired after an outage, closing in the background (a task nobody holds may be collected).
-_closing: set[asyncio.Task[None]] = set()
+# Pools retired after an outage, closing in the background (a task nobody holds may be lost).  # async-only
+_closing: set[asyncio.Task[None]] = set()  # async-only
 
 
 class AsyncQueue(QueueBase[Awaitable[int]]):
-    """Enqueue and manage jobs from asyncio code (``await queue.enqueue(...)``)."""
+    """Enqueue and manage jobs: ``queue.enqueue("send_email", {"to": to})`` (awaited in the
+    asyncio twin); the sync and the asyncio queue have the same methods.
+
+    Nothing connects until the first call that needs the database, so a module can build its
+    queue at import time. Calls that take ``conn`` run on the caller's connection, inside its
+    transaction (psycopg, or SQLAlchemy's connection or session); without it they use the
+    queue's own pool.
+    """
 
     _pool: AsyncPool | None = None
     _pool_health: ConnectHealth | None = None
-    _pool_lock: asyncio.Lock | None = None
+    _pool_lock: asyncio.Lock | None = None  # async-only
+    # sync: _pool_lock = threading.Lock()  # held only to swap pools, never while connecting
 
     async def pool(self) -> AsyncPool:
         """The queue's own connection pool, opened on first use, and built anew after
-        :meth:`close` or an outage (a closed psycopg pool cannot reopen)."""
+        :meth:`close` or an outage (a closed psycopg pool cannot reopen).
+
+        It connects in the background: a failure shows when a connection is asked for.
+        """
         current = self._pool
         if current is not None and not current.closed:
             return current
-        if self._pool_lock is None:
-            self._pool_lock = asyncio.Lock()
+        if self._pool_lock is None:  # async-only
+            self._pool_lock = asyncio.Lock()  # async-only
         async with self._pool_lock:
             if self._pool is None or self._pool.closed:
                 health = ConnectHealth()
@@ -88,8 +110,12 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
             await pool.close()
 
     async def _first_pool(self) -> AsyncPool:
-        """The pool, once the server has accepted a connection of our own (see
-        :meth:`Queue._first_pool`: failures named at once, nothing left retrying)."""
+        """The pool, once the server has accepted a connection of our own.
+
+        The pool would only log why it cannot connect, and keep trying in the background; one
+        direct attempt first reports a refusal at once and by name (retrying transient ones for
+        ``connect_wait``), and leaves nothing behind when the server is not there.
+        """
         probe = await connect_async(
             self.dsn,
             self.connection_role,
@@ -100,15 +126,26 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         return await self.pool()
 
     def _drop_pool(self, pool: AsyncPool) -> None:
-        """Retire a pool that cannot reach the server; the next call starts from :meth:`_first_pool`."""
+        """Retire a pool that cannot reach the server: the next call starts again from
+        :meth:`_first_pool`, and nothing keeps reconnecting for a queue nobody uses."""
         if self._pool is pool:
             self._pool = None
-        task = asyncio.get_running_loop().create_task(pool.close())
-        _closing.add(task)
-        task.add_done_callback(_closing.discard)
+        # Closing joins the pool's workers, one of which may be inside a connection attempt.
+        task = asyncio.get_running_loop().create_task(pool.close())  # async-only
+        _closing.add(task)  # async-only
+        task.add_done_callback(_closing.discard)  # async-only
+        # sync: threading.Thread(target=pool.close, name=f"{pool.name}-close", daemon=True).start()
 
-    async def _checkout(self) -> tuple[AsyncPool, psycopg.AsyncConnection[Any]]:
-        """A live pooled connection, or the named reason there is none (see :meth:`Queue._checkout`)."""
+    async def _checkout(self, wait: float | None = None) -> tuple[AsyncPool, psycopg.AsyncConnection[Any]]:
+        """A live pooled connection, or the named reason there is none.
+
+        Connections the server has already closed (a restart, ``pg_terminate_backend``) are
+        dropped before anything is sent on them, so even a statement that must not run twice
+        goes to a fresh one. While the pool cannot connect, a failure retrying cannot fix is
+        raised at the next look (within :data:`CHECKOUT_SLICE`), a transient one after
+        ``connect_wait``; a pool that is merely busy is waited on for :data:`POOL_WAIT`.
+        ``wait`` bounds all of it (the admin answers 503 rather than hang a page).
+        """
         pool = self._pool
         if pool is None or pool.closed:
             pool = await self._first_pool()
@@ -120,12 +157,17 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
                 now = time.monotonic()
                 started = started or now - CHECKOUT_SLICE
                 pool = await self._after_timeout(pool, now - started)
+                if wait is not None and now - started >= wait:
+                    raise DatabaseUnavailableError(
+                        f"no database connection within {wait:g}s (the pool of {pool.max_size} "
+                        "is busy, or the server is slow to accept connections)"
+                    ) from None
                 continue
-            except PoolClosed:
+            except PoolClosed:  # closed by close(), or retired by another caller meanwhile
                 pool = await self._first_pool()
                 continue
             if connection_is_stale(conn):
-                await conn.close()
+                await conn.close()  # handed back closed, the pool replaces it
                 await pool.putconn(conn)
                 continue
             return pool, conn
@@ -145,7 +187,13 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
     async def _run(
         self, conn: Any, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]], retry: Retry
     ) -> T:
-        """``work`` on the caller's connection, else on a pooled one (see :meth:`Queue._run`)."""
+        """``work`` on the caller's connection, else on a pooled one, with failures named.
+
+        On a pooled connection lost midway, ``work`` runs once more on a fresh one when
+        ``retry`` says that is safe (see :data:`~pgqueue.connections.Retry`); with
+        ``transaction`` it runs inside a transaction of its own (on an autocommit caller
+        connection too, as :meth:`enqueue_many` always did).
+        """
         if conn is not None:
             c = await async_connection(conn)
             try:
@@ -188,9 +236,15 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         await self.close()
 
     @asynccontextmanager
-    async def connection(self, conn: Any = None) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    async def connection(
+        self, conn: Any = None, *, wait: float | None = None
+    ) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """The caller's connection (its transaction) if given, else a live one from the pool
-        (autocommit); failures come out named, nothing is retried (see :meth:`Queue.connection`)."""
+        (autocommit), waiting at most ``wait`` seconds for it.
+
+        Failures come out named (:class:`SchemaNotReadyError`, :class:`DatabaseUnavailableError`
+        for a connection lost midway…); nothing is retried, the block may not be safe to repeat.
+        """
         if conn is not None:
             c = await async_connection(conn)
             try:
@@ -201,7 +255,7 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
                     raise
                 raise not_ready from exc
             return
-        pool, c = await self._checkout()
+        pool, c = await self._checkout(wait)
         try:
             async with c:
                 yield c
@@ -214,37 +268,23 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
             await pool.putconn(c)
 
     async def migrate(self, revision: str = "head") -> None:
-        """Create or upgrade pgqueue's schema (in a thread: Alembic is synchronous)."""
+        """Create or upgrade pgqueue's schema; running it again changes nothing."""
         from pgqueue.migrate import upgrade
 
-        await asyncio.to_thread(upgrade, self.dsn, schema=self.schema, revision=revision)
+        # Alembic is synchronous: run in a thread, off the event loop.  # async-only
+        await asyncio.to_thread(upgrade, self.dsn, schema=self.schema, revision=revision)  # async-only
+        # sync: upgrade(self.dsn, schema=self.schema, revision=revision)
 
     async def enqueue(
         self,
         task: str,
         args: Mapping[str, Any] | None = None,
         *,
-        queue: str | None = None,
-        priority: int | None = None,
-        delay: timedelta | float | None = None,
-        run_at: datetime | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-        unique_key: str | None = None,
         conn: Any = None,
+        **options: Unpack[JobOptions],
     ) -> int:
         """Insert one job and return its id (or, for a live ``unique_key``, the holder's id)."""
-        request = self._request(
-            task,
-            args,
-            queue=queue,
-            priority=priority,
-            delay=delay,
-            run_at=run_at,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            unique_key=unique_key,
-        )
+        request = ops.make_request(self.registry, JobSpec(task, args, **options))
         if conn is not None:
             return await self._run(conn, lambda c: self._insert_one(c, request), "never")
         # The hot path, spelled out: one checkout, one statement, no closure.
@@ -268,12 +308,16 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
             found = await (await c.execute(self.queries.find_unique, params)).fetchone()
             if found is not None:
                 return int(found[0])
+            # The holder of the key finished between the two statements: insert again.
         raise PgQueueError(f"unique key {request.unique_key!r} kept changing hands; gave up")
 
     async def enqueue_many(
         self, jobs: Iterable[JobSpec | Mapping[str, Any]], *, conn: Any = None
     ) -> list[int]:
-        """Insert many jobs in one transaction (COPY) and return their ids in order."""
+        """Insert many jobs in one transaction (COPY) and return their ids in order.
+
+        Every job is validated first: one bad job refuses the batch and nothing is written.
+        """
         requests = ops.make_requests(self.registry, jobs)
         if not requests:
             return []
@@ -290,7 +334,7 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
                     await copy.write(chunk)
         if self.notify:
             await c.execute(
-                self.queries.notify_queues,
+                self.queries.wake_queues,
                 {"channel": self.queries.channel, "queues": ops.distinct_queues(requests)},
             )
         return list(ids)
@@ -307,7 +351,7 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
             {"queue": [r.queue for r in keyed], "unique_key": [r.unique_key for r in keyed]},
         )
         existing = {(row[1], row[2]): int(row[0]) for row in await cur.fetchall()}
-        for r in keyed:
+        for r in keyed:  # a holder that finished meanwhile: fall back to the single path
             if (r.queue, r.unique_key) not in existing:
                 existing[(r.queue, r.unique_key)] = await self._insert_one(c, r)
         return ops.resolve_conflicts(requests, reserved, inserted, existing)
@@ -327,18 +371,16 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         return job_from_row(row)
 
     async def cancel(self, job_id: int, *, conn: Any = None) -> bool:
-        """Cancel a queued job or ask a running one to stop. False if it had already finished."""
-        return (
-            await self._count(self.queries.cancel, {"id": job_id, "channel": self.queries.channel}, conn) == 1
-        )
+        """Cancel a queued job (it never runs) or ask a running one to stop. False if already finished."""
+        return await self._cancel(job_id, None, None, conn) == 1
 
     async def cancel_by_key(self, unique_key: str, *, queue: str | None = None, conn: Any = None) -> int:
-        """Cancel the live job(s) holding ``unique_key``. Returns how many."""
-        return await self._count(
-            self.queries.cancel_by_key,
-            {"unique_key": unique_key, "queue": queue, "channel": self.queries.channel},
-            conn,
-        )
+        """Cancel the live job(s) holding ``unique_key``, e.g. a follow-up made moot. Returns how many."""
+        return await self._cancel(None, unique_key, queue, conn)
+
+    async def _cancel(self, job_id: int | None, unique_key: str | None, queue: str | None, conn: Any) -> int:
+        params = {"id": job_id, "unique_key": unique_key, "queue": queue, "channel": self.queries.channel}
+        return await self._count(self.queries.cancel_jobs, params, conn)
 
     async def retry_dead(self, job_id: int, *, conn: Any = None) -> bool:
         """Move one dead-lettered job back to its queue with fresh attempts (same id)."""
@@ -349,14 +391,11 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         return await self._count(self.queries.retry_dead, self._retry_params(None, queue), conn)
 
     def _retry_params(self, job_id: int | None, queue: str | None) -> dict[str, Any]:
-        return {
-            "id": job_id,
-            "queue": queue,
-            "notify": self.notify,
-            "channel": self.queries.channel,
-        }
+        return {"id": job_id, "queue": queue, "notify": self.notify, "channel": self.queries.channel}
 
     async def _count(self, query: str, params: dict[str, Any], conn: Any) -> int:
+        """Run a statement that must not run twice; how many rows it returned (= changed)."""
+
         async def count(c: psycopg.AsyncConnection[Any]) -> int:
             return len(await (await c.execute(query, params)).fetchall())
 
@@ -372,7 +411,11 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         keep_completed_count: int | None = None,
         keep_dead: timedelta | float | None = None,
     ) -> QueueSettings:
-        """Set a queue's cross-worker settings (see :meth:`Queue.configure_queue`)."""
+        """Set a queue's cross-worker settings: global concurrency, rate limit (jobs/s), retention.
+
+        Omitted settings stay as they are; ``concurrency=None`` / ``rate_limit=None`` remove a limit.
+        A value that cannot apply raises :class:`InvalidQueueSettingsError` and changes nothing.
+        """
         params = self._queue_settings_params(
             name,
             concurrency=concurrency,
@@ -392,44 +435,132 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         return await self._set_queue(self._queue_settings_params(name, paused=False))
 
     async def _set_queue(self, params: dict[str, Any]) -> QueueSettings:
-        async def update(c: psycopg.AsyncConnection[Any]) -> tuple[Any, ...]:
-            row = await (await c.execute(self.queries.set_queue, params)).fetchone()
-            assert row is not None
+        async def update(c: psycopg.AsyncConnection[Any]) -> QueueSettings:
+            async with c.cursor(row_factory=dataclass_row(QueueSettings)) as cur:
+                await cur.execute(self.queries.set_queue, params)
+                settings = await cur.fetchone()
+            assert settings is not None  # an upsert always returns its row
             await c.execute(
                 self.queries.wake_queues,
-                {"channel": self.queries.channel, "queues": [row[0], settings_changed(row[0])]},
+                {"channel": self.queries.channel, "queues": [settings.name, settings_changed(settings.name)]},
             )
-            return tuple(row)
+            return settings
 
-        return QueueSettings(*await self._run(None, update, "transaction"))
+        return await self._run(None, update, "transaction")
 
     # ------------------------------------------------------------------ schedules at run time
+
+    @property
+    def schedule_store(self) -> AsyncScheduleStore:
+        """The ``schedules`` table through this queue's pool (what schedulers and the CLI use)."""
+        return AsyncScheduleStore(self)
 
     async def add_schedule(
         self, name: str, task: str, args: Mapping[str, Any] | None = None, **options: Unpack[ScheduleOptions]
     ) -> Schedule:
         """Store (or replace) a schedule at run time; running schedulers pick it up within seconds."""
         schedule = Schedule(name=name, task=task, args=dict(args or {}), **options)
-        await self._count(self.queries.upsert_schedule, schedule_params(schedule, from_code=False), None)
+        await self.schedule_store.upsert(schedule)
         return schedule
 
     async def list_schedules(self) -> list[Schedule]:
         """Every stored schedule, with the next fire time the schedulers computed."""
-
-        async def read(c: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
-            return await (await c.execute(self.queries.list_schedules)).fetchall()
-
-        return [schedule_from_row(row) for row in await self._run(None, read, "read")]
+        return await self.schedule_store.list()
 
     async def pause_schedule(self, name: str) -> None:
-        await self._change_schedule(self.queries.set_schedule_paused, {"name": name, "paused": True})
+        """Stop firing a stored schedule (declared ones too) until :meth:`resume_schedule`."""
+        await self.schedule_store.set_paused(name, True)
 
     async def resume_schedule(self, name: str) -> None:
-        await self._change_schedule(self.queries.set_schedule_paused, {"name": name, "paused": False})
+        await self.schedule_store.set_paused(name, False)
 
     async def remove_schedule(self, name: str) -> None:
-        await self._change_schedule(self.queries.delete_schedule, {"name": name})
+        await self.schedule_store.delete(name)
 
-    async def _change_schedule(self, query: str, params: dict[str, Any]) -> None:
-        if await self._count(query, params, None) == 0:
+
+class AsyncScheduleStore:
+    """The ``schedules`` table through one queue's connection pool, shared by every scheduler
+    process and the CLI.
+
+    Reads and the declared-schedules sync (one transaction of its own) run again on a fresh
+    connection when the first is lost midway; single writes do not (they may have taken effect).
+    """
+
+    def __init__(self, queue: AsyncQueue) -> None:
+        self.queue = queue
+        self.queries = queue.queries
+
+    async def sync_declared(self, schedules: Iterable[Schedule]) -> None:
+        """Store the schedules declared in code; forget code schedules no longer declared."""
+        schedules = list(schedules)
+
+        async def store(c: psycopg.AsyncConnection[Any]) -> None:
+            for schedule in schedules:
+                await c.execute(self.queries.upsert_schedule, schedule_params(schedule, from_code=True))
+            await c.execute(self.queries.delete_stale_code_schedules, {"names": [s.name for s in schedules]})
+
+        await self.queue._run(None, store, "transaction")
+
+    async def upsert(self, schedule: Schedule) -> bool:
+        """Add or replace a run-time schedule; True when it is new."""
+
+        async def upsert(c: psycopg.AsyncConnection[Any]) -> bool:
+            cur = await c.execute(self.queries.upsert_schedule, schedule_params(schedule, from_code=False))
+            row = await cur.fetchone()
+            return bool(row and row[0])
+
+        return await self.queue._run(None, upsert, "never")
+
+    async def list(self) -> list[Schedule]:
+        async def read(c: psycopg.AsyncConnection[Any]) -> list[ScheduleRow]:
+            async with c.cursor(row_factory=dataclass_row(ScheduleRow)) as cur:
+                await cur.execute(self.queries.list_schedules)
+                return await cur.fetchall()
+
+        return [schedule_from_row(row) for row in await self.queue._run(None, read, "read")]
+
+    async def get(self, name: str) -> Schedule:
+        for schedule in await self.list():
+            if schedule.name == name:
+                return schedule
+        raise ScheduleNotFoundError(f"no schedule named {name!r}")
+
+    async def set_paused(self, name: str, paused: bool) -> None:
+        await self._change(self.queries.set_schedule_paused, {"name": name, "paused": paused})
+
+    async def delete(self, name: str) -> None:
+        await self._change(self.queries.delete_schedule, {"name": name})
+
+    async def set_next_fire(self, name: str, next_fire_at: datetime | None) -> None:
+        async def write(c: psycopg.AsyncConnection[Any]) -> None:
+            await c.execute(self.queries.set_next_fire, {"name": name, "next_fire_at": next_fire_at})
+
+        await self.queue._run(None, write, "never")
+
+    async def fire(
+        self, name: str, fire_at: datetime, next_fire_at: datetime | None, unique_key: str
+    ) -> int | None:
+        """Enqueue the job of one fire time, in the transaction that claims it, unless another
+        scheduler already did (or the schedule is paused): the job's id, else None."""
+        async with self.queue.connection() as c, c.transaction():
+            cur = await c.execute(
+                self.queries.claim_fire, {"name": name, "fire_at": fire_at, "next_fire_at": next_fire_at}
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            task, args, queue, priority, max_attempts = row
+            spec = JobSpec(
+                task,
+                args,
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                unique_key=unique_key,
+                scheduled_for=fire_at,
+            )
+            return await self.queue._insert_one(c, ops.make_request(self.queue.registry, spec))
+
+    async def _change(self, query: str, params: dict[str, Any]) -> None:
+        if await self.queue._count(query, params, None) == 0:
             raise ScheduleNotFoundError(f"no schedule named {params['name']!r}")

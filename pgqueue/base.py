@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, Generic, TypeVar, overload
+from datetime import timedelta
+from typing import Any, Generic, Self, TypeVar, overload
+
+from typing_extensions import Unpack
 
 from pgqueue.connections import connect_wait as resolve_connect_wait
 from pgqueue.connections import connection_kwargs, prepared_statements_enabled, resolve_dsn
-from pgqueue.enqueue import JobSpec, make_request
-from pgqueue.errors import ConfigurationError, InvalidJobError
-from pgqueue.jobs import JobRequest
-from pgqueue.naming import DEFAULT_SCHEMA, check_queue_name
+from pgqueue.enqueue import JobSpec, build_request
+from pgqueue.errors import ConfigurationError, InvalidJobError, InvalidQueueSettingsError
+from pgqueue.jobs import JobOptions
+from pgqueue.naming import check_queue_name
 from pgqueue.retry import Backoff
 from pgqueue.schedules import MisfirePolicy, Schedule
 from pgqueue.sql import Queries, queries_for
@@ -37,8 +38,16 @@ def _seconds_or_none(value: timedelta | float | None) -> float | None:
         return None
     seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
     if seconds < 0:
-        raise InvalidJobError(f"retention must not be negative, got {value!r}")
+        raise InvalidQueueSettingsError(f"retention must not be negative, got {value!r}")
     return seconds
+
+
+def _schema(schema: str | None) -> str:
+    if schema is not None:
+        return schema
+    from pgqueue.settings import resolve_schema  # pydantic loads with the first queue, not at import
+
+    return resolve_schema()
 
 
 UNIQUE_RACE_RETRIES = 20
@@ -92,11 +101,27 @@ class QueueBase(Generic[R]):
         self.declared_schedules: list[Schedule] = schedules if schedules is not None else []
         # The schema: given, else $PGQUEUE_SCHEMA (so one env file serves CLI and app), else "pgqueue".
         self.queries: Queries = queries_for(
-            schema if schema is not None else os.environ.get("PGQUEUE_SCHEMA") or DEFAULT_SCHEMA
+            _schema(schema)
         )
         self.notify = notify
         self.pool_size = pool_size
         self.registry = registry if registry is not None else Registry()
+
+    @classmethod
+    def like(cls, other: QueueBase[Any], *, pool_size: int | None = None) -> Self:
+        """A queue of this kind (sync or async) for the same database, schema, tasks and
+        settings as ``other``, with a pool of its own: how the scheduler and the admin get the
+        sync twin of an app's :class:`AsyncQueue`. Its connections are named by its own role."""
+        return cls(
+            other._dsn,
+            schema=other.schema,
+            notify=other.notify,
+            pool_size=other.pool_size if pool_size is None else pool_size,
+            registry=other.registry,
+            schedules=other.declared_schedules,
+            connect_wait=other.connect_wait,
+            prepared_statements=other.prepared_statements,
+        )
 
     def use_dsn(self, dsn: str) -> None:
         """Point an already-built queue at another database (the CLI's ``--dsn``), before first use."""
@@ -113,23 +138,28 @@ class QueueBase(Generic[R]):
         keep_completed_count: int | None = None,
         keep_dead: timedelta | float | None = None,
     ) -> dict[str, Any]:
-        check_queue_name(name)
+        try:
+            check_queue_name(name)
+        except InvalidJobError as exc:
+            raise InvalidQueueSettingsError(str(exc)) from None
         if (
             not isinstance(concurrency, Keep)
             and concurrency is not None
             and (isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1)
         ):
-            raise InvalidJobError(f"concurrency must be an integer >= 1 or None, got {concurrency!r}")
+            raise InvalidQueueSettingsError(
+                f"concurrency must be an integer >= 1 or None, got {concurrency!r}"
+            )
         if (
             not isinstance(rate_limit, Keep)
             and rate_limit is not None
             and (isinstance(rate_limit, bool) or not isinstance(rate_limit, int | float) or rate_limit <= 0)
         ):
-            raise InvalidJobError(
+            raise InvalidQueueSettingsError(
                 f"rate_limit must be a positive number of jobs/s or None, got {rate_limit!r}"
             )
         if keep_completed_count is not None and keep_completed_count < 0:
-            raise InvalidJobError("keep_completed_count must not be negative")
+            raise InvalidQueueSettingsError("keep_completed_count must not be negative")
         return {
             "name": name,
             "paused": paused,
@@ -166,19 +196,10 @@ class QueueBase(Generic[R]):
         task: str,
         args: Mapping[str, Any] | None = None,
         *,
-        queue: str | None = None,
-        priority: int | None = None,
-        delay: timedelta | float | None = None,
-        run_at: datetime | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-        unique_key: str | None = None,
         conn: Any = None,
+        **options: Unpack[JobOptions],
     ) -> R:
         raise NotImplementedError  # each twin implements it
-
-    def _request(self, task: str, args: Mapping[str, Any] | None, **options: Any) -> JobRequest:
-        return make_request(self.registry, JobSpec(task, args, **options))
 
     @overload
     def task(self, fn: Handler, /) -> Task[R]: ...
@@ -224,19 +245,7 @@ class QueueBase(Generic[R]):
             isolation=isolation,
         )
         # Validate the numeric defaults once through the same checks enqueue applies.
-        from pgqueue.jobs import build_request
-
-        build_request(
-            "_",
-            {},
-            queue=options.queue,
-            priority=options.priority,
-            delay=None,
-            run_at=None,
-            max_attempts=options.max_attempts,
-            timeout=options.timeout,
-            unique_key=None,
-        )
+        build_request(JobSpec("_"), options)
 
         def register(handler: Handler) -> Task[R]:
             registered: Task[R] = Task(task_name(handler, name), handler, options, self.enqueue)

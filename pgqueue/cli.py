@@ -1,9 +1,15 @@
-"""The ``pgqueue`` command: migrate, worker, enqueue, status, retry, queue settings."""
+"""The ``pgqueue`` command: migrate, worker, enqueue, status, retry, queue settings.
+
+Each command imports its machinery when it runs (Alembic for ``migrate``, the worker for
+``worker``, FastAPI for ``admin``…): ``pgqueue --help`` and ``pgqueue enqueue`` load no more than
+``import pgqueue`` does, and a command whose extra is not installed fails with one line naming it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -11,7 +17,7 @@ import re
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -20,6 +26,9 @@ from pgqueue.connections import classify_connection_error, resolve_dsn
 from pgqueue.errors import ConfigurationError, PgQueueError
 from pgqueue.naming import DEFAULT_SCHEMA
 from pgqueue.queue import Queue
+
+if TYPE_CHECKING:
+    from pgqueue.scheduler import Scheduler
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
@@ -45,7 +54,6 @@ def _database_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dsn", help="PostgreSQL URL (default: $PGQUEUE_DSN, then $DATABASE_URL)")
     parser.add_argument(
         "--schema",
-        default=os.environ.get("PGQUEUE_SCHEMA", DEFAULT_SCHEMA),
         help="schema holding pgqueue's tables (default: $PGQUEUE_SCHEMA or 'pgqueue')",
     )
 
@@ -58,7 +66,9 @@ def _plain_queue(args: argparse.Namespace) -> Queue:
 
 def _migrate(args: argparse.Namespace) -> int:
     # Alembic and SQLAlchemy load only for this command: workers and their child processes
-    # import this module too, and start faster without them.
+    # import this module too, and start faster without them. Alembic announces each of its
+    # plugins at INFO as it loads; the command prints what it did instead.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     from pgqueue.migrate import current_revision, downgrade, head_revision, upgrade
 
     dsn = resolve_dsn(args.dsn)
@@ -76,7 +86,9 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _app_queue(args: argparse.Namespace) -> QueueBase[Any]:
     """The app's queue named on the command line (or by $PGQUEUE_APP), on ``--dsn`` if given."""
-    reference = args.app or os.environ.get("PGQUEUE_APP")
+    from pgqueue.settings import ClientEnv
+
+    reference = args.app or ClientEnv.load(only=("app",)).app
     if not reference:
         raise ConfigurationError(
             f"name the app's queue: pgqueue {args.command} myapp.jobs:queue (or $PGQUEUE_APP)"
@@ -104,13 +116,11 @@ def _worker(args: argparse.Namespace) -> int:
         lease_seconds=args.lease_seconds,
         grace_period=args.grace_period,
         isolation=args.isolation,
-        app=args.app or os.environ.get("PGQUEUE_APP"),
+        app=args.app,  # else $PGQUEUE_APP, read with the other worker settings
     )
     scheduler = None
     if args.with_scheduler:
-        from pgqueue.scheduler import Scheduler
-
-        scheduler = Scheduler(queue)
+        scheduler = _scheduler_class()(queue)
         scheduler.start()
     try:
         Worker(queue, settings).run()
@@ -125,11 +135,23 @@ def _worker(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
-def _scheduler(args: argparse.Namespace) -> int:
-    from pgqueue.scheduler import Scheduler
+def _scheduler_class() -> type[Scheduler]:
+    """The scheduler, or a named error when its extra (APScheduler) is not installed."""
+    from pgqueue.schedules import SCHEDULER_EXTRA_MISSING
 
+    try:
+        from pgqueue.scheduler import Scheduler
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] != "apscheduler":
+            raise
+        raise ConfigurationError(SCHEDULER_EXTRA_MISSING) from exc
+    return Scheduler
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    scheduler_class = _scheduler_class()  # before the app is imported: its error is the clearer
     queue = _app_queue(args)
-    Scheduler(queue, reconcile_interval=args.reconcile_interval).run()
+    scheduler_class(queue, reconcile_interval=args.reconcile_interval).run()
     return 0
 
 
@@ -232,7 +254,10 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _admin(args: argparse.Namespace) -> int:
-    from pgqueue.admin import serve
+    from pgqueue.admin import ADMIN_EXTRA_MISSING, serve
+
+    if importlib.util.find_spec("uvicorn") is None:  # serve() imports it only once it starts
+        raise ConfigurationError(f"{ADMIN_EXTRA_MISSING} (uvicorn is not installed)")
 
     return serve(
         args.dsn,
@@ -254,7 +279,7 @@ def _dev(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgqueue", description="Background jobs on PostgreSQL.")
     parser.add_argument(
-        "--log-level", default=os.environ.get("PGQUEUE_LOG_LEVEL", "INFO"), help="default: INFO"
+        "--log-level", help="default: $PGQUEUE_LOG_LEVEL, else INFO"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -375,7 +400,18 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from pgqueue.settings import ClientEnv  # pydantic: only once a command runs
+
     args = build_parser().parse_args(argv)
+    try:
+        # Defaults from the environment, read once the command is known (see pgqueue.settings).
+        env = ClientEnv.load(only=("log_level", "schema_name"))
+        args.log_level = args.log_level or env.log_level
+        if "schema" in args and args.schema is None:
+            args.schema = env.schema_name or DEFAULT_SCHEMA
+    except ConfigurationError as exc:
+        print(f"pgqueue: {_one_line(exc)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     try:
         return int(args.handler(args))

@@ -53,17 +53,18 @@ DEFAULT_CONNECT_TIMEOUT = 5
 # DatabaseUnavailableError: long enough to ride out a restart, short enough that a request fails
 # while its client still waits for an answer.
 DEFAULT_CONNECT_WAIT = 5.0
-CONNECT_WAIT_VARIABLE = "PGQUEUE_CONNECT_WAIT"
-PREPARED_STATEMENTS_VARIABLE = "PGQUEUE_PREPARED_STATEMENTS"
-_OFF = frozenset({"off", "false", "0", "no"})
-_ON = frozenset({"on", "true", "1", "yes"})
 
 _SQLALCHEMY_SCHEME = re.compile(r"^postgres(?:ql)?(?:\+\w+)?://")
 
 
 def resolve_dsn(dsn: str | None) -> str:
     """The DSN given, else ``PGQUEUE_DSN``, else ``DATABASE_URL``; SQLAlchemy URLs are accepted."""
-    value = dsn or os.environ.get("PGQUEUE_DSN") or os.environ.get("DATABASE_URL")
+    value = dsn
+    if not value:  # only now read the environment: a DSN given in code needs nothing from it
+        from pgqueue.settings import ClientEnv  # pydantic loads on first use, not at import
+
+        env = ClientEnv.load(only=("dsn", "database_url"))
+        value = env.dsn or env.database_url
     if not value:
         raise ConfigurationError("no database given: pass dsn=..., or set PGQUEUE_DSN or DATABASE_URL")
     return _SQLALCHEMY_SCHEME.sub("postgresql://", value, count=1)
@@ -143,27 +144,20 @@ def application_name(role: str) -> str:
 def prepared_statements_enabled() -> bool:
     """False when ``PGQUEUE_PREPARED_STATEMENTS`` is off: PgBouncer in transaction mode hands each
     transaction another server connection, where a statement prepared on the last one is missing."""
-    value = os.environ.get(PREPARED_STATEMENTS_VARIABLE, "").strip().lower()
-    if not value or value in _ON:
-        return True
-    if value in _OFF:
-        return False
-    raise ConfigurationError(f"{PREPARED_STATEMENTS_VARIABLE} is on or off, not {value!r}")
+    from pgqueue.settings import ClientEnv
+
+    return ClientEnv.load(only=("prepared_statements",)).prepared_statements is not False
 
 
 def connect_wait(value: float | None = None) -> float:
     """Seconds to keep retrying an unavailable server: the value given, else
     ``PGQUEUE_CONNECT_WAIT``, else :data:`DEFAULT_CONNECT_WAIT`."""
     if value is None:
-        text = os.environ.get(CONNECT_WAIT_VARIABLE)
-        if not text:
+        from pgqueue.settings import ClientEnv
+
+        value = ClientEnv.load(only=("connect_wait",)).connect_wait
+        if value is None:
             return DEFAULT_CONNECT_WAIT
-        try:
-            value = float(text)
-        except ValueError:
-            raise ConfigurationError(
-                f"{CONNECT_WAIT_VARIABLE} is a number of seconds, not {text!r}"
-            ) from None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
         raise ConfigurationError(f"connect_wait must be a number of seconds >= 0, got {value!r}")
     return float(value)

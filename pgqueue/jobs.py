@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypedDict
 
 from pgqueue import _jsonb as jsonb
 from pgqueue.errors import InvalidJobError
@@ -90,20 +90,69 @@ class Job:
         return self.run_at > datetime.now(self.run_at.tzinfo)
 
 
-JOB_COLUMNS = (
-    "id, queue, task, args, priority, state::text AS state, run_at, attempts, max_attempts, "
-    "timeout, unique_key, scheduled_for, worker_id, progress, result, errors, created_at, "
-    "started_at, finished_at"
-)
+_JOB_FIELDS = tuple(f.name for f in fields(Job) if f.name != "state")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """A row of the ``get_job`` statement, by column name (:func:`pgqueue.rows.dataclass_row`):
+    a :class:`Job`'s columns, then what only the admin shows — the lease, the cancel flag, and
+    whether a queued job waits for its run time by the database's clock."""
+
+    id: int
+    queue: str
+    task: str
+    args: dict[str, Any]
+    priority: int
+    state: str
+    run_at: datetime | None
+    attempts: int
+    max_attempts: int
+    timeout: float | None
+    unique_key: str | None
+    scheduled_for: datetime | None
+    worker_id: str | None
+    progress: Any
+    result: Any
+    errors: list[dict[str, Any]]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    lease_expires_at: datetime | None
+    cancel_requested: bool
+    delayed: bool
+
+    def job(self) -> Job:
+        return Job(**{f: getattr(self, f) for f in _JOB_FIELDS}, state=JobState(self.state))
 
 
 def job_from_row(row: Mapping[str, Any]) -> Job:
-    return Job(**{**row, "state": JobState(row["state"])})
+    """The :class:`Job` of a ``get_job`` row read as a mapping; columns it has no field for
+    (the admin's) are left out."""
+    return Job(**{f: row[f] for f in _JOB_FIELDS}, state=JobState(row["state"]))
+
+
+class JobOptions(TypedDict, total=False):
+    """The options of one enqueue, as keyword arguments; unset ones take the task's defaults.
+
+    The one list of them: ``enqueue``, ``Task.with_options`` and :class:`JobSpec` all take it.
+    """
+
+    queue: str | None
+    priority: int | None
+    delay: timedelta | float | None
+    run_at: datetime | None
+    max_attempts: int | None
+    timeout: float | None
+    unique_key: str | None
+
+
+OPTION_NAMES = frozenset(JobOptions.__annotations__)
 
 
 @dataclass(frozen=True, slots=True)
 class JobRequest:
-    """One validated job, ready to insert. Build it with :func:`build_request`."""
+    """One validated job, ready to insert. Built by :func:`pgqueue.enqueue.build_request`."""
 
     queue: str
     task: str
@@ -116,6 +165,44 @@ class JobRequest:
     unique_key: str | None
     scheduled_for: datetime | None = None
     args: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    @staticmethod
+    def checked(
+        task: str,
+        args: Mapping[str, Any] | None,
+        *,
+        queue: str,
+        priority: int,
+        delay: timedelta | float | None,
+        run_at: datetime | None,
+        max_attempts: int,
+        timeout: float | None,
+        unique_key: str | None,
+        scheduled_for: datetime | None,
+    ) -> JobRequest:
+        """The request for resolved options, each checked; raises :class:`InvalidJobError` on the
+        first bad one (see :func:`pgqueue.enqueue.build_request`, which resolves them)."""
+        if run_at is not None:
+            _check_time("run_at", run_at)
+        if scheduled_for is not None:
+            _check_time("scheduled_for", scheduled_for)
+        _check_name_length("queue", queue, MAX_QUEUE_NAME_LENGTH)
+        _check_name_length("task", task, MAX_TASK_NAME_LENGTH)
+        check_unique_key(unique_key)
+        args = {} if args is None else args
+        return JobRequest(
+            queue=check_queue_name(queue),
+            task=check_task_name(task),
+            args_json=dump_args(args),
+            priority=_check_int("priority", priority, MIN_PRIORITY, MAX_PRIORITY),
+            delay_seconds=_delay_seconds(delay),
+            run_at=run_at,
+            max_attempts=_check_int("max_attempts", max_attempts, 1, MAX_ATTEMPTS_LIMIT),
+            timeout=_check_timeout(timeout),
+            unique_key=unique_key,
+            scheduled_for=scheduled_for,
+            args=args,
+        )
 
     def with_args(self, args: Mapping[str, Any], args_json: str, unique_key: str | None) -> JobRequest:
         """The same options for another job (validated args and key): bulk enqueue's fast path."""
@@ -278,40 +365,3 @@ def _delay_seconds(delay: object) -> float:
     return float(seconds)
 
 
-def build_request(
-    task: str,
-    args: Mapping[str, Any] | None,
-    *,
-    queue: str,
-    priority: int,
-    delay: timedelta | float | None,
-    run_at: datetime | None,
-    max_attempts: int,
-    timeout: float | None,
-    unique_key: str | None,
-    scheduled_for: datetime | None = None,
-) -> JobRequest:
-    """Validate every field of one enqueue; raises :class:`InvalidJobError` on the first bad one."""
-    if delay is not None and run_at is not None:
-        raise InvalidJobError("give either delay or run_at, not both")
-    if run_at is not None:
-        _check_time("run_at", run_at)
-    if scheduled_for is not None:
-        _check_time("scheduled_for", scheduled_for)
-    _check_name_length("queue", queue, MAX_QUEUE_NAME_LENGTH)
-    _check_name_length("task", task, MAX_TASK_NAME_LENGTH)
-    check_unique_key(unique_key)
-    args = {} if args is None else args
-    return JobRequest(
-        queue=check_queue_name(queue),
-        task=check_task_name(task),
-        args_json=dump_args(args),
-        priority=_check_int("priority", priority, MIN_PRIORITY, MAX_PRIORITY),
-        delay_seconds=_delay_seconds(delay),
-        run_at=run_at,
-        max_attempts=_check_int("max_attempts", max_attempts, 1, MAX_ATTEMPTS_LIMIT),
-        timeout=_check_timeout(timeout),
-        unique_key=unique_key,
-        scheduled_for=scheduled_for,
-        args=args,
-    )

@@ -1,4 +1,8 @@
-"""The synchronous queue: what a (threaded) app uses to enqueue, inspect and cancel jobs."""
+"""The synchronous queue: what a (threaded) app uses to enqueue, inspect and cancel jobs.
+
+Generated from :mod:`pgqueue.aqueue` by ``tools/async_to_sync.py``: edit that file and run the
+tool; CI fails when this one differs from what the tool writes.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, TypeVar
@@ -34,10 +38,11 @@ from pgqueue.connections import (
     translate_failure,
 )
 from pgqueue.enqueue import JobSpec
-from pgqueue.errors import DatabaseUnavailableError, JobNotFoundError, PgQueueError
-from pgqueue.jobs import Job, JobRequest, job_from_row
+from pgqueue.errors import DatabaseUnavailableError, JobNotFoundError, PgQueueError, ScheduleNotFoundError
+from pgqueue.jobs import Job, JobOptions, JobRequest, job_from_row
 from pgqueue.notifications import settings_changed
-from pgqueue.schedule_store import ScheduleStore
+from pgqueue.rows import ScheduleRow, dataclass_row
+from pgqueue.schedule_rows import schedule_from_row, schedule_params
 from pgqueue.schedules import Schedule, ScheduleOptions
 
 T = TypeVar("T")
@@ -46,12 +51,13 @@ log = logging.getLogger("pgqueue.queue")
 
 
 class Queue(QueueBase[int]):
-    """Enqueue and manage jobs from synchronous code.
+    """Enqueue and manage jobs: ``queue.enqueue("send_email", {"to": to})`` (awaited in the
+    asyncio twin); the sync and the asyncio queue have the same methods.
 
-    >>> queue = Queue("postgresql://localhost/app")
-    >>> @queue.task(queue="email", max_attempts=5)
-    ... def send_email(to: str) -> None: ...
-    >>> send_email.enqueue(to="a@b.c")  # doctest: +SKIP
+    Nothing connects until the first call that needs the database, so a module can build its
+    queue at import time. Calls that take ``conn`` run on the caller's connection, inside its
+    transaction (psycopg, or SQLAlchemy's connection or session); without it they use the
+    queue's own pool.
     """
 
     _pool: Pool | None = None
@@ -64,30 +70,31 @@ class Queue(QueueBase[int]):
 
         It connects in the background: a failure shows when a connection is asked for.
         """
-        pool = self._pool
-        if pool is not None and not pool.closed:
-            return pool
+        current = self._pool
+        if current is not None and not current.closed:
+            return current
         with self._pool_lock:
             if self._pool is None or self._pool.closed:
                 health = ConnectHealth()
-                self._pool_health = health  # before the pool: whoever sees the pool sees its health
-                self._pool = ConnectionPool(
+                pool: Pool = ConnectionPool(
                     self.dsn,
                     connection_class=observed_connection_class(health),
                     min_size=1,
                     max_size=self.pool_size,
                     kwargs=self._pool_kwargs(),
-                    configure=configure_connection,
-                    name=f"pgqueue-{self.schema}",
                     timeout=POOL_WAIT,
                     reconnect_timeout=RECONNECT_TIMEOUT,
-                    open=True,
+                    configure=configure_connection,
+                    name=f"pgqueue-{self.schema}",
+                    open=False,
                 )
+                pool.open()
+                self._pool_health = health  # before the pool: whoever sees the pool sees its health
+                self._pool = pool
             return self._pool
 
     def close(self) -> None:
-        with self._pool_lock:
-            pool, self._pool = self._pool, None
+        pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
 
@@ -98,21 +105,21 @@ class Queue(QueueBase[int]):
         direct attempt first reports a refusal at once and by name (retrying transient ones for
         ``connect_wait``), and leaves nothing behind when the server is not there.
         """
-        connect(
+        probe = connect(
             self.dsn,
             self.connection_role,
             wait=self.connect_wait,
             prepared_statements=self.prepared_statements,
-        ).close()
+        )
+        probe.close()
         return self.pool()
 
     def _drop_pool(self, pool: Pool) -> None:
         """Retire a pool that cannot reach the server: the next call starts again from
         :meth:`_first_pool`, and nothing keeps reconnecting for a queue nobody uses."""
-        with self._pool_lock:
-            if self._pool is pool:
-                self._pool = None
-        # Closing joins the pool's threads, one of which may be inside a connection attempt.
+        if self._pool is pool:
+            self._pool = None
+        # Closing joins the pool's workers, one of which may be inside a connection attempt.
         threading.Thread(target=pool.close, name=f"{pool.name}-close", daemon=True).start()
 
     def _checkout(self, wait: float | None = None) -> tuple[Pool, psycopg.Connection[Any]]:
@@ -163,7 +170,9 @@ class Queue(QueueBase[int]):
             self._drop_pool(pool)
         raise error from cause
 
-    def _run(self, conn: Any, work: Callable[[psycopg.Connection[Any]], T], retry: Retry) -> T:
+    def _run(
+        self, conn: Any, work: Callable[[psycopg.Connection[Any]], T], retry: Retry
+    ) -> T:
         """``work`` on the caller's connection, else on a pooled one, with failures named.
 
         On a pooled connection lost midway, ``work`` runs once more on a fresh one when
@@ -174,8 +183,8 @@ class Queue(QueueBase[int]):
         if conn is not None:
             c = sync_connection(conn)
             try:
-                if retry == "transaction":
-                    with c.transaction() if c.autocommit else nullcontext():
+                if retry == "transaction" and c.autocommit:
+                    with c.transaction():
                         return work(c)
                 return work(c)
             except psycopg.Error as exc:
@@ -213,9 +222,11 @@ class Queue(QueueBase[int]):
         self.close()
 
     @contextmanager
-    def connection(self, conn: Any = None, *, wait: float | None = None) -> Iterator[psycopg.Connection[Any]]:
+    def connection(
+        self, conn: Any = None, *, wait: float | None = None
+    ) -> Iterator[psycopg.Connection[Any]]:
         """The caller's connection (its transaction) if given, else a live one from the pool
-        (autocommit).
+        (autocommit), waiting at most ``wait`` seconds for it.
 
         Failures come out named (:class:`SchemaNotReadyError`, :class:`DatabaseUnavailableError`
         for a connection lost midway…); nothing is retried, the block may not be safe to repeat.
@@ -253,27 +264,11 @@ class Queue(QueueBase[int]):
         task: str,
         args: Mapping[str, Any] | None = None,
         *,
-        queue: str | None = None,
-        priority: int | None = None,
-        delay: timedelta | float | None = None,
-        run_at: datetime | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-        unique_key: str | None = None,
         conn: Any = None,
+        **options: Unpack[JobOptions],
     ) -> int:
         """Insert one job and return its id (or, for a live ``unique_key``, the holder's id)."""
-        request = self._request(
-            task,
-            args,
-            queue=queue,
-            priority=priority,
-            delay=delay,
-            run_at=run_at,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            unique_key=unique_key,
-        )
+        request = ops.make_request(self.registry, JobSpec(task, args, **options))
         if conn is not None:
             return self._run(conn, lambda c: self._insert_one(c, request), "never")
         # The hot path, spelled out: one checkout, one statement, no closure.
@@ -291,16 +286,18 @@ class Queue(QueueBase[int]):
     def _insert_one(self, c: psycopg.Connection[Any], request: JobRequest) -> int:
         params = ops.enqueue_params(self.queries, request, self.notify)
         for _ in range(UNIQUE_RACE_RETRIES):
-            row = c.execute(self.queries.enqueue, params).fetchone()
+            row = (c.execute(self.queries.enqueue, params)).fetchone()
             if row is not None:
                 return int(row[0])
-            found = c.execute(self.queries.find_unique, params).fetchone()
+            found = (c.execute(self.queries.find_unique, params)).fetchone()
             if found is not None:
                 return int(found[0])
             # The holder of the key finished between the two statements: insert again.
         raise PgQueueError(f"unique key {request.unique_key!r} kept changing hands; gave up")
 
-    def enqueue_many(self, jobs: Iterable[JobSpec | Mapping[str, Any]], *, conn: Any = None) -> list[int]:
+    def enqueue_many(
+        self, jobs: Iterable[JobSpec | Mapping[str, Any]], *, conn: Any = None
+    ) -> list[int]:
         """Insert many jobs in one transaction (COPY) and return their ids in order.
 
         Every job is validated first: one bad job refuses the batch and nothing is written.
@@ -311,7 +308,8 @@ class Queue(QueueBase[int]):
         return self._run(conn, lambda c: self._insert_many(c, requests), "transaction")
 
     def _insert_many(self, c: psycopg.Connection[Any], requests: list[JobRequest]) -> list[int]:
-        now, ids = c.execute(self.queries.reserve_ids, {"count": len(requests)}).fetchone()  # type: ignore[misc]
+        cur = c.execute(self.queries.reserve_ids, {"count": len(requests)})
+        now, ids = cur.fetchone()  # type: ignore[misc]
         if any(r.unique_key is not None for r in requests):
             ids = self._insert_unique(c, requests, ids)
         else:
@@ -320,7 +318,7 @@ class Queue(QueueBase[int]):
                     copy.write(chunk)
         if self.notify:
             c.execute(
-                self.queries.notify_queues,
+                self.queries.wake_queues,
                 {"channel": self.queries.channel, "queues": ops.distinct_queues(requests)},
             )
         return list(ids)
@@ -329,15 +327,14 @@ class Queue(QueueBase[int]):
         self, c: psycopg.Connection[Any], requests: list[JobRequest], reserved: list[int]
     ) -> list[int]:
         params = ops.unique_params(requests, reserved)
-        inserted = {row[0] for row in c.execute(self.queries.enqueue_many_unique, params)}
+        cur = c.execute(self.queries.enqueue_many_unique, params)
+        inserted = {row[0] for row in cur.fetchall()}
         keyed = [r for i, r in zip(reserved, requests, strict=True) if i not in inserted]
-        existing = {
-            (row[1], row[2]): int(row[0])
-            for row in c.execute(
-                self.queries.find_unique_many,
-                {"queue": [r.queue for r in keyed], "unique_key": [r.unique_key for r in keyed]},
-            )
-        }
+        cur = c.execute(
+            self.queries.find_unique_many,
+            {"queue": [r.queue for r in keyed], "unique_key": [r.unique_key for r in keyed]},
+        )
+        existing = {(row[1], row[2]): int(row[0]) for row in cur.fetchall()}
         for r in keyed:  # a holder that finished meanwhile: fall back to the single path
             if (r.queue, r.unique_key) not in existing:
                 existing[(r.queue, r.unique_key)] = self._insert_one(c, r)
@@ -349,7 +346,8 @@ class Queue(QueueBase[int]):
         def read(c: psycopg.Connection[Any]) -> dict[str, Any] | None:
             with c.cursor(row_factory=dict_row) as cur:
                 register_timestamp_loaders(cur)  # for a caller's connection too, without changing it
-                return cur.execute(self.queries.get_job, {"id": job_id}).fetchone()
+                cur.execute(self.queries.get_job, {"id": job_id})
+                return cur.fetchone()
 
         row = self._run(conn, read, "read")
         if row is None:
@@ -358,34 +356,34 @@ class Queue(QueueBase[int]):
 
     def cancel(self, job_id: int, *, conn: Any = None) -> bool:
         """Cancel a queued job (it never runs) or ask a running one to stop. False if already finished."""
-        params = {"id": job_id, "channel": self.queries.channel}
-        return (
-            self._run(conn, lambda c: c.execute(self.queries.cancel, params).fetchone(), "never") is not None
-        )
+        return self._cancel(job_id, None, None, conn) == 1
 
     def cancel_by_key(self, unique_key: str, *, queue: str | None = None, conn: Any = None) -> int:
         """Cancel the live job(s) holding ``unique_key``, e.g. a follow-up made moot. Returns how many."""
-        params = {"unique_key": unique_key, "queue": queue, "channel": self.queries.channel}
-        return len(
-            self._run(conn, lambda c: c.execute(self.queries.cancel_by_key, params).fetchall(), "never")
-        )
+        return self._cancel(None, unique_key, queue, conn)
+
+    def _cancel(self, job_id: int | None, unique_key: str | None, queue: str | None, conn: Any) -> int:
+        params = {"id": job_id, "unique_key": unique_key, "queue": queue, "channel": self.queries.channel}
+        return self._count(self.queries.cancel_jobs, params, conn)
 
     def retry_dead(self, job_id: int, *, conn: Any = None) -> bool:
         """Move one dead-lettered job back to its queue with fresh attempts (same id)."""
-        return self._retry_dead(job_id, None, conn) == 1
+        return self._count(self.queries.retry_dead, self._retry_params(job_id, None), conn) == 1
 
     def retry_all_dead(self, queue: str | None = None, *, conn: Any = None) -> int:
         """Move every dead-lettered job (of one queue, or all) back; returns how many."""
-        return self._retry_dead(None, queue, conn)
+        return self._count(self.queries.retry_dead, self._retry_params(None, queue), conn)
 
-    def _retry_dead(self, job_id: int | None, queue: str | None, conn: Any) -> int:
-        params = {
-            "id": job_id,
-            "queue": queue,
-            "notify": self.notify,
-            "channel": self.queries.channel,
-        }
-        return len(self._run(conn, lambda c: c.execute(self.queries.retry_dead, params).fetchall(), "never"))
+    def _retry_params(self, job_id: int | None, queue: str | None) -> dict[str, Any]:
+        return {"id": job_id, "queue": queue, "notify": self.notify, "channel": self.queries.channel}
+
+    def _count(self, query: str, params: dict[str, Any], conn: Any) -> int:
+        """Run a statement that must not run twice; how many rows it returned (= changed)."""
+
+        def count(c: psycopg.Connection[Any]) -> int:
+            return len((c.execute(query, params)).fetchall())
+
+        return self._run(conn, count, "never")
 
     def configure_queue(
         self,
@@ -400,6 +398,7 @@ class Queue(QueueBase[int]):
         """Set a queue's cross-worker settings: global concurrency, rate limit (jobs/s), retention.
 
         Omitted settings stay as they are; ``concurrency=None`` / ``rate_limit=None`` remove a limit.
+        A value that cannot apply raises :class:`InvalidQueueSettingsError` and changes nothing.
         """
         params = self._queue_settings_params(
             name,
@@ -420,36 +419,132 @@ class Queue(QueueBase[int]):
         return self._set_queue(self._queue_settings_params(name, paused=False))
 
     def _set_queue(self, params: dict[str, Any]) -> QueueSettings:
-        def update(c: psycopg.Connection[Any]) -> tuple[Any, ...]:
-            row = c.execute(self.queries.set_queue, params).fetchone()
-            assert row is not None
+        def update(c: psycopg.Connection[Any]) -> QueueSettings:
+            with c.cursor(row_factory=dataclass_row(QueueSettings)) as cur:
+                cur.execute(self.queries.set_queue, params)
+                settings = cur.fetchone()
+            assert settings is not None  # an upsert always returns its row
             c.execute(
                 self.queries.wake_queues,
-                {"channel": self.queries.channel, "queues": [row[0], settings_changed(row[0])]},
+                {"channel": self.queries.channel, "queues": [settings.name, settings_changed(settings.name)]},
             )
-            return tuple(row)
+            return settings
 
-        return QueueSettings(*self._run(None, update, "transaction"))
+        return self._run(None, update, "transaction")
 
     # ------------------------------------------------------------------ schedules at run time
+
+    @property
+    def schedule_store(self) -> ScheduleStore:
+        """The ``schedules`` table through this queue's pool (what schedulers and the CLI use)."""
+        return ScheduleStore(self)
 
     def add_schedule(
         self, name: str, task: str, args: Mapping[str, Any] | None = None, **options: Unpack[ScheduleOptions]
     ) -> Schedule:
         """Store (or replace) a schedule at run time; running schedulers pick it up within seconds."""
         schedule = Schedule(name=name, task=task, args=dict(args or {}), **options)
-        ScheduleStore(self).upsert(schedule)
+        self.schedule_store.upsert(schedule)
         return schedule
 
     def list_schedules(self) -> list[Schedule]:
         """Every stored schedule, with the next fire time the schedulers computed."""
-        return ScheduleStore(self).list()
+        return self.schedule_store.list()
 
     def pause_schedule(self, name: str) -> None:
-        ScheduleStore(self).set_paused(name, True)
+        """Stop firing a stored schedule (declared ones too) until :meth:`resume_schedule`."""
+        self.schedule_store.set_paused(name, True)
 
     def resume_schedule(self, name: str) -> None:
-        ScheduleStore(self).set_paused(name, False)
+        self.schedule_store.set_paused(name, False)
 
     def remove_schedule(self, name: str) -> None:
-        ScheduleStore(self).delete(name)
+        self.schedule_store.delete(name)
+
+
+class ScheduleStore:
+    """The ``schedules`` table through one queue's connection pool, shared by every scheduler
+    process and the CLI.
+
+    Reads and the declared-schedules sync (one transaction of its own) run again on a fresh
+    connection when the first is lost midway; single writes do not (they may have taken effect).
+    """
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.queries = queue.queries
+
+    def sync_declared(self, schedules: Iterable[Schedule]) -> None:
+        """Store the schedules declared in code; forget code schedules no longer declared."""
+        schedules = list(schedules)
+
+        def store(c: psycopg.Connection[Any]) -> None:
+            for schedule in schedules:
+                c.execute(self.queries.upsert_schedule, schedule_params(schedule, from_code=True))
+            c.execute(self.queries.delete_stale_code_schedules, {"names": [s.name for s in schedules]})
+
+        self.queue._run(None, store, "transaction")
+
+    def upsert(self, schedule: Schedule) -> bool:
+        """Add or replace a run-time schedule; True when it is new."""
+
+        def upsert(c: psycopg.Connection[Any]) -> bool:
+            cur = c.execute(self.queries.upsert_schedule, schedule_params(schedule, from_code=False))
+            row = cur.fetchone()
+            return bool(row and row[0])
+
+        return self.queue._run(None, upsert, "never")
+
+    def list(self) -> list[Schedule]:
+        def read(c: psycopg.Connection[Any]) -> list[ScheduleRow]:
+            with c.cursor(row_factory=dataclass_row(ScheduleRow)) as cur:
+                cur.execute(self.queries.list_schedules)
+                return cur.fetchall()
+
+        return [schedule_from_row(row) for row in self.queue._run(None, read, "read")]
+
+    def get(self, name: str) -> Schedule:
+        for schedule in self.list():
+            if schedule.name == name:
+                return schedule
+        raise ScheduleNotFoundError(f"no schedule named {name!r}")
+
+    def set_paused(self, name: str, paused: bool) -> None:
+        self._change(self.queries.set_schedule_paused, {"name": name, "paused": paused})
+
+    def delete(self, name: str) -> None:
+        self._change(self.queries.delete_schedule, {"name": name})
+
+    def set_next_fire(self, name: str, next_fire_at: datetime | None) -> None:
+        def write(c: psycopg.Connection[Any]) -> None:
+            c.execute(self.queries.set_next_fire, {"name": name, "next_fire_at": next_fire_at})
+
+        self.queue._run(None, write, "never")
+
+    def fire(
+        self, name: str, fire_at: datetime, next_fire_at: datetime | None, unique_key: str
+    ) -> int | None:
+        """Enqueue the job of one fire time, in the transaction that claims it, unless another
+        scheduler already did (or the schedule is paused): the job's id, else None."""
+        with self.queue.connection() as c, c.transaction():
+            cur = c.execute(
+                self.queries.claim_fire, {"name": name, "fire_at": fire_at, "next_fire_at": next_fire_at}
+            )
+            row = cur.fetchone()
+            if row is None:
+                return None
+            task, args, queue, priority, max_attempts = row
+            spec = JobSpec(
+                task,
+                args,
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                unique_key=unique_key,
+                scheduled_for=fire_at,
+            )
+            return self.queue._insert_one(c, ops.make_request(self.queue.registry, spec))
+
+    def _change(self, query: str, params: dict[str, Any]) -> None:
+        if self.queue._count(query, params, None) == 0:
+            raise ScheduleNotFoundError(f"no schedule named {params['name']!r}")

@@ -23,18 +23,23 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from apscheduler.executors.base import BaseExecutor
-from apscheduler.executors.pool import ThreadPoolExecutor as APThreadPoolExecutor
-from apscheduler.job import Job as APJob
-from apscheduler.jobstores.base import JobLookupError
-from apscheduler.schedulers.background import BackgroundScheduler
-
 from pgqueue.base import QueueBase
 from pgqueue.connections import is_transient, retry_delays
-from pgqueue.enqueue import JobSpec, make_request
-from pgqueue.errors import PgQueueError
+from pgqueue.errors import ConfigurationError, PgQueueError
+
+try:
+    from apscheduler.executors.base import BaseExecutor
+    from apscheduler.executors.pool import ThreadPoolExecutor as APThreadPoolExecutor
+    from apscheduler.job import Job as APJob
+    from apscheduler.jobstores.base import JobLookupError
+    from apscheduler.schedulers.background import BackgroundScheduler
+except ModuleNotFoundError as exc:
+    if exc.name is None or not exc.name.startswith("apscheduler"):
+        raise  # a real bug, not a missing extra
+    raise ConfigurationError(
+        "the scheduler needs the scheduler extra: pip install 'pgqueue[scheduler]'"
+    ) from exc
 from pgqueue.queue import Queue
-from pgqueue.schedule_store import ScheduleStore
 from pgqueue.schedules import Schedule, fire_key
 
 log = logging.getLogger("pgqueue.scheduler")
@@ -104,19 +109,10 @@ class Scheduler:
         # A queue (and pool) of its own: firing is synchronous work in APScheduler's threads, so
         # an async app's queue needs a sync twin anyway, and its connections are then named
         # "pgqueue-scheduler" and kept apart from the app's.
-        self.queue = Queue(
-            queue._dsn,
-            schema=queue.schema,
-            notify=queue.notify,
-            # No more connections than threads to use them: the fire threads and the reconcile.
-            pool_size=min(queue.pool_size, FIRE_THREADS + 1),
-            registry=queue.registry,
-            schedules=queue.declared_schedules,
-            connect_wait=queue.connect_wait,
-            prepared_statements=queue.prepared_statements,
-        )
+        # No more connections than threads to use them: the fire threads and the reconcile.
+        self.queue = Queue.like(queue, pool_size=min(queue.pool_size, FIRE_THREADS + 1))
         self.queue.connection_role = "scheduler"
-        self.store = ScheduleStore(self.queue)
+        self.store = self.queue.schedule_store
         self.reconcile_interval = reconcile_interval
         self.fired: list[tuple[str, datetime, float]] = []  # (name, fire time, lateness s)
         self._schedules: dict[str, Schedule] = {}
@@ -247,27 +243,9 @@ class Scheduler:
             return None
         fire_at = fire_time.astimezone(UTC)
         next_fire = schedule.next_fire_time(fire_at + timedelta(microseconds=1))
-        with self.queue.connection() as conn, conn.transaction():
-            row = conn.execute(
-                self.queue.queries.claim_fire,
-                {"name": name, "fire_at": fire_at, "next_fire_at": next_fire},
-            ).fetchone()
-            if row is None:
-                return None  # another scheduler got it, or the schedule is paused
-            task, args, queue, priority, max_attempts = row
-            request = make_request(
-                self.queue.registry,
-                JobSpec(
-                    task,
-                    args,
-                    queue=queue,
-                    priority=priority,
-                    max_attempts=max_attempts,
-                    unique_key=fire_key(name, fire_at),
-                    scheduled_for=fire_at,
-                ),
-            )
-            job_id = self.queue._insert_one(conn, request)
+        job_id = self.store.fire(name, fire_at, next_fire, fire_key(name, fire_at))
+        if job_id is None:
+            return None  # another scheduler got it, or the schedule is paused
         lateness = time.time() - fire_at.timestamp()
         self.fired.append((name, fire_at, lateness))
         log.info(

@@ -11,24 +11,26 @@ Triggers are APScheduler 3 triggers with two corrections a cron user expects:
 
 Interval schedules are anchored on a fixed instant, so every scheduler process computes the same
 fire times: that is what lets the database keep exactly one enqueue per fire time.
+
+APScheduler is the ``scheduler`` extra and is imported only when a trigger is first built: a
+producer or a worker that declares no schedule neither needs it installed nor pays for loading it.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.combining import OrTrigger
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 
 from pgqueue.errors import ConfigurationError
 from pgqueue.jobs import dump_args
 from pgqueue.naming import check_queue_name, check_task_name
+
+if TYPE_CHECKING:
+    from apscheduler.triggers.base import BaseTrigger
 
 MisfirePolicy = Literal["skip", "coalesce"]
 
@@ -100,13 +102,18 @@ class Schedule:
     def trigger(self) -> BaseTrigger:
         """The APScheduler trigger that computes this schedule's fire times."""
         zone = self.zone()
+        try:
+            triggers = trigger_classes()
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"schedule {self.name!r}: {exc}") from exc.__cause__
         if self.every is not None:
-            return IntervalTrigger(
+            trigger: BaseTrigger = triggers.interval(
                 seconds=self.every.total_seconds(), start_date=INTERVAL_ANCHOR, timezone=zone
             )
+            return trigger
         assert self.cron is not None
         try:
-            return DstSafeCronTrigger.from_cron(self.cron, zone)
+            return cron_trigger(self.cron, zone)
         except ValueError as exc:
             raise ConfigurationError(f"schedule {self.name!r}: invalid cron {self.cron!r}: {exc}") from exc
 
@@ -154,53 +161,81 @@ def _cron_day_of_week(field_text: str) -> str:
     return ",".join(dict.fromkeys(parts))
 
 
-class DstSafeCronTrigger(CronTrigger):  # type: ignore[misc]
-    """A cron trigger that does not fire twice when a daylight-saving change repeats an hour."""
+SCHEDULER_EXTRA_MISSING = (
+    "schedules need APScheduler, which the scheduler extra installs: pip install 'pgqueue[scheduler]'"
+)
 
-    pinned_hour: bool = True
 
-    @classmethod
-    def from_cron(cls, expression: str, zone: tzinfo) -> BaseTrigger:
-        """A trigger for a 5-field cron expression, read as cron reads it.
+class TriggerClasses(NamedTuple):
+    """APScheduler's trigger classes, with the cron trigger corrected as the module doc says."""
 
-        When both day of month and day of week are restricted, cron fires on days matching
-        either (``0 0 1 * 1``: the 1st and every Monday), so the trigger is the union of two.
-        """
-        values = expression.split()
-        if len(values) != 5:
-            raise ValueError(f"expected 5 fields (minute hour day month weekday), got {len(values)}")
-        minute, hour, day, month, weekday = values
-        if day != "*" and weekday != "*":
-            return OrTrigger(
-                [
-                    cls._build(minute, hour, day, month, "*", zone),
-                    cls._build(minute, hour, "*", month, weekday, zone),
-                ]
-            )
-        return cls._build(minute, hour, day, month, weekday, zone)
+    interval: Any
+    cron: Any
+    either: Any
 
-    @classmethod
-    def _build(
-        cls, minute: str, hour: str, day: str, month: str, weekday: str, zone: tzinfo
-    ) -> DstSafeCronTrigger:
-        trigger = cls(
-            minute=minute,
-            hour=hour,
-            day=day,
-            month=month,
-            day_of_week=_cron_day_of_week(weekday),
-            timezone=zone,
+
+@functools.cache
+def trigger_classes() -> TriggerClasses:
+    """Import APScheduler (once) and build the DST-safe cron trigger on top of it.
+
+    The class is built here rather than at module level because its base class is APScheduler's:
+    defining it at import time would make ``import pgqueue`` load, and require, the extra.
+    """
+    try:
+        from apscheduler.triggers.combining import OrTrigger
+        from apscheduler.triggers.cron import CronTrigger
+        from apscheduler.triggers.interval import IntervalTrigger
+    except ImportError as exc:
+        raise ConfigurationError(SCHEDULER_EXTRA_MISSING) from exc
+
+    class DstSafeCronTrigger(CronTrigger):  # type: ignore[misc]
+        """A cron trigger that does not fire twice when a daylight-saving change repeats an hour."""
+
+        pinned_hour: bool = True
+
+        def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
+            fire: datetime | None = super().get_next_fire_time(previous_fire_time, now)
+            while fire is not None and self.pinned_hour and _is_repeated_wall_time(fire):
+                # Step past it in absolute time: wall-clock arithmetic would drop the fold and
+                # land on the same repeated time again.
+                fire = super().get_next_fire_time(fire, fire.astimezone(UTC) + timedelta(microseconds=1))
+            return fire
+
+    return TriggerClasses(interval=IntervalTrigger, cron=DstSafeCronTrigger, either=OrTrigger)
+
+
+def cron_trigger(expression: str, zone: tzinfo) -> BaseTrigger:
+    """A trigger for a 5-field cron expression, read as cron reads it.
+
+    When both day of month and day of week are restricted, cron fires on days matching
+    either (``0 0 1 * 1``: the 1st and every Monday), so the trigger is the union of two.
+    """
+    values = expression.split()
+    if len(values) != 5:
+        raise ValueError(f"expected 5 fields (minute hour day month weekday), got {len(values)}")
+    minute, hour, day, month, weekday = values
+    if day != "*" and weekday != "*":
+        either: BaseTrigger = trigger_classes().either(
+            [
+                _cron_part(minute, hour, day, month, "*", zone),
+                _cron_part(minute, hour, "*", month, weekday, zone),
+            ]
         )
-        trigger.pinned_hour = hour != "*"
-        return trigger
+        return either
+    return _cron_part(minute, hour, day, month, weekday, zone)
 
-    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
-        fire: datetime | None = super().get_next_fire_time(previous_fire_time, now)
-        while fire is not None and self.pinned_hour and _is_repeated_wall_time(fire):
-            # Step past it in absolute time: wall-clock arithmetic would drop the fold and
-            # land on the same repeated time again.
-            fire = super().get_next_fire_time(fire, fire.astimezone(UTC) + timedelta(microseconds=1))
-        return fire
+
+def _cron_part(minute: str, hour: str, day: str, month: str, weekday: str, zone: tzinfo) -> BaseTrigger:
+    trigger: BaseTrigger = trigger_classes().cron(
+        minute=minute,
+        hour=hour,
+        day=day,
+        month=month,
+        day_of_week=_cron_day_of_week(weekday),
+        timezone=zone,
+    )
+    trigger.pinned_hour = hour != "*"
+    return trigger
 
 
 def _is_repeated_wall_time(moment: datetime) -> bool:

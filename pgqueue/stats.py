@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pgqueue.queue import Queue
+from pgqueue.rows import QueueOverview, dataclass_row
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,5 +21,9 @@ class QueueCounts:
 
 def queue_counts(queue: Queue) -> list[QueueCounts]:
     """Jobs per state for every queue that has jobs, dead jobs or settings."""
-    with queue.connection() as c:
-        return [QueueCounts(*row) for row in c.execute(queue.queries.queue_counts).fetchall()]
+    with queue.connection() as c, c.cursor(row_factory=dataclass_row(QueueOverview)) as cur:
+        rows = cur.execute(queue.queries.queue_overview).fetchall()
+    return [
+        QueueCounts(r.queue, r.queued, r.delayed, r.running, r.completed, r.cancelled, r.dead)
+        for r in sorted(rows, key=lambda r: r.queue)
+    ]

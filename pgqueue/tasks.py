@@ -5,11 +5,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar
 
+from typing_extensions import Unpack
+
 from pgqueue.errors import ConfigurationError, InvalidJobError, UnknownTaskError
-from pgqueue.jobs import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY, DEFAULT_QUEUE
+from pgqueue.jobs import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY, DEFAULT_QUEUE, OPTION_NAMES, JobOptions
 from pgqueue.naming import check_queue_name, check_task_name
 from pgqueue.retry import DEFAULT_BACKOFF, Backoff
 
@@ -33,20 +34,6 @@ class TaskOptions:
     # "process" runs the handler in a child process that is killed at its timeout; None follows
     # the worker's --isolation setting.
     isolation: Isolation | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class EnqueueOptions:
-    """Per-call overrides of a task's defaults (see :meth:`Task.with_options`)."""
-
-    queue: str | None = None
-    priority: int | None = None
-    delay: timedelta | float | None = None
-    run_at: datetime | None = None
-    max_attempts: int | None = None
-    timeout: float | None = None
-    unique_key: str | None = None
-    conn: Any = None
 
 
 def _signature_without_context(fn: Handler) -> inspect.Signature:
@@ -93,33 +80,24 @@ class Task(Generic[R]):
         """Enqueue one job with this task's defaults; keyword arguments become the job's args."""
         return self._enqueue(self.name, kwargs)
 
-    def with_options(self, **overrides: Any) -> BoundTask[R]:
+    def with_options(self, *, conn: Any = None, **overrides: Unpack[JobOptions]) -> BoundTask[R]:
         """Enqueue with overrides: ``send_email.with_options(delay=60, conn=tx).enqueue(to=…)``."""
-        try:
-            return BoundTask(self, EnqueueOptions(**overrides))
-        except TypeError as exc:
-            raise InvalidJobError(f"unknown enqueue option: {exc}") from exc
+        if not overrides.keys() <= OPTION_NAMES:
+            unknown = sorted(set(overrides) - OPTION_NAMES)
+            raise InvalidJobError(f"unknown enqueue options {unknown}; allowed: {sorted(OPTION_NAMES)}")
+        return BoundTask(self, overrides, conn)
 
 
 @dataclass(frozen=True, slots=True)
 class BoundTask(Generic[R]):
+    """A task with per-call options and connection (see :meth:`Task.with_options`)."""
+
     task: Task[R]
-    overrides: EnqueueOptions
+    overrides: JobOptions
+    conn: Any = None
 
     def enqueue(self, **kwargs: Any) -> R:
-        o = self.overrides
-        return self.task._enqueue(
-            self.task.name,
-            kwargs,
-            queue=o.queue,
-            priority=o.priority,
-            delay=o.delay,
-            run_at=o.run_at,
-            max_attempts=o.max_attempts,
-            timeout=o.timeout,
-            unique_key=o.unique_key,
-            conn=o.conn,
-        )
+        return self.task._enqueue(self.task.name, kwargs, conn=self.conn, **self.overrides)
 
 
 class Registry:

@@ -27,7 +27,6 @@ import pytest
 
 from pgqueue.aqueue import AsyncQueue
 from pgqueue.embedded import temporary_postgres
-from pgqueue.migrate import upgrade
 from pgqueue.queue import Queue
 
 TEST_DSN_VARIABLE = "PGQUEUE_TEST_DSN"
@@ -80,6 +79,8 @@ def postgres_dsn() -> Iterator[str]:
 @pytest.fixture
 def pgqueue_schema(postgres_dsn: str) -> Iterator[str]:
     schema = f"pgq_{uuid.uuid4().hex[:12]}"
+    from pgqueue.migrate import upgrade  # Alembic loads only for the tests that need a schema
+
     upgrade(postgres_dsn, schema=schema)
     yield schema
     with psycopg.connect(postgres_dsn, autocommit=True) as conn:

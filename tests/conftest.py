@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 # Fixture modules shared by several test files: the worker tests' app, database and processes
 # (wapp, wdb, wprocs), and the admin tests' app, client and seeded data.
-pytest_plugins = ["worker_helpers", "test_admin_support"]
+pytest_plugins = ["worker_helpers", "admin_support"]
 
 
 @pytest.fixture

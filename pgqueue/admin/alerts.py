@@ -1,17 +1,17 @@
 """Tell someone when a queue is in trouble: a callback and/or a JSON webhook, once per incident.
 
 An :class:`AlertMonitor` runs in the admin app's lifespan. Every ``interval_seconds`` it reads a
-:func:`~pgqueue.admin.checks.snapshot`, judges it by the rules, and sends an event only when a
-(queue, kind) starts firing or is resolved — not on every round, so a stuck queue does not page
-someone every 30 seconds (unless ``repeat_after_seconds`` asks for reminders). A delivery that
-fails is tried again next round; nothing here ever raises into the app.
+:class:`~pgqueue.admin.checks.Snapshot` through the admin's read model, judges it by the rules,
+and sends an event only when a (queue, kind) starts firing or is resolved — not on every round,
+so a stuck queue does not page someone every 30 seconds (unless ``repeat_after_seconds`` asks
+for reminders). A delivery that fails is tried again next round; nothing here ever raises into
+the app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import time
 import urllib.request
@@ -21,8 +21,10 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from pgqueue.admin.checks import AlertRule, evaluate, snapshot
+from pgqueue.admin.checks import AlertRule, evaluate
+from pgqueue.admin.readmodel import ReadModel
 from pgqueue.admin.schemas import AlertEvent, Breach
+from pgqueue.admin.settings import AdminEnv
 from pgqueue.errors import ConfigurationError
 from pgqueue.queue import Queue
 
@@ -92,6 +94,7 @@ class AlertMonitor:
         db_timeout: float = 5.0,
     ) -> None:
         self.queue = queue
+        self.reads = ReadModel(queue.queries)
         self.settings = settings
         self.stale_seconds = stale_seconds
         self.db_timeout = db_timeout
@@ -104,7 +107,7 @@ class AlertMonitor:
 
     def _breaches(self) -> list[Breach]:
         with self.queue.connection(wait=self.db_timeout) as conn:
-            snap = snapshot(conn, self.queue.queries, self.settings.rules, self.stale_seconds)
+            snap = self.reads.snapshot(conn, self.settings.rules, self.stale_seconds)
         return evaluate(snap, self.settings.rules)
 
     async def check(self) -> list[AlertEvent]:
@@ -166,48 +169,32 @@ def _event(status: str, breach: Breach) -> AlertEvent:
     return AlertEvent.model_validate({"status": status, **breach.model_dump(), "at": datetime.now(UTC)})
 
 
-def rules_from_env(environ: Mapping[str, str]) -> tuple[AlertRule, ...]:
+def rules_from_env(environ: Mapping[str, str] | None = None) -> tuple[AlertRule, ...]:
     """One rule for every queue from ``PGQUEUE_ADMIN_ALERT_*`` (BACKLOG, FAILURES,
     FAILURES_WINDOW, NO_WORKER); none when none is set."""
-
-    def number(name: str) -> float | None:
-        raw = environ.get(f"PGQUEUE_ADMIN_ALERT_{name}", "").strip()
-        if not raw:
-            return None
-        try:
-            return float(raw)
-        except ValueError as exc:
-            raise ConfigurationError(f"PGQUEUE_ADMIN_ALERT_{name}={raw!r} is not a number") from exc
-
-    backlog, failures = number("BACKLOG"), number("FAILURES")
-    window, no_worker = number("FAILURES_WINDOW"), number("NO_WORKER")
+    env = AdminEnv.load(
+        environ, only=("alert_backlog", "alert_failures", "alert_failures_window", "alert_no_worker")
+    )
+    backlog, failures, no_worker = env.alert_backlog, env.alert_failures, env.alert_no_worker
     if backlog is None and failures is None and no_worker is None:
         return ()
     return (
         AlertRule(
             backlog_above=None if backlog is None else int(backlog),
             failures_above=None if failures is None else int(failures),
-            failures_window_seconds=window or 300.0,
+            failures_window_seconds=env.alert_failures_window or 300.0,
             no_worker_seconds=no_worker,
         ),
     )
 
 
-def alerts_from_env(environ: Mapping[str, str]) -> AlertSettings:
-    """Rules from :func:`rules_from_env`, the webhook from ``PGQUEUE_ADMIN_ALERT_WEBHOOK`` and
-    the round interval from ``PGQUEUE_ADMIN_ALERT_INTERVAL``."""
-    interval = environ.get("PGQUEUE_ADMIN_ALERT_INTERVAL", "").strip()
-    headers = environ.get("PGQUEUE_ADMIN_ALERT_WEBHOOK_HEADERS", "").strip()
-    try:
-        parsed_headers = json.loads(headers) if headers else {}
-        seconds = float(interval) if interval else 30.0
-    except ValueError as exc:
-        raise ConfigurationError(f"bad PGQUEUE_ADMIN_ALERT_* setting: {exc}") from exc
-    if not isinstance(parsed_headers, dict):
-        raise ConfigurationError("PGQUEUE_ADMIN_ALERT_WEBHOOK_HEADERS must be a JSON object")
+def alerts_from_env(environ: Mapping[str, str] | None = None) -> AlertSettings:
+    """Rules from :func:`rules_from_env`, the webhook from ``PGQUEUE_ADMIN_ALERT_WEBHOOK`` (and
+    ``_HEADERS``, a JSON object) and the round interval from ``PGQUEUE_ADMIN_ALERT_INTERVAL``."""
+    env = AdminEnv.load(environ, only=("alert_webhook", "alert_webhook_headers", "alert_interval"))
     return AlertSettings(
         rules=rules_from_env(environ),
-        webhook_url=environ.get("PGQUEUE_ADMIN_ALERT_WEBHOOK") or None,
-        webhook_headers={str(k): str(v) for k, v in parsed_headers.items()},
-        interval_seconds=seconds,
+        webhook_url=env.alert_webhook,
+        webhook_headers=env.alert_webhook_headers or {},
+        interval_seconds=30.0 if env.alert_interval is None else env.alert_interval,
     )

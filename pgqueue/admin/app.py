@@ -40,7 +40,7 @@ def sync_queue(queue: QueueBase[Any]) -> Queue:
     """The admin works through a sync :class:`Queue`; an AsyncQueue is mirrored by one."""
     if isinstance(queue, Queue):
         return queue
-    return Queue(queue.dsn, schema=queue.schema, registry=queue.registry, notify=queue.notify)
+    return Queue.like(queue)
 
 
 def create_admin_router(

@@ -24,7 +24,6 @@ import binascii
 import hashlib
 import hmac
 import ipaddress
-import os
 import secrets
 import threading
 import time
@@ -36,6 +35,7 @@ from urllib.parse import urlsplit
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import APIKeyCookie, HTTPBasic, HTTPBearer
 
+from pgqueue.admin.settings import AdminEnv
 from pgqueue.errors import ConfigurationError
 
 SESSION_COOKIE = "pgqueue_admin_session"
@@ -152,19 +152,15 @@ class AdminAuth:
         """``PGQUEUE_ADMIN_TOKEN``, ``PGQUEUE_ADMIN_USER`` + ``PGQUEUE_ADMIN_PASSWORD``,
         ``PGQUEUE_ADMIN_TRUSTED_ORIGINS`` and ``PGQUEUE_ADMIN_ALLOWED_HOSTS`` (both
         comma-separated); empty values count as unset."""
-        env = os.environ if environ is None else environ
+        env = AdminEnv.load(environ, only=("token", "user", "password", "trusted_origins", "allowed_hosts"))
         return cls(
-            token=env.get("PGQUEUE_ADMIN_TOKEN") or None,
-            username=env.get("PGQUEUE_ADMIN_USER") or None,
-            password=env.get("PGQUEUE_ADMIN_PASSWORD") or None,
+            token=env.token,
+            username=env.user,
+            password=env.password,
             insecure_no_auth=insecure_no_auth,
-            trusted_origins=_csv(env.get("PGQUEUE_ADMIN_TRUSTED_ORIGINS", "")),
-            allowed_hosts=_csv(env.get("PGQUEUE_ADMIN_ALLOWED_HOSTS", "")),
+            trusted_origins=env.trusted_origins,
+            allowed_hosts=env.allowed_hosts,
         )
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(item for item in (part.strip() for part in value.split(",")) if item)
 
 
 def _equal(given: str, expected: str) -> bool:

@@ -1,8 +1,9 @@
 """Thresholds on queue health, and the pure function that says which are crossed.
 
 ``/health/detailed`` and the alert loop judge queues by the same rules, so an alert that fires
-and a health check that fails always agree. :func:`snapshot` does the reading (a few queries);
-:func:`evaluate` is plain Python, tested without a database.
+and a health check that fails always agree. The admin's read model takes the
+:class:`Snapshot` (:meth:`pgqueue.admin.readmodel.ReadModel.snapshot`); :func:`evaluate` is
+plain Python, tested without a database.
 """
 
 from __future__ import annotations
@@ -10,13 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
-
 from pgqueue.admin.schemas import Breach, QueueHealth
-from pgqueue.admin.store import queue_rows
 from pgqueue.errors import ConfigurationError, InvalidJobError
 from pgqueue.naming import check_queue_name
-from pgqueue.sql import Queries
 
 DEFAULT_FAILURE_WINDOW = 300.0
 ALL_QUEUES = "*"
@@ -69,22 +66,6 @@ class Snapshot:
 def failure_windows(rules: tuple[AlertRule, ...]) -> list[float]:
     windows = {r.failures_window_seconds for r in rules if r.failures_above is not None}
     return sorted(windows or {DEFAULT_FAILURE_WINDOW})
-
-
-def snapshot(
-    conn: psycopg.Connection[Any],
-    queries: Queries,
-    rules: tuple[AlertRule, ...],
-    stale_seconds: float,
-) -> Snapshot:
-    queues = {r["name"]: r for r in queue_rows(conn, queries)}
-    failures = {}
-    for window in failure_windows(rules):
-        params = {"window": window, "since": None, "until": None}
-        failures[window] = {q: int(n) for q, n in conn.execute(queries.admin_failures, params)}
-    seen = {q: float(age) for q, age in conn.execute(queries.admin_worker_seen)}
-    row = conn.execute(queries.admin_live_workers, {"stale": stale_seconds}).fetchone()
-    return Snapshot(queues, failures, seen, int(row[0]) if row else 0)
 
 
 def _window_for(queue: str, rules: tuple[AlertRule, ...]) -> float:

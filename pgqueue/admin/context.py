@@ -1,4 +1,5 @@
-"""What every admin route needs, built once per router: the queue, the guard, the hook, options.
+"""What every admin route needs, built once per router: the queue, its read model, the guard,
+the hook, options.
 
 It also owns the one translation from database trouble to HTTP: an unreachable server or a
 pool that cannot hand out a connection in time is a 503 with a sentence, a schema that was
@@ -19,12 +20,12 @@ from psycopg_pool import PoolTimeout
 
 from pgqueue.admin.alerts import AlertMonitor, AlertSettings
 from pgqueue.admin.auth import Guard
+from pgqueue.admin.readmodel import ReadModel
 from pgqueue.admin.redaction import Redactor
 from pgqueue.admin.settings import AdminOptions
 from pgqueue.admin.shield import route_class
 from pgqueue.errors import ConfigurationError, DatabaseUnavailableError, SchemaNotReadyError
 from pgqueue.queue import Queue
-from pgqueue.sql import Queries
 
 
 @dataclass(slots=True)
@@ -35,21 +36,20 @@ class AdminContext:
     options: AdminOptions
     alerts: AlertSettings
     monitor: AlertMonitor | None = None
+    reads: ReadModel = field(init=False)
+    """Every read a route makes; writes go through :mod:`pgqueue.admin.actions`."""
     read: Any = field(init=False)
     write: Any = field(init=False)
     route_class: type[APIRoute] = field(init=False)
     """Every admin router's ``route_class``: routes that refuse by headers before any body."""
 
     def __post_init__(self) -> None:
+        self.reads = ReadModel(self.queue.queries)
         self.read = self.guard.read_dependency()
         self.write = self.guard.write_dependency()
         self.route_class = route_class(
             self.guard, read=self.read, write=self.write, max_body=self.options.max_body_bytes
         )
-
-    @property
-    def queries(self) -> Queries:
-        return self.queue.queries
 
     @contextmanager
     def db_errors(self) -> Iterator[None]:

@@ -1,4 +1,4 @@
-"""The dashboard: server-rendered pages over the same store the API reads, plus login/logout.
+"""The dashboard: server-rendered pages over the read model the API uses, plus login/logout.
 
 Pages are plain HTML; one small script (``static/admin.js``) adds confirmations, calls the JSON
 API for actions with the page's CSRF token, and refreshes the page's content on a timer. No build
@@ -14,9 +14,9 @@ from urllib.parse import parse_qs, urlencode
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from pgqueue.admin import store
 from pgqueue.admin.auth import SESSION_COOKIE, Identity
 from pgqueue.admin.context import AdminContext
+from pgqueue.admin.readmodel import JobFilter
 from pgqueue.admin.render import STATIC, environment
 from pgqueue.admin.schemas import MAX_JOB_ID, StateFilter
 from pgqueue.naming import check_queue_name, check_task_name
@@ -41,7 +41,7 @@ def _base(request: Request) -> str:
     return request.url_for("pgqueue_admin_overview").path.rstrip("/")
 
 
-def _parse_filters(query: dict[str, str]) -> tuple[store.JobFilter, int | None, str | None]:
+def _parse_filters(query: dict[str, str]) -> tuple[JobFilter, int | None, str | None]:
     """The job filters from the query string, leniently: a bad value is dropped and explained
     instead of failing the page."""
     problems: list[str] = []
@@ -70,7 +70,7 @@ def _parse_filters(query: dict[str, str]) -> tuple[store.JobFilter, int | None, 
     raw_before = query.get("before_id", "")
     if raw_before.isdigit() and 1 <= int(raw_before) <= MAX_JOB_ID:
         before = int(raw_before)
-    return store.JobFilter(**values), before, "; ".join(problems) or None
+    return JobFilter(**values), before, "; ".join(problems) or None
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:
@@ -120,9 +120,9 @@ def build(ctx: AdminContext) -> APIRouter:
         if isinstance(identity, Response):
             return identity
         with ctx.connection() as conn:
-            queues = store.queue_stats(conn, ctx.queries, ctx.options)
-            workers = store.workers(conn, ctx.queries, ctx.options.worker_stale_seconds)
-            schedules = store.schedules(conn, ctx.queries, ctx.redact)
+            queues = ctx.reads.queue_stats(conn, ctx.options)
+            workers = ctx.reads.workers(conn, ctx.options.worker_stale_seconds)
+            schedules = ctx.reads.schedules(conn, ctx.redact)
         return pages.render(
             request,
             "overview.html",
@@ -142,8 +142,8 @@ def build(ctx: AdminContext) -> APIRouter:
         where, before, problem = _parse_filters(query)
         size = ctx.options.page_size
         with ctx.connection() as conn:
-            page = store.list_jobs(conn, ctx.queries, where, before_id=before, limit=size, redact=ctx.redact)
-            names = [r["name"] for r in store.queue_rows(conn, ctx.queries)]
+            page = ctx.reads.list_jobs(conn, where, before_id=before, limit=size, redact=ctx.redact)
+            names = ctx.reads.queue_names(conn)
         kept = {k: v for k, v in query.items() if k != "before_id" and v}
         older = urlencode({**kept, "before_id": page.next_cursor}) if page.next_cursor else None
         return pages.render(
@@ -169,7 +169,7 @@ def build(ctx: AdminContext) -> APIRouter:
         if not 1 <= job_id <= MAX_JOB_ID:
             raise HTTPException(404, f"no job with id {job_id}")
         with ctx.connection() as conn:
-            detail = store.get_job(conn, ctx.queries, job_id, ctx.redact)
+            detail = ctx.reads.get_job(conn, job_id, ctx.redact)
         if detail is None:
             return pages.render(request, "missing.html", identity, title="Not found", job_id=job_id)
         return pages.render(request, "job.html", identity, title=f"Job {job_id}", job=detail)

@@ -15,7 +15,7 @@ import psycopg
 from fastapi import APIRouter, Response
 from psycopg_pool import PoolTimeout
 
-from pgqueue.admin.checks import evaluate, queue_health, snapshot
+from pgqueue.admin.checks import evaluate, queue_health
 from pgqueue.admin.context import AdminContext
 from pgqueue.admin.routes.common import ERRORS
 from pgqueue.admin.schemas import DetailedHealthOut, LiveOut, ReadyOut
@@ -46,8 +46,7 @@ def build(ctx: AdminContext) -> APIRouter:
         database = True
         try:
             with ctx.queue.connection(wait=ctx.options.db_timeout) as conn:
-                row = conn.execute(ctx.queries.schema_version).fetchone()
-                revision = None if row is None else str(row[0])
+                revision = ctx.reads.schema_version(conn)
         except (psycopg.errors.UndefinedTable, SchemaNotReadyError):
             detail = f"schema {ctx.queue.schema!r} is not migrated: run `pgqueue migrate`"
         except (PoolTimeout, psycopg.OperationalError, DatabaseUnavailableError, ConfigurationError) as exc:
@@ -82,7 +81,7 @@ def build(ctx: AdminContext) -> APIRouter:
         rules = ctx.alerts.rules
         try:
             with ctx.queue.connection(wait=ctx.options.db_timeout) as conn:
-                snap = snapshot(conn, ctx.queries, rules, ctx.options.worker_stale_seconds)
+                snap = ctx.reads.snapshot(conn, rules, ctx.options.worker_stale_seconds)
         except (PoolTimeout, psycopg.Error, PgQueueError):
             response.status_code = 503
             return DetailedHealthOut(status="unavailable", queues=[], breaches=[], live_workers=0)

@@ -28,12 +28,12 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from psycopg import sql
 
 from pgqueue.admin.context import AdminContext
-from pgqueue.admin.store import queue_rows
+from pgqueue.admin.readmodel import ReadModel
 from pgqueue.errors import PgQueueError
 from pgqueue.queue import Queue
+from pgqueue.rows import QueueOverview
 
 log = logging.getLogger("pgqueue.admin.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -56,13 +56,6 @@ RUN_BUCKETS = (
     3600.0,
 )
 GAUGE_STATES = ("queued", "delayed", "retrying", "running", "completed", "cancelled", "dead")
-# Sync handlers that ran past their timeout keep a worker thread (and a slot) until they end;
-# workers report how many in their heartbeat. Only live workers count: a dead one's threads died
-# with it.
-ABANDONED_THREADS = sql.SQL(
-    "SELECT coalesce(sum(abandoned_threads), 0) FROM {workers} "
-    "WHERE heartbeat_at > now() - make_interval(secs => %(stale)s)"
-)
 
 
 class QueueCollector(Collector):
@@ -77,6 +70,7 @@ class QueueCollector(Collector):
         db_timeout: float = 5.0,
     ) -> None:
         self.queue = queue
+        self.reads = ReadModel(queue.queries)
         self.lag_seconds = lag_seconds
         self.stale_seconds = stale_seconds
         self.db_timeout = db_timeout
@@ -110,44 +104,34 @@ class QueueCollector(Collector):
         """Summed over live workers; None on a schema from before the column (migration 0003),
         so a scrape of an older schema still reports everything else. Read last, so a failure
         here cannot spoil the statements before it."""
-        statement = ABANDONED_THREADS.format(workers=sql.Identifier(self.queue.queries.schema, "workers"))
         try:
-            row = conn.execute(statement, {"stale": self.stale_seconds}).fetchone()
+            return self.reads.abandoned_threads(conn, self.stale_seconds)
         except psycopg.errors.UndefinedColumn:
             return None
-        return int(row[0]) if row else 0
 
-    def _read(self, conn: psycopg.Connection[Any]) -> tuple[list[dict[str, Any]], int]:
-        q = self.queue.queries
-        rows = queue_rows(conn, q)
-        names = [r["name"] for r in rows]
-        row = conn.execute(q.admin_clock, {"lag": self.lag_seconds}).fetchone()
-        assert row is not None
-        until: datetime = row[0]
+    def _read(self, conn: psycopg.Connection[Any]) -> tuple[list[QueueOverview], int]:
+        rows = self.reads.queues(conn)
+        until = self.reads.clock(conn, self.lag_seconds)
         if self._since is not None and until > self._since:
-            self._add_deltas(conn, names, self._since, until)
+            self._add_deltas(conn, [r.queue for r in rows], self._since, until)
         if self._since is None or until > self._since:
             self._since = until
-        live_row = conn.execute(q.admin_live_workers, {"stale": self.stale_seconds}).fetchone()
-        return rows, int(live_row[0]) if live_row else 0
+        return rows, self.reads.live_workers(conn, self.stale_seconds)
 
     def _add_deltas(
         self, conn: psycopg.Connection[Any], names: list[str], since: datetime, until: datetime
     ) -> None:
-        q = self.queue.queries
-        window = {"since": since, "until": until}
-        params = {"queues": names, "bounds": list(RUN_BUCKETS), **window}
-        for name, outcome, bucket, count, seconds in conn.execute(q.admin_finished_between, params):
-            self._processed[(name, outcome)] += int(count)
-            if outcome == "completed":
-                self._buckets[name][int(bucket)] += int(count)
-                self._run_sum[name] += float(seconds or 0.0)
-        for name, count in conn.execute(q.admin_dead_between, window):
-            self._processed[(name, "dead")] += int(count)
-        for name, count in conn.execute(q.admin_failures, {**window, "window": 0}):
-            self._failed[name] += int(count)
+        for f in self.reads.finished_between(conn, names, since, until, RUN_BUCKETS):
+            self._processed[(f.name, f.outcome)] += f.count
+            if f.outcome == "completed":
+                self._buckets[f.name][f.bucket] += f.count
+                self._run_sum[f.name] += f.seconds or 0.0
+        for d in self.reads.dead_between(conn, since, until):
+            self._processed[(d.queue, "dead")] += d.count
+        for queue, count in self.reads.failures(conn, window=0, since=since, until=until).items():
+            self._failed[queue] += count
 
-    def _families(self, rows: list[dict[str, Any]], live: int) -> Iterator[Metric]:
+    def _families(self, rows: list[QueueOverview], live: int) -> Iterator[Metric]:
         jobs = GaugeMetricFamily(
             "pgqueue_jobs",
             "Jobs by queue and state ('retrying' overlaps queued/delayed; 'dead' is the dead-letter table)",
@@ -161,12 +145,12 @@ class QueueCollector(Collector):
         )
         for r in rows:
             for state in GAUGE_STATES:
-                jobs.add_metric([r["name"], state], float(r[state]))
-            paused.add_metric([r["name"]], 1.0 if r["paused"] else 0.0)
-            oldest.add_metric([r["name"]], float(r["oldest_waiting"] or 0.0))
+                jobs.add_metric([r.queue, state], float(getattr(r, state)))
+            paused.add_metric([r.queue], 1.0 if r.paused else 0.0)
+            oldest.add_metric([r.queue], float(r.oldest_waiting or 0.0))
         yield from (jobs, paused, oldest)
         yield _gauge("pgqueue_workers_alive", "Workers with a recent heartbeat", live)
-        names = sorted({r["name"] for r in rows} | {n for n, _ in self._processed} | set(self._failed))
+        names = sorted({r.queue for r in rows} | {n for n, _ in self._processed} | set(self._failed))
         processed = CounterMetricFamily(
             "pgqueue_jobs_processed",
             "Jobs finished since the admin started, by outcome",

@@ -6,7 +6,6 @@ it the same way; the CLI's options override them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
 from fastapi import FastAPI
@@ -14,27 +13,14 @@ from fastapi import FastAPI
 from pgqueue.admin.alerts import alerts_from_env
 from pgqueue.admin.app import create_admin_app
 from pgqueue.admin.auth import AdminAuth, is_loopback
-from pgqueue.admin.settings import DEFAULT_MAX_BODY_BYTES, AdminOptions
+from pgqueue.admin.settings import AdminOptions
 from pgqueue.connections import resolve_dsn
 from pgqueue.errors import ConfigurationError
 from pgqueue.naming import DEFAULT_SCHEMA
 from pgqueue.queue import Queue
+from pgqueue.settings import ClientEnv
 
 _TRUE = {"1", "true", "yes", "on"}
-
-
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    return env.get(name, "").strip().lower() in _TRUE
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name} must be a whole number of bytes, not {raw!r}") from None
 
 
 def app_from_env(
@@ -52,18 +38,15 @@ def app_from_env(
 
     Raises :class:`ConfigurationError` without credentials unless ``insecure_no_auth``.
     """
-    env = os.environ if environ is None else environ
-    auth = AdminAuth.from_env(env, insecure_no_auth=insecure_no_auth)
+    auth = AdminAuth.from_env(environ, insecure_no_auth=insecure_no_auth)
+    client = ClientEnv.load(environ, only=("dsn", "database_url", "schema_name"))
     queue = Queue(
-        resolve_dsn(dsn or env.get("PGQUEUE_DSN") or env.get("DATABASE_URL")),
-        schema=schema or env.get("PGQUEUE_SCHEMA") or DEFAULT_SCHEMA,
+        resolve_dsn(dsn or client.dsn or client.database_url),
+        schema=schema or client.schema_name or DEFAULT_SCHEMA,
     )
-    options = AdminOptions(
-        public_metrics=_flag(env, "PGQUEUE_ADMIN_PUBLIC_METRICS"),
-        public_health=_flag(env, "PGQUEUE_ADMIN_PUBLIC_HEALTH"),
-        max_body_bytes=_int(env, "PGQUEUE_ADMIN_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
-    )
-    return create_admin_app(queue, auth=auth, alerts=alerts_from_env(env), options=options, close_queue=True)
+    options = AdminOptions.from_env(environ)
+    alerts = alerts_from_env(environ)
+    return create_admin_app(queue, auth=auth, alerts=alerts, options=options, close_queue=True)
 
 
 def serve(

@@ -1,42 +1,10 @@
--- The admin app's statements (pgqueue.admin): read-mostly views of the tables, and the few
--- writes the operator's buttons make. {schema} is replaced by the quoted schema name;
+-- The admin app's own reads (pgqueue.admin.readmodel): timings, throughput, failures, metrics
+-- deltas, the job list, workers. It reads counts, one job and schedules through the shared
+-- statements (queues.sql, jobs.sql, schedules.sql), and writes through the client or the
+-- statements of jobs.sql and maintenance.sql. {schema} is replaced by the quoted schema name;
 -- parameters use psycopg's %(name)s style. A NULL filter parameter means "any".
 
 -- ---------------------------------------------------------------- queues
-
--- name: admin_queue_counts
--- Per queue: jobs by state, where "queued" is due now, "delayed" waits for its run_at and
--- "retrying" (a subset of both) has failed at least once; "dead" is the dead-letter table.
--- Queues known only from their settings row show up with zeros. Exact counts cost one scan
--- of the jobs table; retention keeps it small.
-WITH live AS (
-    SELECT queue,
-           count(*) FILTER (WHERE state = 'queued' AND run_at <= now()) AS queued,
-           count(*) FILTER (WHERE state = 'queued' AND run_at > now()) AS delayed,
-           count(*) FILTER (WHERE state = 'queued' AND attempts > 0) AS retrying,
-           count(*) FILTER (WHERE state = 'running') AS running,
-           count(*) FILTER (WHERE state = 'completed') AS completed,
-           count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
-           extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'queued'
-                                                          AND run_at <= now()))::float8
-               AS oldest_waiting
-    FROM {schema}.jobs GROUP BY queue
-), dead AS (
-    SELECT queue, count(*) AS dead FROM {schema}.dead_letter GROUP BY queue
-), names AS (
-    SELECT queue FROM live UNION SELECT queue FROM dead UNION SELECT name FROM {schema}.queues
-)
-SELECT n.queue AS name,
-       coalesce(l.queued, 0) AS queued, coalesce(l.delayed, 0) AS delayed,
-       coalesce(l.retrying, 0) AS retrying, coalesce(l.running, 0) AS running,
-       coalesce(l.completed, 0) AS completed, coalesce(l.cancelled, 0) AS cancelled,
-       coalesce(d.dead, 0) AS dead, l.oldest_waiting,
-       coalesce(q.paused, false) AS paused, q.concurrency, q.rate_limit
-FROM names AS n
-LEFT JOIN live AS l USING (queue)
-LEFT JOIN dead AS d USING (queue)
-LEFT JOIN {schema}.queues AS q ON q.name = n.queue
-ORDER BY n.queue
 
 -- name: admin_queue_runs
 -- Run time (last attempt: started_at to finished_at) of the jobs each queue completed within
@@ -176,81 +144,7 @@ UNION ALL
 ORDER BY id DESC
 LIMIT %(limit)s
 
--- name: admin_get_job
-SELECT id, queue, task, args, priority,
-       CASE WHEN state = 'queued' AND run_at > now() THEN 'delayed' ELSE state::text END AS state,
-       run_at, attempts, max_attempts, timeout, unique_key, scheduled_for, worker_id, progress,
-       result, errors, created_at, started_at, finished_at, lease_expires_at, cancel_requested
-FROM {schema}.jobs WHERE id = %(id)s
-UNION ALL
-SELECT id, queue, task, args, priority, 'dead', NULL, attempts, max_attempts, timeout,
-       unique_key, scheduled_for, NULL, progress, NULL, errors, created_at, started_at,
-       failed_at, NULL, false
-FROM {schema}.dead_letter WHERE id = %(id)s
-
--- name: admin_run_now
--- A waiting job (delayed, or backing off before a retry) becomes due at once.
-UPDATE {schema}.jobs SET run_at = now()
-WHERE id = %(id)s AND state = 'queued'
-RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END AS woke
-
--- name: admin_run_retrying
--- Every job of a queue that is backing off after a failure becomes due now (one wake-up).
-WITH due AS (
-    UPDATE {schema}.jobs SET run_at = now()
-    WHERE queue = %(queue)s AND state = 'queued' AND attempts > 0 AND run_at > now()
-    RETURNING id
-)
-SELECT count(*), CASE WHEN %(notify)s AND count(*) > 0 THEN pg_notify(%(channel)s, %(queue)s) END
-FROM due
-
--- name: admin_copy_job
--- "Retry" of a finished job: a new job with the same task, arguments and options (a new id,
--- fresh attempts); the original stays as history. A live job holding the same unique key wins.
-INSERT INTO {schema}.jobs (queue, task, args, priority, max_attempts, timeout, unique_key)
-SELECT queue, task, args, priority, max_attempts, timeout, unique_key
-FROM {schema}.jobs
-WHERE id = %(id)s AND state IN ('completed', 'cancelled')
-ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
-DO NOTHING
-RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END AS woke
-
--- name: admin_delete_job
--- A running job is left alone (its worker still holds it): cancel it first.
-WITH live AS (
-    DELETE FROM {schema}.jobs WHERE id = %(id)s AND state <> 'running' RETURNING id
-), dead AS (
-    DELETE FROM {schema}.dead_letter WHERE id = %(id)s RETURNING id
-)
-SELECT (SELECT count(*) FROM live) + (SELECT count(*) FROM dead)
-
--- name: admin_discard_dead
-DELETE FROM {schema}.dead_letter WHERE id = %(id)s RETURNING id
-
--- name: admin_clean_finished
--- One batch of finished jobs older than the cut-off; the caller repeats until a batch comes
--- back short, so locks stay short on a big table.
-DELETE FROM {schema}.jobs
-WHERE id IN (
-    SELECT id FROM {schema}.jobs
-    WHERE state = ANY(%(states)s::text[]::{schema}.job_state[])
-      AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-      AND finished_at < now() - make_interval(secs => %(older_than)s)
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
-
--- name: admin_clean_dead
-DELETE FROM {schema}.dead_letter
-WHERE id IN (
-    SELECT id FROM {schema}.dead_letter
-    WHERE (%(queue)s::text IS NULL OR queue = %(queue)s)
-      AND failed_at < now() - make_interval(secs => %(older_than)s)
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
-
--- ---------------------------------------------------------------- workers and schedules
+-- ---------------------------------------------------------------- workers
 
 -- name: admin_workers
 -- Every registered worker with its heartbeat age and the running jobs it holds.
@@ -265,23 +159,15 @@ LEFT JOIN (
 ) AS r ON r.worker_id = w.id
 ORDER BY w.started_at, w.id
 
--- name: admin_schedules
-SELECT name, task, args, queue, cron, every_seconds, timezone, paused, next_fire_at,
-       last_fire_at
-FROM {schema}.schedules
-ORDER BY name
-
--- name: admin_pause_schedule
-UPDATE {schema}.schedules SET paused = %(paused)s, updated_at = now()
-WHERE name = %(name)s
-RETURNING name, task, args, queue, cron, every_seconds, timezone, paused, next_fire_at,
-          last_fire_at
-
 -- ---------------------------------------------------------------- health
-
--- name: admin_ping
-SELECT 1
 
 -- name: admin_live_workers
 SELECT count(*) FROM {schema}.workers
+WHERE heartbeat_at > now() - make_interval(secs => %(stale)s)
+
+-- name: admin_abandoned_threads
+-- Sync handlers that ran past their timeout keep a worker thread (and a slot) until they end;
+-- workers report how many in their heartbeat. Only live workers count: a dead one's threads
+-- died with it.
+SELECT coalesce(sum(abandoned_threads), 0) FROM {schema}.workers
 WHERE heartbeat_at > now() - make_interval(secs => %(stale)s)

@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from pgqueue.base import QueueSettings
+from pgqueue.rows import dataclass_row
 from pgqueue.sql import Queries
 from pgqueue.worker.db import ServiceConnection, reconnect_delay
 from pgqueue.worker.execution import ClaimedJob, Outcome
@@ -174,10 +176,10 @@ class Claimer:
     async def _refresh_limits(self) -> None:
         if time.monotonic() - self._limits_read_at < self._settings.poll_interval:
             return
-        async with self._conn.use() as c:
-            cur = await c.execute(self._queries.queue_settings, {"queues": list(self._settings.queues)})
+        async with self._conn.use() as c, c.cursor(row_factory=dataclass_row(QueueSettings)) as cur:
+            await cur.execute(self._queries.queue_settings, {"queues": list(self._settings.queues)})
             rows = await cur.fetchall()
-        self.limits = {name: QueueLimits(paused, conc, rate) for name, paused, conc, rate in rows}
+        self.limits = {r.name: QueueLimits(r.paused, r.concurrency, r.rate_limit) for r in rows}
         self._limits_read_at = time.monotonic()
 
     async def claim(self) -> tuple[bool, bool]:
@@ -246,20 +248,23 @@ class Claimer:
     async def _take(
         self, query: str, params: dict[str, Any], token: uuid.UUID, *, reserve: int, lock: bool = False
     ) -> int:
-        """Run a claim statement with ``reserve`` slots held for the rows it starts at once."""
+        """Run a claim statement with ``reserve`` slots held for the rows it starts at once.
+
+        Rows become :class:`ClaimedJob` by column name, each with the claim's token.
+        """
         ex = self._executor
         ex.reserved += reserve
+        rows = dataclass_row(ClaimedJob, token=token)
         try:
-            async with self._conn.use() as c:
+            async with self._conn.use() as c, c.cursor(row_factory=rows) as cur:
                 if lock:
                     async with c.transaction():
                         await c.execute(self._queries.lock_queue, params)
-                        rows = await (await c.execute(query, params, prepare=self._prepare)).fetchall()
+                        jobs = await (await cur.execute(query, params, prepare=self._prepare)).fetchall()
                 else:
-                    rows = await (await c.execute(query, params, prepare=self._prepare)).fetchall()
+                    jobs = await (await cur.execute(query, params, prepare=self._prepare)).fetchall()
         finally:
             ex.reserved -= reserve
-        jobs = [ClaimedJob.from_row(row, token) for row in rows]
         self._served(jobs)
         ex.take(jobs)
-        return len(rows)
+        return len(jobs)

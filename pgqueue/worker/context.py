@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pgqueue.errors import InvalidJobError, UnstorableProgress
+from pgqueue.errors import UnstorableProgress
 from pgqueue.worker.outcomes import to_jsonb
 
 logger = logging.getLogger("pgqueue.job")
@@ -31,8 +31,9 @@ class JobContext:
     scheduled_for: datetime | None
     worker_id: str
     cancelled: threading.Event = field(default_factory=threading.Event)
-    # Set by the worker: receives (job id, attempt, progress as checked JSON text).
-    _report_progress: Callable[[int, int, str], None] | None = field(default=None, repr=False)
+    # Where set_progress sends (job id, attempt, checked JSON text): the worker's progress
+    # writer; None for a handler called directly (its progress goes nowhere).
+    progress_sink: Callable[[int, int, str], None] | None = field(default=None, repr=False)
     _log: logging.LoggerAdapter[logging.Logger] | None = field(default=None, repr=False)
 
     @property
@@ -54,16 +55,16 @@ class JobContext:
     def set_progress(self, progress: int | float | Mapping[str, Any]) -> None:
         """Record progress (0-100, or a JSON dict); written to the job within a second, batched.
 
-        A value that could not be stored raises :class:`UnstorableProgress` here, at the call,
-        so the handler sees it; the background write only ever gets checked JSON.
+        A value that is out of range or could not be stored raises :class:`UnstorableProgress`
+        here, at the call, so the handler sees it; the background write only ever gets checked JSON.
         """
         if isinstance(progress, bool) or not isinstance(progress, int | float | Mapping):
-            raise InvalidJobError(f"progress must be a number 0-100 or a dict, got {progress!r}")
+            raise UnstorableProgress(f"progress must be a number 0-100 or a dict, got {progress!r}")
         if isinstance(progress, int | float) and not 0 <= progress <= 100:
-            raise InvalidJobError(f"progress must be within 0-100, got {progress!r}")
+            raise UnstorableProgress(f"progress must be within 0-100, got {progress!r}")
         try:
             text = to_jsonb(progress)
         except ValueError as exc:
             raise UnstorableProgress(f"progress cannot be stored: {exc}") from None
-        if self._report_progress is not None:
-            self._report_progress(self.job_id, self.attempt, text)
+        if self.progress_sink is not None:
+            self.progress_sink(self.job_id, self.attempt, text)

@@ -39,6 +39,8 @@ OutcomeKind = Literal["completed", "retry", "dead", "cancelled", "requeue", "rel
 class ClaimedJob:
     """A claimed job as the claim statement returned it, with the token of that claim.
 
+    The fields up to ``started`` are the columns of the claim statements (``claim``,
+    ``claim_limited``), by name; the claimer adds the token (:func:`pgqueue.rows.dataclass_row`).
     Mutable only for the executor, which records a prefetched job's start on it (a copy per
     job would cost more than the rest of the hot path).
     """
@@ -56,23 +58,6 @@ class ClaimedJob:
     token: UUID
     # When a prefetched job left the buffer (its start, written with the next flush).
     began_at: datetime | None = None
-
-    @classmethod
-    def from_row(cls, row: tuple[Any, ...], token: UUID) -> ClaimedJob:
-        id_, queue, task, args, priority, attempt, max_attempts, timeout, scheduled_for, started = row
-        return cls(
-            id_,
-            queue,
-            task,
-            args,
-            priority,
-            attempt,
-            max_attempts,
-            timeout,
-            scheduled_for,
-            started,
-            token,
-        )
 
 
 @dataclass(slots=True)

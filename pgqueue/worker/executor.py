@@ -136,7 +136,7 @@ class Executor:
                 max_attempts=job.max_attempts,
                 scheduled_for=job.scheduled_for,
                 worker_id=self.worker_id,
-                _report_progress=self.progress.report_from_any_thread(job.token),
+                progress_sink=self.progress.report_from_any_thread(job.token),
             )
         running = Running(job, handler, ctx)
         self.running[job.id] = running

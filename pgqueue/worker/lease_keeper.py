@@ -26,6 +26,7 @@ from uuid import UUID
 
 import psycopg
 
+from pgqueue.rows import dataclass_row
 from pgqueue.sql import Queries
 from pgqueue.worker.db import SLOW_ANSWER, connect_kwargs
 
@@ -47,6 +48,14 @@ class Beat:
     queues: list[str]
     concurrency: int
     lease_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Renewed:
+    """A claim whose lease the heartbeat renewed, and whether someone asked it to stop."""
+
+    id: int
+    cancel_requested: bool
 
 
 class LeaseKeeper:
@@ -140,8 +149,8 @@ class LeaseKeeper:
         slow.daemon = True
         slow.start()
         try:
-            conn = self._connection()
-            rows = conn.execute(self._queries.heartbeat, params).fetchall()
+            with self._connection().cursor(row_factory=dataclass_row(Renewed)) as cur:
+                rows = cur.execute(self._queries.heartbeat, params).fetchall()
         except Exception as exc:
             self._close()
             log.warning("heartbeat failed (%s); leases expire in %.0fs", exc, self._beat.lease_seconds)
@@ -149,8 +158,8 @@ class LeaseKeeper:
         finally:
             slow.cancel()
         self._abandoned_sent = abandoned
-        renewed = {row[0] for row in rows}
-        cancels = {row[0] for row in rows if row[1]}
+        renewed = {row.id for row in rows}
+        cancels = {row.id for row in rows if row.cancel_requested}
         sent = dict(held)
         if cancels or renewed != sent.keys():
             with contextlib.suppress(RuntimeError):  # the loop is closing

@@ -187,7 +187,7 @@ def _make_context(channel: _ChildChannel, fields: Mapping[str, Any]) -> JobConte
         # value cannot even be pickled, rather than failing somewhere nobody sees.
         channel.send(("progress", progress))
 
-    return JobContext(**fields, _report_progress=report)
+    return JobContext(**fields, progress_sink=report)
 
 
 def _run_handler(

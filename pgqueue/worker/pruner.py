@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from pgqueue.sql import Queries
 from pgqueue.worker.db import ServiceConnection
 
 log = logging.getLogger("pgqueue.maintenance")
 LOCK_KEY = "pgqueue.prune"
+FINISHED_STATES = ["completed", "cancelled"]
 
 
 class Pruner:
@@ -38,11 +40,17 @@ class Pruner:
         """Delete what retention allows; returns how many rows went."""
         q = self._queries
         removed = 0
+        # Each queue's own retention where it set one; finished jobs of the others after
+        # keep_seconds, dead ones never. The admin's clean runs the same deletes with its cut-off.
+        everywhere: dict[str, Any] = {"queue": None, "queue_retention": True, "limit": self._batch}
         async with self._conn.use() as conn:
             for query, params in (
-                (q.prune_completed, {"keep_seconds": self._keep, "limit": self._batch}),
+                (
+                    q.delete_finished_jobs,
+                    {**everywhere, "states": FINISHED_STATES, "older_than": self._keep},
+                ),
                 (q.prune_completed_count, {"limit": self._batch}),
-                (q.prune_dead, {"limit": self._batch}),
+                (q.delete_dead_jobs, {**everywhere, "older_than": None}),
             ):
                 while True:
                     async with conn.transaction():

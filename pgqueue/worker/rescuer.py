@@ -12,13 +12,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
+from pgqueue.rows import dataclass_row
 from pgqueue.sql import Queries
 from pgqueue.worker.db import ServiceConnection
 
 log = logging.getLogger("pgqueue.maintenance")
 BATCH = 500
 MARGIN = 1.5  # seconds on top of a heartbeat interval, for owners to reconnect and renew
+
+
+@dataclass(frozen=True, slots=True)
+class Rescued:
+    """One round of ``rescue_expired``: the queues that got jobs back, and how many went where."""
+
+    queues: list[str] | None  # NULL when nothing was requeued
+    requeued: int
+    buried: int
 
 
 class Rescuer:
@@ -48,7 +59,7 @@ class Rescuer:
 
     async def run_once(self) -> int:
         """One round; returns how many jobs it rescued (0 while settling after a reconnect)."""
-        async with self._conn.use() as c:
+        async with self._conn.use() as c, c.cursor(row_factory=dataclass_row(Rescued)) as cur:
             await c.execute("SELECT 1")
             now = time.monotonic()
             if self._healthy_since is None:
@@ -57,20 +68,18 @@ class Rescuer:
                 return 0
             total = 0
             while True:
-                cur = await c.execute(self._queries.rescue_expired, {"limit": BATCH})
+                await cur.execute(self._queries.rescue_expired, {"limit": BATCH})
                 row = await cur.fetchone()
                 assert row is not None
-                queues, requeued, buried = row
-                total += int(requeued) + int(buried)
-                if requeued or buried:
-                    log.warning(
-                        "rescued %d jobs with expired leases (%d dead-lettered)", requeued + buried, buried
-                    )
-                if queues:
+                moved = row.requeued + row.buried
+                total += moved
+                if moved:
+                    log.warning("rescued %d jobs with expired leases (%d dead-lettered)", moved, row.buried)
+                if row.queues:
                     await c.execute(
-                        self._queries.wake_queues, {"channel": self._queries.channel, "queues": queues}
+                        self._queries.wake_queues, {"channel": self._queries.channel, "queues": row.queues}
                     )
-                if requeued + buried < BATCH:
+                if moved < BATCH:
                     break
             await c.execute(self._queries.forget_dead_workers, {"after": self._lease * 3})
         return total

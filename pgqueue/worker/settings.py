@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator
+from pydantic_settings import NoDecode
 
 from pgqueue.errors import ConfigurationError
 from pgqueue.naming import check_queue_name
+from pgqueue.settings import EnvSettings, Stripped, strip
 from pgqueue.tasks import ISOLATIONS, Isolation
-
-ENV_PREFIX = "PGQUEUE_"
 
 
 def parse_queue_limits(text: str) -> dict[str, int]:
@@ -95,28 +96,55 @@ class WorkerSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
-        """Defaults, overlaid by ``PGQUEUE_*`` variables, overlaid by non-None ``overrides``."""
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is None or raw == "":
-                continue
-            try:
-                values[f.name] = _parse(f.name, raw)
-            except ValueError as exc:
-                raise ConfigurationError(f"{ENV_PREFIX}{f.name.upper()}={raw!r}: {exc}") from exc
+        """Defaults, overlaid by ``PGQUEUE_*`` variables (:class:`WorkerEnv`, read now), overlaid
+        by non-None ``overrides`` (keyword arguments, CLI flags)."""
+        values: dict[str, Any] = WorkerEnv.load(environ).model_dump(exclude_none=True)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
 
-def _parse(name: str, raw: str) -> Any:
-    if name == "queues":
-        return parse_queue_list(raw)
-    if name in ("queue_concurrency", "queue_weights"):
-        return parse_queue_limits(raw)
-    if name in ("concurrency", "prune_batch", "prefetch"):
-        return int(raw)
-    if name in ("isolation", "app", "listen_dsn"):
-        return raw.strip()
-    return float(raw)
+def _env_text(parse: Callable[[str], object]) -> BeforeValidator:
+    """A validator applying ``parse`` to the variable's text, its refusal reported as pydantic's
+    so the error names the variable."""
+
+    def validate(value: Any) -> Any:
+        value = strip(value)
+        if not isinstance(value, str):
+            return value
+        try:
+            return parse(value)
+        except ConfigurationError as exc:
+            raise ValueError(str(exc)) from exc
+
+    return BeforeValidator(validate)
+
+
+QueueList = Annotated[tuple[str, ...] | None, NoDecode, _env_text(parse_queue_list)]
+QueueLimits = Annotated[dict[str, int] | None, NoDecode, _env_text(parse_queue_limits)]
+
+
+class WorkerEnv(EnvSettings):
+    """What the environment says about a worker: ``PGQUEUE_<FIELD>`` for every field of
+    :class:`WorkerSettings`, ``None`` where unset. Only the text is parsed here; ranges and
+    cross-field rules stay in :class:`WorkerSettings`, which checks keyword arguments alike."""
+
+    queues: QueueList = None
+    """``PGQUEUE_QUEUES``: ``email,reports``."""
+    concurrency: int | None = None
+    prefetch: int | None = None
+    queue_concurrency: QueueLimits = None
+    """``PGQUEUE_QUEUE_CONCURRENCY``: ``email=10,reports=2``."""
+    queue_weights: QueueLimits = None
+    """``PGQUEUE_QUEUE_WEIGHTS``: ``email=3,imports=1``."""
+    poll_interval: float | None = None
+    lease_seconds: float | None = None
+    grace_period: float | None = None
+    rescue_interval: float | None = None
+    keep_completed_seconds: float | None = None
+    prune_interval: float | None = None
+    prune_batch: int | None = None
+    rate_burst_seconds: float | None = None
+    isolation: Stripped = None
+    app: Stripped = None
+    block_warning: float | None = None
+    listen_dsn: Stripped = None

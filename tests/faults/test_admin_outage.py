@@ -11,9 +11,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from admin_support import TOKEN, admin_app
 from fastapi.testclient import TestClient
 from pgserver import PgServer, temporary_server
-from test_admin_support import TOKEN, admin_app
 
 from pgqueue import Queue
 from pgqueue.migrate import upgrade

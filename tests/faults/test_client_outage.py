@@ -35,7 +35,7 @@ from psycopg import sql
 from worker_helpers import PgqueueProcess as Proc
 from worker_helpers import wait_until
 
-from pgqueue import AsyncQueue, DatabaseUnavailableError, Queue, SchemaNotReadyError
+from pgqueue import AsyncQueue, DatabaseUnavailableError, JobSpec, Queue, SchemaNotReadyError
 from pgqueue.connections import (
     DEFAULT_CONNECT_WAIT,
     application_name,
@@ -44,6 +44,7 @@ from pgqueue.connections import (
     is_transient,
     prepared_statements_enabled,
 )
+from pgqueue.enqueue import make_request
 from pgqueue.errors import AuthenticationError, ConfigurationError, DatabaseConfigurationError
 from pgqueue.migrate import upgrade
 
@@ -425,7 +426,7 @@ def test_a_read_is_retried_on_a_new_connection_a_write_is_not(migrated: PgServer
         attempts.clear()
 
         def insert_then_cut(conn: psycopg.Connection[Any]) -> int:
-            job_id = queue._insert_one(conn, queue._request("in-tx", None))
+            job_id = queue._insert_one(conn, make_request(queue.registry, JobSpec("in-tx")))
             cut_first(conn)  # the first time, after the insert and before COMMIT
             return job_id
 
@@ -671,7 +672,7 @@ def test_scheduler_started_while_the_server_is_down_fires_once_it_is_up(
     down: PgServer, procs: Callable[..., Proc]
 ) -> None:
     env = clean_env(PGQUEUE_DSN=down.dsn(), PGQUEUE_SCHEMA=SCHEMA, PGQUEUE_CONNECT_WAIT="1")
-    scheduler = procs("scheduler", env, "scheduler", "tests.scheduler_app:queue")
+    scheduler = procs("scheduler", env, "scheduler", "tests.support.scheduler_app:queue")
     scheduler.wait_for_log("cannot reach the database", 20)
     down.start()
     up = time.time()
@@ -687,7 +688,8 @@ def test_backend_kill_storm_loses_no_fire_time(
     procs: Callable[..., Proc], postgres_dsn: str, pgqueue_schema: str
 ) -> None:
     env = clean_env(PGQUEUE_DSN=postgres_dsn, PGQUEUE_SCHEMA=pgqueue_schema, PGQUEUE_LOG_LEVEL="INFO")
-    schedulers = [procs(f"scheduler-{n}", env, "scheduler", "tests.scheduler_app:queue") for n in range(3)]
+    app = "tests.support.scheduler_app:queue"
+    schedulers = [procs(f"scheduler-{n}", env, "scheduler", app) for n in range(3)]
     for scheduler in schedulers:
         scheduler.wait_for_log("scheduler started", 20)
     names = [f"pgqueue-scheduler {socket.gethostname()}:{s.proc.pid}" for s in schedulers]

@@ -20,9 +20,9 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
+from admin_support import AUTH, bury, insert_job
 from fastapi.testclient import TestClient
 from psycopg import sql
-from test_admin_support import AUTH, bury, insert_job
 
 from pgqueue import AsyncQueue, InvalidJobError, JobSpec, JobState, Queue
 from pgqueue.cli import main as cli_main

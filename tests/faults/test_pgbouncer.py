@@ -353,7 +353,7 @@ def test_a_scheduler_through_the_pooler_enqueues_its_fires(
     log_path = tmp_path / "scheduler.log"
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pgqueue", "scheduler", "tests.scheduler_app:queue"],
+            [sys.executable, "-m", "pgqueue", "scheduler", "tests.support.scheduler_app:queue"],
             cwd=REPO_DIR,
             env=env,
             stdout=out,

@@ -298,7 +298,7 @@ async def test_invalid_progress_raises_in_the_handler(shared: ProcessSlots) -> N
         "worker_id": "w",
     }
     outcome = await run(shared, "report_progress", steps=[50, 150], context=context, on_progress=seen.append)
-    assert (outcome.kind, outcome.error_type) == ("error", "InvalidJobError")
+    assert (outcome.kind, outcome.error_type) == ("error", "UnstorableProgress")
     assert len(seen) == 1
 
 

@@ -29,7 +29,7 @@ import psycopg
 import pytest
 import worker_app
 from pgserver import PgServer, temporary_server
-from worker_helpers import REPO_DIR, TESTS_DIR, Db, WorkerProcess, Workers, terminate_backends, wait_until
+from worker_helpers import REPO_DIR, SUPPORT_DIR, Db, WorkerProcess, Workers, terminate_backends, wait_until
 
 from pgqueue import JobSpec
 from pgqueue.migrate import upgrade
@@ -388,7 +388,7 @@ def start_unnamed_worker(server: PgServer, log_dir: Path, env: dict[str, str]) -
     """``pgqueue worker worker_app:queue`` without ``PGAPPNAME``, so pgqueue names its connections."""
     full_env = {k: v for k, v in os.environ.items() if k not in ("PGAPPNAME", "NOTIFY_SOCKET")}
     full_env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(SUPPORT_DIR), os.environ.get("PYTHONPATH")])),
         PGQUEUE_DSN=server.dsn(),
         PGQUEUE_SCHEMA=SCHEMA,
         PGQUEUE_LOG_LEVEL="INFO",

@@ -8,8 +8,8 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from pgqueue.admin.actions import Conflict, NotFound
 from pgqueue.admin.schemas import ErrorOut
+from pgqueue.errors import ConflictError, NotFoundError
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorOut, "description": "No valid credentials."},
@@ -26,10 +26,10 @@ WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
 
 @contextmanager
 def action_errors() -> Iterator[None]:
-    """NotFound → 404, Conflict → 409, each with the action's own sentence."""
+    """NotFoundError → 404, ConflictError → 409, each with the action's own sentence."""
     try:
         yield
-    except NotFound as exc:
+    except NotFoundError as exc:
         raise HTTPException(404, str(exc)) from exc
-    except Conflict as exc:
+    except ConflictError as exc:
         raise HTTPException(409, str(exc)) from exc

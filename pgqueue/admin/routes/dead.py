@@ -6,8 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query
 
-from pgqueue.admin import actions, store
+from pgqueue.admin import actions
 from pgqueue.admin.context import AdminContext
+from pgqueue.admin.readmodel import JobFilter
 from pgqueue.admin.routes.common import ERRORS, WRITE_ERRORS, action_errors
 from pgqueue.admin.routes.jobs import JobId
 from pgqueue.admin.schemas import (
@@ -34,16 +35,14 @@ def build(ctx: AdminContext) -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> JobPage:
         """Dead-lettered jobs, newest first (finished_at is when they died)."""
-        where = store.JobFilter(queue=queue, task=task, state="dead")
+        where = JobFilter(queue=queue, task=task, state="dead")
         with ctx.connection() as conn:
-            return store.list_jobs(
-                conn, ctx.queries, where, before_id=before_id, limit=limit, redact=ctx.redact
-            )
+            return ctx.reads.list_jobs(conn, where, before_id=before_id, limit=limit, redact=ctx.redact)
 
     @router.get("/{job_id}", response_model=JobDetail, responses=ERRORS)
     def get_dead(job_id: JobId) -> JobDetail:
         with ctx.connection() as conn:
-            job = store.get_job(conn, ctx.queries, job_id, ctx.redact)
+            job = ctx.reads.get_job(conn, job_id, ctx.redact)
         if job is None or job.state != "dead":
             raise HTTPException(404, f"no dead-lettered job with id {job_id}")
         return job
@@ -52,7 +51,7 @@ def build(ctx: AdminContext) -> APIRouter:
     def retry_dead(job_id: JobId) -> RetryOut:
         """Back to its queue with fresh attempts, same id, error history kept."""
         with ctx.connection() as conn:
-            job = store.get_job(conn, ctx.queries, job_id, ctx.redact)
+            job = ctx.reads.get_job(conn, job_id, ctx.redact)
             if job is None or job.state != "dead":
                 raise HTTPException(404, f"no dead-lettered job with id {job_id}")
             with action_errors():

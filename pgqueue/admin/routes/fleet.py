@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path
+from fastapi import APIRouter, Path
 
-from pgqueue.admin import store
+from pgqueue.admin import actions
 from pgqueue.admin.context import AdminContext
-from pgqueue.admin.routes.common import ERRORS, WRITE_ERRORS
+from pgqueue.admin.routes.common import ERRORS, WRITE_ERRORS, action_errors
 from pgqueue.admin.schemas import AlertList, ScheduleList, ScheduleOut, WorkerList
 
 ScheduleName = Annotated[
@@ -23,22 +23,17 @@ def build(ctx: AdminContext) -> APIRouter:
     def list_workers() -> WorkerList:
         """Registered workers, their heartbeat age and the running jobs each holds."""
         with ctx.connection() as conn:
-            return store.workers(conn, ctx.queries, ctx.options.worker_stale_seconds)
+            return ctx.reads.workers(conn, ctx.options.worker_stale_seconds)
 
     @router.get("/schedules", response_model=ScheduleList, responses=ERRORS, tags=["schedules"])
     def list_schedules() -> ScheduleList:
         """Recurring schedules with their next and last fire times."""
         with ctx.connection() as conn:
-            return store.schedules(conn, ctx.queries, ctx.redact)
+            return ctx.reads.schedules(conn, ctx.redact)
 
     def set_paused(name: str, paused: bool) -> ScheduleOut:
-        with ctx.connection() as conn, conn.cursor() as cur:
-            cur.execute(ctx.queries.admin_pause_schedule, {"name": name, "paused": paused})
-            columns = [c.name for c in cur.description or ()]
-            row = cur.fetchone()
-        if row is None:
-            raise HTTPException(404, f"no schedule named {name!r}")
-        return store.schedule_from_row(dict(zip(columns, row, strict=True)), ctx.redact)
+        with ctx.connection() as conn, action_errors():
+            return actions.set_schedule_paused(ctx.queue, conn, name, paused=paused, redact=ctx.redact)
 
     @router.post(
         "/schedules/{name}/pause",

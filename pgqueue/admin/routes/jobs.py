@@ -7,8 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query
 
-from pgqueue.admin import actions, store
+from pgqueue.admin import actions
 from pgqueue.admin.context import AdminContext
+from pgqueue.admin.readmodel import JobFilter
 from pgqueue.admin.routes.common import ERRORS, WRITE_ERRORS, action_errors
 from pgqueue.admin.schemas import (
     MAX_JOB_ID,
@@ -50,7 +51,7 @@ def build(ctx: AdminContext) -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
     ) -> JobPage:
         """Live and dead-lettered jobs, newest first. Pages by id, so deep pages stay fast."""
-        where = store.JobFilter(
+        where = JobFilter(
             queue=queue,
             state=state,
             task=task,
@@ -58,9 +59,7 @@ def build(ctx: AdminContext) -> APIRouter:
             created_before=aware(created_before),
         )
         with ctx.connection() as conn:
-            return store.list_jobs(
-                conn, ctx.queries, where, before_id=before_id, limit=limit, redact=ctx.redact
-            )
+            return ctx.reads.list_jobs(conn, where, before_id=before_id, limit=limit, redact=ctx.redact)
 
     @router.post("/clean", response_model=ActionOut, responses=WRITE_ERRORS, dependencies=[ctx.write])
     def clean(body: CleanIn) -> ActionOut:
@@ -74,7 +73,7 @@ def build(ctx: AdminContext) -> APIRouter:
     def get_job(job_id: JobId) -> JobDetail:
         """Arguments and result (redacted), progress, every attempt's error and traceback."""
         with ctx.connection() as conn:
-            job = store.get_job(conn, ctx.queries, job_id, ctx.redact)
+            job = ctx.reads.get_job(conn, job_id, ctx.redact)
         if job is None:
             raise HTTPException(404, f"no job with id {job_id}")
         return job

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path
 
-from pgqueue.admin import actions, store
+from pgqueue.admin import actions
 from pgqueue.admin.context import AdminContext
 from pgqueue.admin.routes.common import ERRORS, WRITE_ERRORS
 from pgqueue.admin.schemas import (
@@ -18,7 +18,7 @@ from pgqueue.admin.schemas import (
     QueueStats,
 )
 from pgqueue.base import KEEP, QueueSettings
-from pgqueue.errors import InvalidJobError
+from pgqueue.errors import InvalidQueueSettingsError
 
 QueueName = Annotated[str, Path(pattern=QUEUE_PATTERN, description="A queue name.")]
 
@@ -36,12 +36,12 @@ def build(ctx: AdminContext) -> APIRouter:
     def list_queues() -> QueueList:
         """Every queue with jobs, dead jobs or settings: counts by state, throughput, timings."""
         with ctx.connection() as conn:
-            return store.queue_stats(conn, ctx.queries, ctx.options)
+            return ctx.reads.queue_stats(conn, ctx.options)
 
     @router.get("/{name}", response_model=QueueStats, responses=ERRORS)
     def get_queue(name: QueueName) -> QueueStats:
         with ctx.connection() as conn:
-            for q in store.queue_stats(conn, ctx.queries, ctx.options).queues:
+            for q in ctx.reads.queue_stats(conn, ctx.options).queues:
                 if q.name == name:
                     return q
         raise HTTPException(404, f"no queue named {name!r} has jobs or settings")
@@ -83,7 +83,7 @@ def build(ctx: AdminContext) -> APIRouter:
                     concurrency=body.concurrency if "concurrency" in sent else KEEP,
                     rate_limit=body.rate_limit if "rate_limit" in sent else KEEP,
                 )
-        except InvalidJobError as exc:
+        except InvalidQueueSettingsError as exc:
             raise HTTPException(400, str(exc)) from exc
         return _settings_out(settings)
 

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from admin_support import AUTH, TOKEN, admin_app, error, insert_job
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from test_admin_support import AUTH, TOKEN, admin_app, error, insert_job
 
 from pgqueue import Queue
 from pgqueue.admin import AdminAuth, AdminOptions, AlertRule, AlertSettings
@@ -125,7 +125,7 @@ def test_metrics_counters_and_histogram_add_what_finished_between_scrapes(
             insert_job(c, pgqueue_queue.schema, state="completed", ran_for=ran, finished_ago=0)
         insert_job(c, pgqueue_queue.schema, state="cancelled", finished_ago=0)
         insert_job(c, pgqueue_queue.schema, attempts=1, errors=[error(1)])
-        from test_admin_support import bury
+        from admin_support import bury
 
         bury(c, pgqueue_queue.schema)
     m = samples(client.get("/metrics", headers=AUTH).text)

@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from admin_support import AUTH, TOKEN, bury, insert_job
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from test_admin_support import AUTH, TOKEN, bury, insert_job
 
 from pgqueue import Queue
 from pgqueue.admin import AdminAuth, create_admin_router, mask_keys
@@ -207,7 +207,7 @@ def test_clean_finished_older_than(client: TestClient, seeded: dict[str, int]) -
 
 
 def test_clean_works_in_batches(pgqueue_queue: Queue) -> None:
-    from test_admin_support import admin_app
+    from admin_support import admin_app
 
     from pgqueue.admin import AdminOptions
 
@@ -279,7 +279,7 @@ def test_schedules_list_and_pause(client: TestClient, seeded: dict[str, int]) ->
 
 
 def test_custom_redaction_hook_covers_api_and_dashboard(pgqueue_queue: Queue) -> None:
-    from test_admin_support import admin_app
+    from admin_support import admin_app
 
     with pgqueue_queue.connection() as c:
         job = insert_job(

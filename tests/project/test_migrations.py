@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import psycopg
@@ -27,7 +29,7 @@ from pgqueue.migrate import (
     upgrade,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # The core tables; later revisions may add more, so tests check these are present, and rely on
 # whole-catalog snapshots for "nothing else changed" and "nothing left behind".
 PGQUEUE_TABLES = {"jobs", "dead_letter", "queues", "workers", "alembic_version"}
@@ -152,6 +154,37 @@ def run_cli(
         env={**base_env, **(env or {})},
         cwd=cwd,
     )
+
+
+# ---------------------------------------------------------------------------- schema.sql
+
+
+def schema_tool() -> ModuleType:
+    """``migrations/schema.py``, a script rather than a package module, loaded from its path."""
+    spec = importlib.util.spec_from_file_location("pgqueue_schema_tool", REPO / "migrations" / "schema.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_schema_sql_is_what_the_migrations_create(postgres_dsn: str) -> None:
+    """A plain pytest run catches a migration committed without ``python migrations/schema.py
+    --write`` (``.ci/run`` also runs ``--check`` first, for a quick failure that says just that).
+    It dumps a scratch database on the session's server, so it costs a migration and a pg_dump."""
+    tool = schema_tool()
+    changes = tool.diff(tool.render(postgres_dsn), tool.SCHEMA_FILE.read_text())
+    assert changes == "", f"run `python migrations/schema.py --write`:\n{changes}"
+
+
+def test_schema_sql_drift_is_shown_as_a_diff_and_run_to_run_noise_is_dropped() -> None:
+    tool = schema_tool()
+    current = tool.SCHEMA_FILE.read_text()
+    drifted = current.replace("CREATE TABLE pgqueue.jobs (", "CREATE TABLE pgqueue.jobs (\n    gone int,")
+    changes = tool.diff(current, drifted)
+    assert changes.startswith("--- migrations/schema.sql") and "\n-    gone int,\n" in changes
+    noisy = "--\n-- Dumped from database version 18.1\nSET x = 1;\n\\restrict k3y\nA\n\n\n\nB"
+    assert tool.clean(noisy) == "--\nA\n\nB\n"
 
 
 # ---------------------------------------------------------------------------- idempotence

@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from admin_support import AUTH, admin_app, bury, insert_job
 from fastapi.testclient import TestClient
-from test_admin_support import AUTH, admin_app, bury, insert_job
 
 from pgqueue import Queue
 from pgqueue.admin import AlertEvent, AlertMonitor, AlertRule, AlertSettings

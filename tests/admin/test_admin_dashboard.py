@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
+from admin_support import AUTH, insert_job
 from fastapi.testclient import TestClient
-from test_admin_support import AUTH, insert_job
 
 from pgqueue import Queue
 

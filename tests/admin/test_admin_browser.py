@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from test_admin_support import TOKEN, admin_app, bury, error, insert_job
+from admin_support import TOKEN, admin_app, bury, error, insert_job
 
 from pgqueue import Queue
 from pgqueue.admin import AdminOptions

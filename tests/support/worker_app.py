@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import weakref
 from typing import Any
 
 import psycopg
@@ -56,7 +57,11 @@ class App:
     def __init__(self, dsn: str | None, schema: str) -> None:
         self.schema = schema
         self.queue = Queue(dsn, schema=schema)
-        self._pools: dict[int, AsyncConnectionPool[Any]] = {}
+        # Keyed by the loop itself, weakly: a finished loop's pool goes with it, and a new loop
+        # that happens to get a dead one's id() never inherits a pool whose tasks died with it.
+        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnectionPool[Any]] = (
+            weakref.WeakKeyDictionary()
+        )
         ident = sql.Identifier(schema)
         self.q_insert = sql.SQL(
             "INSERT INTO {}.test_log (job_id, task, attempt, pid, note) VALUES (%s, %s, %s, %s, %s)"
@@ -78,8 +83,8 @@ class App:
     # -- recording from async handlers (one small pool per event loop) ----------------------
 
     def _pool(self) -> AsyncConnectionPool[Any]:
-        loop_id = id(asyncio.get_running_loop())
-        pool = self._pools.get(loop_id)
+        loop = asyncio.get_running_loop()
+        pool = self._pools.get(loop)
         if pool is None:
             pool = AsyncConnectionPool(
                 self.queue.dsn,
@@ -89,7 +94,7 @@ class App:
                 kwargs=self.pool_kwargs,
                 name="worker-app",
             )
-            self._pools[loop_id] = pool
+            self._pools[loop] = pool
         return pool
 
     async def _sql(self, query: sql.Composed, params: tuple[Any, ...]) -> Any:
@@ -97,7 +102,10 @@ class App:
         replaced and the statement tried again, so the handler's own bookkeeping survives."""
         pool = self._pool()
         if pool.closed:
-            await pool.open(wait=True, timeout=10)
+            # Connects in the background; connection() below waits for one. Not open(wait=True):
+            # concurrent handlers take the first connection as it arrives, so a wait for the pool
+            # to hold min_size idle connections can time out and close the pool under them.
+            await pool.open()
         tries = 8  # more than the pool holds: every dead connection is discarded on the way
         for attempt in range(tries):
             try:
@@ -128,7 +136,7 @@ class App:
 
     async def aclose(self) -> None:
         """Close the pool of the running loop (call from the loop that used it)."""
-        pool = self._pools.pop(id(asyncio.get_running_loop()), None)
+        pool = self._pools.pop(asyncio.get_running_loop(), None)
         if pool is not None:
             await pool.close()
 

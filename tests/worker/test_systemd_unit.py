@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-WORKERS = Path(__file__).resolve().parent.parent / "workers"
+WORKERS = Path(__file__).resolve().parents[2] / "workers"
 UNIT = WORKERS / "pgqueue-worker@.service"
 ENV_EXAMPLE = WORKERS / "worker.env.example"
 

@@ -1,5 +1,5 @@
 """Schedulers as real processes: ``pgqueue scheduler``, ``pgqueue worker --with-scheduler`` and the
-``pgqueue schedules`` command, run with ``tests.scheduler_app:queue`` from the repository root.
+``pgqueue schedules`` command, run with ``tests.support.scheduler_app:queue`` from the repository root.
 
 Run with ``-s`` to see the measured fire-time lateness.
 """
@@ -32,8 +32,8 @@ from pgqueue.scheduler import Scheduler
 from pgqueue.schedules import fire_key
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-APP = "tests.scheduler_app:queue"
+REPO = Path(__file__).resolve().parents[2]
+APP = "tests.support.scheduler_app:queue"
 SECOND = timedelta(seconds=1)
 
 

@@ -6,8 +6,8 @@ import base64
 import re
 
 import pytest
+from admin_support import AUTH, TOKEN, admin_app, insert_job
 from fastapi.testclient import TestClient
-from test_admin_support import AUTH, TOKEN, admin_app, insert_job
 
 from pgqueue import Queue
 from pgqueue.admin import AdminAuth, app_from_env, create_admin_app, serve

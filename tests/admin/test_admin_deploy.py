@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 from pgqueue.errors import ConfigurationError
 
-API = Path(__file__).resolve().parent.parent / "api"
+API = Path(__file__).resolve().parents[2] / "api"
 
 
 def example_env(*, uncomment: bool) -> dict[str, str]:

@@ -13,7 +13,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
+from worker_helpers import wait_until
 
 from pgqueue import ConfigurationError, JobContext, JobState, Queue, ScheduleNotFoundError
 from pgqueue.scheduler import Scheduler
@@ -33,17 +34,6 @@ SECOND = timedelta(seconds=1)
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, message: str | Callable[[], str]) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s: {message() if callable(message) else message}")
-        time.sleep(0.05)
 
 
 def sleep_until_phase(period: float, phase: float) -> float:

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from admin_support import AUTH, TOKEN, admin_app, bury, insert_job
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from test_admin_support import AUTH, TOKEN, admin_app, bury, insert_job
 
 from pgqueue import Queue
 from pgqueue.admin import AdminAuth, AdminOptions, app_from_env, create_admin_router, default_redact

@@ -1,4 +1,4 @@
-"""The app the scheduler tests run in subprocesses: ``pgqueue scheduler tests.scheduler_app:queue``.
+"""The app the scheduler tests run in subprocesses: ``pgqueue scheduler tests.support.scheduler_app:queue``.
 
 The DSN comes from ``PGQUEUE_DSN`` and the schema from ``PGQUEUE_SCHEMA`` (read when the module is
 imported). It declares one periodic task, ``tick``, every second on the ``ticks`` queue; the

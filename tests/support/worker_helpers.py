@@ -27,8 +27,8 @@ from psycopg import sql
 
 from pgqueue.worker import AsyncWorker
 
-TESTS_DIR = Path(__file__).resolve().parent
-REPO_DIR = TESTS_DIR.parent
+SUPPORT_DIR = Path(__file__).resolve().parent
+REPO_DIR = SUPPORT_DIR.parents[1]
 T = TypeVar("T")
 
 
@@ -218,7 +218,7 @@ class Workers:
     ) -> WorkerProcess:
         """``pgqueue worker APP *args``; ``pythonpath`` entries go before ``tests/`` (for APP)."""
         appname = f"pgq-test-worker-{uuid.uuid4().hex[:8]}"
-        paths = [*map(str, pythonpath), str(TESTS_DIR), os.environ.get("PYTHONPATH")]
+        paths = [*map(str, pythonpath), str(SUPPORT_DIR), os.environ.get("PYTHONPATH")]
         full_env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, paths)),

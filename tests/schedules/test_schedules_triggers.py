@@ -21,7 +21,7 @@ import pytest
 
 from pgqueue import ConfigurationError, Queue, Schedule
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HOUR = timedelta(hours=1)
 MAX_FIRES = 2000
 

@@ -14,10 +14,10 @@ from typing import Any
 import psycopg
 import pytest
 import schemathesis
+from admin_support import AUTH, TOKEN, admin_app, seed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from test_admin_support import AUTH, TOKEN, admin_app, seed
 
 from pgqueue import Queue
 from pgqueue.admin import AdminAuth, create_admin_app

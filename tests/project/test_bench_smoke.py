@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PGQUEUE_SCENARIOS = {
     "enqueue": {"enqueue_single", "enqueue_bulk"},
     "drain": {"drain_1p", "drain_2p"},

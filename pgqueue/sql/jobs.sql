@@ -1,0 +1,147 @@
+-- Jobs: enqueue (one, bulk, unique), read one, cancel, move back from the dead letter, and the
+-- operator's one-job writes (run now, copy, delete). {schema} is replaced by the quoted schema
+-- name; parameters use psycopg's %(name)s style.
+
+-- ---------------------------------------------------------------- enqueue
+
+-- name: enqueue
+-- One job; the NOTIFY rides in the same statement and Postgres delivers it only at commit
+-- (and folds identical ones, so a transaction wakes each queue at most once).
+INSERT INTO {schema}.jobs
+    (queue, task, args, priority, run_at, max_attempts, timeout, unique_key, scheduled_for)
+VALUES (%(queue)s, %(task)s, %(args)s::jsonb, %(priority)s,
+        coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)),
+        %(max_attempts)s, %(timeout)s, %(unique_key)s, %(scheduled_for)s)
+ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
+DO NOTHING
+RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END AS woke
+
+-- name: find_unique
+SELECT id FROM {schema}.jobs
+WHERE queue = %(queue)s AND unique_key = %(unique_key)s AND state IN ('queued', 'running')
+
+-- name: reserve_ids
+-- Ids for a bulk COPY, handed out by the table's own identity sequence, and the transaction's clock.
+SELECT now() AS now,
+       array(SELECT nextval(pg_get_serial_sequence('{schema}.jobs', 'id'))
+             FROM generate_series(1, %(count)s)) AS ids
+
+-- name: copy_jobs
+COPY {schema}.jobs (id, queue, task, args, priority, run_at, max_attempts, timeout, scheduled_for)
+FROM STDIN
+
+-- name: enqueue_many_unique
+-- Bulk enqueue when some jobs carry a unique key: rows that conflict are skipped (ids come from
+-- reserve_ids, so the caller knows which were inserted) and the holders are looked up.
+INSERT INTO {schema}.jobs
+    (id, queue, task, args, priority, run_at, max_attempts, timeout, unique_key, scheduled_for)
+SELECT id, queue, task, args, priority, coalesce(run_at, now() + make_interval(secs => delay)),
+       max_attempts, timeout, unique_key, scheduled_for
+FROM unnest(%(id)s::bigint[], %(queue)s::text[], %(task)s::text[], %(args)s::jsonb[],
+            %(priority)s::smallint[], %(run_at)s::timestamptz[], %(delay)s::float8[],
+            %(max_attempts)s::int[], %(timeout)s::float8[], %(unique_key)s::text[],
+            %(scheduled_for)s::timestamptz[])
+     AS t(id, queue, task, args, priority, run_at, delay, max_attempts, timeout, unique_key,
+          scheduled_for)
+ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
+DO NOTHING
+RETURNING id
+
+-- name: find_unique_many
+SELECT id, queue, unique_key FROM {schema}.jobs
+WHERE (queue, unique_key) IN (SELECT * FROM unnest(%(queue)s::text[], %(unique_key)s::text[]))
+  AND state IN ('queued', 'running')
+
+-- ---------------------------------------------------------------- read, cancel, retry
+
+-- name: get_job
+-- A live or dead-lettered job: the columns of pgqueue.jobs.Job, then what only the admin shows
+-- (lease, cancel flag, and "delayed" judged by the database's clock, as the job list does).
+SELECT id, queue, task, args, priority, state::text AS state, run_at, attempts, max_attempts,
+       timeout, unique_key, scheduled_for, worker_id, progress, result, errors, created_at,
+       started_at, finished_at, lease_expires_at, cancel_requested,
+       state = 'queued' AND run_at > now() AS delayed
+FROM {schema}.jobs WHERE id = %(id)s
+UNION ALL
+SELECT id, queue, task, args, priority, 'dead', NULL, attempts, max_attempts, timeout,
+       unique_key, scheduled_for, NULL, progress, NULL, errors, created_at, started_at, failed_at,
+       NULL, false, false
+FROM {schema}.dead_letter WHERE id = %(id)s
+
+-- name: cancel_jobs
+-- One job by %(id)s, or the live jobs holding %(unique_key)s (in %(queue)s, or in any queue when
+-- it is NULL); the selector not used is NULL. A queued job is cancelled at once; a running one is
+-- flagged and its worker stops it. The selectors are two arms of an OR so that each keeps its
+-- index under a generic plan (primary key; unique key), where `%(id)s IS NULL OR id = %(id)s`
+-- would scan the table.
+UPDATE {schema}.jobs
+SET state = CASE WHEN state = 'queued' THEN 'cancelled'::{schema}.job_state ELSE state END,
+    finished_at = CASE WHEN state = 'queued' THEN now() ELSE finished_at END,
+    cancel_requested = (state = 'running')
+WHERE (id = %(id)s::bigint
+       OR (unique_key = %(unique_key)s::text AND (%(queue)s::text IS NULL OR queue = %(queue)s)))
+  AND state IN ('queued', 'running')
+RETURNING id, CASE WHEN state = 'running' THEN pg_notify(%(channel)s, '!cancel ' || id) END AS woke
+
+-- name: retry_dead
+-- Moves dead-lettered jobs back into the queue with fresh attempts, keeping their ids and history.
+-- One live job per unique key: a job whose key a live job holds meanwhile stays dead, and of
+-- dead jobs sharing a key only the newest is moved by a bulk retry.
+WITH moved AS (
+    DELETE FROM {schema}.dead_letter AS d
+    WHERE (%(id)s::bigint IS NULL OR d.id = %(id)s) AND (%(queue)s::text IS NULL OR d.queue = %(queue)s)
+      AND NOT EXISTS (SELECT 1 FROM {schema}.jobs AS j
+                      WHERE j.queue = d.queue AND j.unique_key = d.unique_key
+                        AND j.state IN ('queued', 'running'))
+      AND (%(id)s::bigint IS NOT NULL
+           OR NOT EXISTS (SELECT 1 FROM {schema}.dead_letter AS newer
+                          WHERE newer.queue = d.queue AND newer.unique_key = d.unique_key
+                            AND newer.id > d.id))
+    RETURNING d.*
+)
+INSERT INTO {schema}.jobs
+    (id, queue, task, args, priority, run_at, max_attempts, timeout, unique_key, scheduled_for,
+     errors, created_at)
+SELECT id, queue, task, args, priority, now(), max_attempts, timeout, unique_key, scheduled_for,
+       errors, created_at
+FROM moved
+RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END AS woke
+
+-- ---------------------------------------------------------------- the operator's writes
+
+-- name: run_now
+-- A waiting job (delayed, or backing off before a retry) becomes due at once.
+UPDATE {schema}.jobs SET run_at = now()
+WHERE id = %(id)s AND state = 'queued'
+RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END AS woke
+
+-- name: run_retrying
+-- Every job of a queue that is backing off after a failure becomes due now (one wake-up).
+WITH due AS (
+    UPDATE {schema}.jobs SET run_at = now()
+    WHERE queue = %(queue)s AND state = 'queued' AND attempts > 0 AND run_at > now()
+    RETURNING id
+)
+SELECT count(*), CASE WHEN %(notify)s AND count(*) > 0 THEN pg_notify(%(channel)s, %(queue)s) END
+FROM due
+
+-- name: copy_finished_job
+-- "Retry" of a finished job: a new job with the same task, arguments and options (a new id,
+-- fresh attempts); the original stays as history. A live job holding the same unique key wins.
+INSERT INTO {schema}.jobs (queue, task, args, priority, max_attempts, timeout, unique_key)
+SELECT queue, task, args, priority, max_attempts, timeout, unique_key
+FROM {schema}.jobs
+WHERE id = %(id)s AND state IN ('completed', 'cancelled')
+ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
+DO NOTHING
+RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END AS woke
+
+-- name: delete_job
+-- Removes a job row for good: a dead-lettered one, and when %(live)s also a live one. A running
+-- job is left alone (its worker still holds it): cancel it first. Returns how many rows went.
+WITH live AS (
+    DELETE FROM {schema}.jobs WHERE %(live)s::bool AND id = %(id)s AND state <> 'running' RETURNING id
+), dead AS (
+    DELETE FROM {schema}.dead_letter WHERE id = %(id)s RETURNING id
+)
+SELECT (SELECT count(*) FROM live) + (SELECT count(*) FROM dead)

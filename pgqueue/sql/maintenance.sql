@@ -1,0 +1,110 @@
+-- Maintenance, run by any worker: rescue of expired leases, retention (pruning), and the
+-- batched deletes the admin's "clean" shares with the pruner. {schema} is replaced by the quoted
+-- schema name; parameters use psycopg's %(name)s style.
+
+-- ---------------------------------------------------------------- rescue
+
+-- name: rescue_expired
+-- Jobs whose worker stopped renewing the lease (killed, partitioned) go back to the queue; the
+-- lost attempt counts, and a job with none left is dead-lettered, all in one statement.
+-- A job whose start was never recorded (it sat in the worker's prefetch buffer, or had just
+-- left it) lost nothing: it goes back uncharged, its loss counted in unrecorded_losses. Only a
+-- job that keeps taking workers down that way, more than max_attempts + 2 times, is
+-- dead-lettered: a poison job ends even when it kills its worker before its start is written.
+WITH expired AS (
+    SELECT id FROM {schema}.jobs
+    WHERE state = 'running' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), lost AS (
+    SELECT j.id, j.started_at IS NULL AS unrecorded,
+           CASE WHEN j.started_at IS NULL THEN j.unrecorded_losses >= j.max_attempts + 2
+                ELSE j.attempts >= j.max_attempts END AS exhausted,
+           jsonb_build_object('attempt', j.attempts, 'at', now(), 'type', 'LeaseExpired',
+                              'message', 'worker ' || coalesce(j.worker_id, '?')
+                                         || ' stopped renewing its lease'
+                                         || CASE WHEN j.started_at IS NULL
+                                                 THEN ' before the job''s start was recorded ('
+                                                      || (j.unrecorded_losses + 1)
+                                                      || ' such losses)'
+                                                 ELSE '' END,
+                              'traceback', NULL) AS error
+    FROM {schema}.jobs AS j JOIN expired USING (id)
+), requeued AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'queued', run_at = now(), worker_id = NULL, lease_expires_at = NULL,
+        cancel_requested = false, claim_token = NULL,
+        unrecorded_losses = j.unrecorded_losses + lost.unrecorded::int,
+        errors = CASE WHEN lost.unrecorded THEN j.errors ELSE j.errors || lost.error END
+    FROM lost
+    WHERE j.id = lost.id AND NOT lost.exhausted
+    RETURNING j.id, j.queue
+), dead AS (
+    -- Nothing to charge: a lost attempt was counted when it started (or, unrecorded, not at all).
+    DELETE FROM {schema}.jobs AS j USING lost
+    WHERE j.id = lost.id AND lost.exhausted
+    RETURNING j.*, lost.error AS last_error, 0 AS charge, NULL::timestamptz AS run_started_at
+), buried AS (
+    {bury_dead}
+)
+SELECT (SELECT array_agg(DISTINCT queue) FROM requeued) AS queues,
+       (SELECT count(*) FROM requeued) AS requeued, (SELECT count(*) FROM buried) AS buried
+
+-- name: forget_dead_workers
+DELETE FROM {schema}.workers
+WHERE heartbeat_at < now() - make_interval(secs => %(after)s)
+
+-- ---------------------------------------------------------------- retention
+
+-- name: try_maintenance_lock
+-- One worker at a time runs pruning; the others skip the round instead of queueing behind it.
+SELECT pg_try_advisory_xact_lock(hashtext(%(key)s))
+
+-- name: delete_finished_jobs
+-- One batch of completed and cancelled jobs that finished before the cut-off: %(older_than)s
+-- seconds ago, or the queue's own keep_completed where %(queue_retention)s (the pruner; the
+-- admin's clean passes false). %(states)s narrows the states, %(queue)s the queue (NULL: all).
+-- Small batches keep locks short: the caller repeats until fewer than the limit were removed.
+-- The literal state list lets the planner use jobs_finished_idx.
+DELETE FROM {schema}.jobs
+WHERE id IN (
+    SELECT j.id FROM {schema}.jobs AS j
+    LEFT JOIN {schema}.queues AS q ON q.name = j.queue
+    WHERE j.state IN ('completed', 'cancelled')
+      AND j.state = ANY(%(states)s::text[]::{schema}.job_state[])
+      AND (%(queue)s::text IS NULL OR j.queue = %(queue)s)
+      AND j.finished_at < now() - coalesce(CASE WHEN %(queue_retention)s::bool THEN q.keep_completed END,
+                                           make_interval(secs => %(older_than)s::float8))
+    LIMIT %(limit)s
+    FOR UPDATE OF j SKIP LOCKED
+)
+
+-- name: prune_completed_count
+-- Per-queue count caps (keep only the newest N finished rows), for queues that set one.
+DELETE FROM {schema}.jobs
+WHERE id IN (
+    SELECT id FROM (
+        SELECT j.id, row_number() OVER (PARTITION BY j.queue ORDER BY j.finished_at DESC) AS rank,
+               q.keep_completed_count
+        FROM {schema}.jobs AS j JOIN {schema}.queues AS q ON q.name = j.queue
+        WHERE q.keep_completed_count IS NOT NULL AND j.state IN ('completed', 'cancelled')
+    ) AS ranked
+    WHERE rank > keep_completed_count
+    LIMIT %(limit)s
+)
+
+-- name: delete_dead_jobs
+-- One batch of dead-lettered jobs that died before the cut-off: %(older_than)s seconds ago
+-- (NULL: never), or the queue's own keep_dead where %(queue_retention)s and it is set; %(queue)s
+-- narrows the queue (NULL: all). The caller repeats until a batch comes back short.
+DELETE FROM {schema}.dead_letter
+WHERE id IN (
+    SELECT d.id FROM {schema}.dead_letter AS d
+    LEFT JOIN {schema}.queues AS q ON q.name = d.queue
+    WHERE (%(queue)s::text IS NULL OR d.queue = %(queue)s)
+      AND d.failed_at < now() - coalesce(CASE WHEN %(queue_retention)s::bool THEN q.keep_dead END,
+                                         make_interval(secs => %(older_than)s::float8))
+    LIMIT %(limit)s
+    FOR UPDATE OF d SKIP LOCKED
+)

@@ -1,0 +1,73 @@
+-- Queues: the cross-worker settings (the `queues` table), the wake-ups that tell workers to
+-- look again, and the per-queue counts. {schema} is replaced by the quoted schema name;
+-- parameters use psycopg's %(name)s style.
+
+-- ---------------------------------------------------------------- settings
+
+-- name: queue_settings
+-- The columns of pgqueue.base.QueueSettings, by name, as set_queue returns them.
+SELECT name, paused, concurrency, rate_limit FROM {schema}.queues WHERE name = ANY(%(queues)s)
+
+-- name: set_queue
+-- Upsert one queue's cross-process settings; NULL arguments leave a setting as it is unless
+-- the matching clear flag is set.
+INSERT INTO {schema}.queues AS q (name, paused, concurrency, rate_limit, rate_tokens,
+                                  keep_completed, keep_completed_count, keep_dead)
+VALUES (%(name)s, coalesce(%(paused)s::bool, false), %(concurrency)s::int, %(rate_limit)s::float8,
+        coalesce(%(rate_limit)s::float8, 0), make_interval(secs => %(keep_completed)s::float8),
+        %(keep_completed_count)s::int, make_interval(secs => %(keep_dead)s::float8))
+ON CONFLICT (name) DO UPDATE SET
+    paused = coalesce(%(paused)s::bool, q.paused),
+    concurrency = CASE WHEN %(clear_concurrency)s::bool THEN NULL
+                       ELSE coalesce(%(concurrency)s::int, q.concurrency) END,
+    rate_limit = CASE WHEN %(clear_rate_limit)s::bool THEN NULL
+                      ELSE coalesce(%(rate_limit)s::float8, q.rate_limit) END,
+    keep_completed = coalesce(make_interval(secs => %(keep_completed)s::float8), q.keep_completed),
+    keep_completed_count = coalesce(%(keep_completed_count)s::int, q.keep_completed_count),
+    keep_dead = coalesce(make_interval(secs => %(keep_dead)s::float8), q.keep_dead),
+    updated_at = now()
+RETURNING name, paused, concurrency, rate_limit
+
+-- ---------------------------------------------------------------- wake-ups
+
+-- name: wake_queues
+-- One notification per queue name (or control message, e.g. a settings change) on the schema's
+-- channel. Inside a transaction Postgres delivers them at commit, identical ones folded.
+SELECT pg_notify(%(channel)s, q) FROM unnest(%(queues)s::text[]) AS q
+
+-- ---------------------------------------------------------------- counts
+
+-- name: queue_overview
+-- Per queue: jobs by state, where "queued" is due now, "delayed" waits for its run_at and
+-- "retrying" (a subset of both) has failed at least once; "dead" is the dead-letter table; the
+-- age of the longest-waiting due job; the queue's settings. Queues known only from their
+-- settings row show up with zeros. Exact counts cost one scan of the jobs table; retention
+-- keeps it small.
+WITH live AS (
+    SELECT queue,
+           count(*) FILTER (WHERE state = 'queued' AND run_at <= now()) AS queued,
+           count(*) FILTER (WHERE state = 'queued' AND run_at > now()) AS delayed,
+           count(*) FILTER (WHERE state = 'queued' AND attempts > 0) AS retrying,
+           count(*) FILTER (WHERE state = 'running') AS running,
+           count(*) FILTER (WHERE state = 'completed') AS completed,
+           count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
+           extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'queued'
+                                                          AND run_at <= now()))::float8
+               AS oldest_waiting
+    FROM {schema}.jobs GROUP BY queue
+), dead AS (
+    SELECT queue, count(*) AS dead FROM {schema}.dead_letter GROUP BY queue
+), names AS (
+    SELECT queue FROM live UNION SELECT queue FROM dead UNION SELECT name FROM {schema}.queues
+)
+SELECT n.queue,
+       coalesce(l.queued, 0) AS queued, coalesce(l.delayed, 0) AS delayed,
+       coalesce(l.retrying, 0) AS retrying, coalesce(l.running, 0) AS running,
+       coalesce(l.completed, 0) AS completed, coalesce(l.cancelled, 0) AS cancelled,
+       coalesce(d.dead, 0) AS dead, l.oldest_waiting,
+       coalesce(q.paused, false) AS paused, q.concurrency, q.rate_limit
+FROM names AS n
+LEFT JOIN live AS l USING (queue)
+LEFT JOIN dead AS d USING (queue)
+LEFT JOIN {schema}.queues AS q ON q.name = n.queue
+ORDER BY n.queue

@@ -1,0 +1,213 @@
+-- The worker's statements: claim, acknowledge (outcomes and starts), heartbeat and leases,
+-- progress, registration. {schema} is replaced by the quoted schema name; parameters use
+-- psycopg's %(name)s style (%(name)b: binary). LISTEN is built in pgqueue.worker.listener (an
+-- identifier, not a parameter); the wake-ups the worker sends are queues.sql's wake_queues.
+
+-- ---------------------------------------------------------------- claim
+
+-- name: claim
+-- One statement claims a batch: per queue the best runnable rows (priority, then run time, then
+-- id) are locked with SKIP LOCKED through the claim index, then dealt out across the queues by
+-- stride: a queue's n-th row comes at vtime + n / weight (the worker keeps each queue's virtual
+-- time across claims), so a backlog in one queue never makes another queue's jobs wait for it,
+-- and a queue of weight w gets w rows for each one of weight 1. Priority orders jobs within a
+-- queue, not across queues.
+-- Paused and limited queues are skipped here, in the same statement, so a pause or a new cap
+-- takes effect at once even for a worker whose cached settings are stale.
+-- The first %(start)s rows start at once and are charged an attempt; the rest wait in the
+-- worker's prefetch buffer uncharged (the ack statement charges them once they start), so a
+-- worker killed with a full buffer costs those jobs nothing. Every row carries the claim's token.
+-- Both claim statements return the columns of pgqueue.worker.execution.ClaimedJob, by name.
+WITH candidates AS (
+    SELECT c.id, row_number() OVER (ORDER BY c.turn, q.pos) AS rank
+    FROM unnest(%(queues)s::text[], %(weights)s::float8[], %(vtimes)s::float8[])
+         WITH ORDINALITY AS q(name, weight, vtime, pos)
+    CROSS JOIN LATERAL (
+        SELECT l.id, q.vtime + row_number() OVER (ORDER BY l.priority, l.run_at, l.id) / q.weight
+                   AS turn
+        FROM (
+            SELECT id, priority, run_at FROM {schema}.jobs
+            WHERE state = 'queued' AND queue = q.name AND run_at <= now()
+            ORDER BY priority, run_at, id
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ) AS l
+    ) AS c
+    -- Queues with a global cap or rate limit are claimed only through claim_limited.
+    WHERE q.name NOT IN (SELECT name FROM {schema}.queues
+                         WHERE paused OR concurrency IS NOT NULL OR rate_limit IS NOT NULL)
+    ORDER BY c.turn, q.pos
+    LIMIT %(limit)s
+)
+UPDATE {schema}.jobs AS j
+SET state = 'running', worker_id = %(worker_id)s, claim_token = %(token)s,
+    attempts = j.attempts + (candidates.rank <= %(start)s)::int,
+    started_at = CASE WHEN candidates.rank <= %(start)s THEN now() END,
+    lease_expires_at = now() + make_interval(secs => %(lease)s)
+FROM candidates
+WHERE j.id = candidates.id
+RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts AS attempt, j.max_attempts,
+          j.timeout, j.scheduled_for, candidates.rank <= %(start)s AS started
+
+-- name: lock_queue
+-- Serialises claims on a queue with a global cap or rate limit; the next statement then sees
+-- every claim committed before it (a fresh snapshot), so the cap holds across workers.
+SELECT name FROM {schema}.queues WHERE name = %(queue)s FOR UPDATE
+
+-- name: claim_limited
+WITH settings AS (
+    SELECT name, concurrency, rate_limit,
+           least(greatest(rate_limit * %(burst)s, 1),
+                 rate_tokens + extract(epoch FROM clock_timestamp() - rate_updated_at) * rate_limit)
+               AS tokens
+    FROM {schema}.queues WHERE name = %(queue)s AND NOT paused
+), budget AS (
+    SELECT greatest(0, least(
+        %(limit)s,
+        coalesce(s.concurrency - (SELECT count(*) FROM {schema}.jobs
+                                  WHERE state = 'running' AND queue = s.name), %(limit)s),
+        coalesce(floor(s.tokens)::int, %(limit)s))) AS n
+    FROM settings AS s
+), candidates AS (
+    SELECT id FROM {schema}.jobs
+    WHERE state = 'queued' AND queue = %(queue)s AND run_at <= now()
+    ORDER BY priority, run_at, id
+    LIMIT (SELECT n FROM budget)
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    -- Capped and rate-limited queues claim only what starts at once: charged here.
+    UPDATE {schema}.jobs AS j
+    SET state = 'running', attempts = j.attempts + 1, started_at = now(),
+        worker_id = %(worker_id)s, claim_token = %(token)s,
+        lease_expires_at = now() + make_interval(secs => %(lease)s)
+    FROM candidates
+    WHERE j.id = candidates.id
+    RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts AS attempt, j.max_attempts,
+              j.timeout, j.scheduled_for, true AS started
+), spent AS (
+    UPDATE {schema}.queues AS q
+    SET rate_tokens = s.tokens - (SELECT count(*) FROM claimed), rate_updated_at = clock_timestamp()
+    FROM settings AS s
+    WHERE q.name = s.name AND s.rate_limit IS NOT NULL
+)
+SELECT * FROM claimed
+
+-- name: next_run_at
+-- Seconds until the next delayed job of these queues falls due (by the database's clock).
+SELECT extract(epoch FROM min(n.run_at) - clock_timestamp())::float8
+FROM unnest(%(queues)s::text[]) AS q(name)
+CROSS JOIN generate_series(1, 10) AS p(priority)
+CROSS JOIN LATERAL (
+    SELECT run_at FROM {schema}.jobs
+    WHERE state = 'queued' AND queue = q.name AND priority = p.priority AND run_at > now()
+    ORDER BY run_at LIMIT 1
+) AS n
+
+-- ---------------------------------------------------------------- acknowledge
+
+-- name: ack
+-- Every outcome buffered since the last flush, in one statement. Each row names the claim it
+-- finished (its token): a worker that lost its lease (and so its job) cannot overwrite a later
+-- run, even one that restarted the attempt count after a retry from the dead letter.
+-- `state::text` keeps the planner off the partial index of running jobs: statistics taken while
+-- the jobs were queued say "almost none running", and a plan built on that scans every running
+-- row for each outcome. Joined through the primary key instead, a flush costs one lookup a job.
+-- Kinds: completed, cancelled, retry, dead; requeue (a started attempt handed back at shutdown:
+-- it does not count) and release (a prefetched job that never started).
+-- `charge` is 1 for a job that started from the prefetch buffer and whose start this statement
+-- records along with its outcome (idempotent: a start already written is not charged again).
+-- The same statement records the starts (start_*) of prefetched jobs still running, so a job
+-- that crashes its worker has, in all likelihood, paid for it.
+WITH outcome AS (
+    SELECT * FROM unnest(%(id)b::bigint[], %(token)b::uuid[], %(kind)b::text[],
+                         %(result)b::jsonb[], %(error)b::jsonb[], %(delay)b::float8[],
+                         %(charge)b::int[], %(started_at)b::timestamptz[])
+        AS o(id, token, kind, result, error, delay, charge, started_at)
+), done AS (
+    UPDATE {schema}.jobs AS j
+    SET state = CASE o.kind WHEN 'cancelled' THEN 'cancelled'::{schema}.job_state
+                            ELSE 'completed'::{schema}.job_state END,
+        result = o.result, finished_at = now(), lease_expires_at = NULL, claim_token = NULL,
+        attempts = j.attempts + o.charge * (j.started_at IS NULL)::int,
+        started_at = coalesce(j.started_at, o.started_at),
+        errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || o.error END
+    FROM outcome AS o
+    WHERE o.kind IN ('completed', 'cancelled') AND j.id = o.id AND j.claim_token = o.token
+      AND j.state::text = 'running'
+    RETURNING j.id
+), retried AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'queued', run_at = now() + make_interval(secs => o.delay), worker_id = NULL,
+        lease_expires_at = NULL, cancel_requested = false, claim_token = NULL,
+        started_at = coalesce(j.started_at, o.started_at),
+        errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || o.error END,
+        attempts = j.attempts + o.charge * (j.started_at IS NULL)::int - (o.kind = 'requeue')::int
+    FROM outcome AS o
+    WHERE o.kind IN ('retry', 'requeue', 'release') AND j.id = o.id AND j.claim_token = o.token
+      AND j.state::text = 'running'
+    RETURNING j.id
+), dead AS (
+    DELETE FROM {schema}.jobs AS j
+    USING outcome AS o
+    WHERE o.kind = 'dead' AND j.id = o.id AND j.claim_token = o.token
+      AND j.state::text = 'running'
+    RETURNING j.*, o.error AS last_error, o.charge, o.started_at AS run_started_at
+), buried AS (
+    {bury_dead}
+), started AS (
+    UPDATE {schema}.jobs AS j
+    SET attempts = j.attempts + 1, started_at = s.started_at
+    FROM unnest(%(start_id)b::bigint[], %(start_token)b::uuid[], %(start_at)b::timestamptz[])
+        AS s(id, token, started_at)
+    WHERE j.id = s.id AND j.claim_token = s.token AND j.state::text = 'running'
+      AND j.started_at IS NULL
+    RETURNING j.id
+)
+SELECT (SELECT count(*) FROM done) + (SELECT count(*) FROM retried) + (SELECT count(*) FROM buried)
+       + (SELECT count(*) FROM started)
+
+-- fragment: bury_dead
+-- The dead-letter INSERT, shared by ack and rescue_expired: the rows a `dead` CTE deleted from
+-- jobs, each with its last_error (appended to its errors; NULL: none), charge (1 when this
+-- statement also records the job's start, which charges the attempt) and run_started_at (that
+-- start).
+INSERT INTO {schema}.dead_letter
+    (id, queue, task, args, priority, attempts, max_attempts, timeout, unique_key,
+     scheduled_for, progress, errors, created_at, started_at)
+SELECT id, queue, task, args, priority, attempts + charge * (started_at IS NULL)::int,
+       max_attempts, timeout, unique_key, scheduled_for, progress,
+       errors || coalesce(last_error, '[]'::jsonb), created_at, coalesce(started_at, run_started_at)
+FROM dead
+RETURNING id
+
+-- ---------------------------------------------------------------- liveness
+
+-- name: heartbeat
+-- Renews the leases of the claims this worker holds and reports which were asked to cancel;
+-- a held claim missing from the answer was lost (its lease expired and it was rescued).
+WITH beat AS (
+    INSERT INTO {schema}.workers (id, host, pid, queues, concurrency, abandoned_threads)
+    VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s, %(abandoned)s)
+    ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), abandoned_threads = %(abandoned)s
+)
+UPDATE {schema}.jobs AS j
+SET lease_expires_at = now() + make_interval(secs => %(lease)s)
+FROM unnest(%(held)s::bigint[], %(token)s::uuid[]) AS h(id, token)
+WHERE j.id = h.id AND j.claim_token = h.token AND j.state = 'running'
+  AND j.worker_id = %(id)s
+RETURNING j.id, j.cancel_requested
+
+-- name: save_progress
+UPDATE {schema}.jobs AS j SET progress = p.progress
+FROM unnest(%(id)s::bigint[], %(token)s::uuid[], %(progress)s::jsonb[]) AS p(id, token, progress)
+WHERE j.id = p.id AND j.claim_token = p.token AND j.state::text = 'running'
+
+-- name: deregister_worker
+DELETE FROM {schema}.workers WHERE id = %(id)s
+
+-- ---------------------------------------------------------------- registration
+
+-- name: schema_version
+-- The migration the schema is at: a worker checks it before registering, the admin's readiness
+-- probe compares it with the head migration.
+SELECT version_num FROM {schema}.alembic_version

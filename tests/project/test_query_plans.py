@@ -1,0 +1,194 @@
+"""The acknowledgement must stay a primary-key lookup per job whatever the statistics say.
+
+Statistics gathered while every job was queued say "almost no job is running". A plan built on
+that (a generic plan of the prepared ack, as the worker uses) once went through the partial index
+of running jobs and scanned all of them for each outcome: a worker with thousands of jobs in hand
+stalled after autovacuum analysed the table.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from pgqueue import Queue
+
+
+def _as_prepared(query: str) -> tuple[str, list[str]]:
+    """psycopg placeholders (%(name)s, binary %(name)b) as $n, in order of first use."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    return re.sub(r"%\((\w+)\)[sb]", number, query), names
+
+
+def _index_names(plan: Any) -> set[str]:
+    found: set[str] = set()
+    if isinstance(plan, dict):
+        if "Index Name" in plan:
+            found.add(plan["Index Name"])
+        for value in plan.values():
+            found |= _index_names(value)
+    elif isinstance(plan, list):
+        for value in plan:
+            found |= _index_names(value)
+    return found
+
+
+def test_ack_uses_the_primary_key_even_with_stale_statistics(queue: Queue) -> None:
+    ids = queue.enqueue_many([{"task": "t", "queue": "q"}] * 5000)
+    schema = queue.schema
+    token = uuid.uuid4()
+    with psycopg.connect(queue.dsn, autocommit=True) as conn:
+        conn.execute(f'ANALYZE "{schema}".jobs')  # statistics: every job queued, none running
+        conn.execute(
+            f"UPDATE \"{schema}\".jobs SET state = 'running', attempts = 1, worker_id = 'w',"
+            " claim_token = %s, lease_expires_at = now() + interval '1 minute' WHERE id = ANY(%s)",
+            (token, ids[:4000]),
+        )
+        text, names = _as_prepared(queue.queries.ack)
+        types = {
+            "id": "bigint[]",
+            "token": "uuid[]",
+            "kind": "text[]",
+            "result": "jsonb[]",
+            "error": "jsonb[]",
+            "delay": "float8[]",
+            "charge": "int[]",
+            "started_at": "timestamptz[]",
+            "start_id": "bigint[]",
+            "start_token": "uuid[]",
+            "start_at": "timestamptz[]",
+        }
+        conn.execute(f"PREPARE ack_plan({', '.join(types[n] for n in names)}) AS {text}")
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        params = {
+            "id": ids[:2000],
+            "token": [token] * 2000,
+            "kind": ["completed"] * 2000,
+            "result": [None] * 2000,
+            "error": [None] * 2000,
+            "delay": [0.0] * 2000,
+            "charge": [0] * 2000,
+            "started_at": [None] * 2000,
+            # the starts of prefetched jobs ride the same statement: they must not scan either
+            "start_id": ids[2000:4000],
+            "start_token": [token] * 2000,
+            "start_at": [datetime.now(UTC)] * 2000,
+        }
+        placeholders = ", ".join(f"%s::{types[n]}" for n in names)
+        # A utility statement takes no server-side parameters: bind them client-side.
+        row = (
+            psycopg.ClientCursor(conn)
+            .execute(
+                f"EXPLAIN (FORMAT JSON) EXECUTE ack_plan({placeholders})",
+                [params[n] for n in names],
+            )
+            .fetchone()
+        )
+    assert row is not None
+    plan = row[0] if isinstance(row[0], list) else json.loads(row[0])
+    used = _index_names(plan)
+    assert "jobs_running_idx" not in used, used
+    assert "jobs_pkey" in used, used
+
+
+def _node_types(plan: Any) -> set[tuple[str, str | None]]:
+    """(node type, relation) of every node: ("Seq Scan", "jobs") is a read of the whole table."""
+    found: set[tuple[str, str | None]] = set()
+    if isinstance(plan, dict):
+        if "Node Type" in plan:
+            found.add((plan["Node Type"], plan.get("Relation Name")))
+        for value in plan.values():
+            found |= _node_types(value)
+    elif isinstance(plan, list):
+        for value in plan:
+            found |= _node_types(value)
+    return found
+
+
+def _generic_plan(
+    conn: psycopg.Connection[Any], query: str, types: dict[str, str], params: dict[str, Any]
+) -> Any:
+    """The plan a prepared ``query`` gets once the server settles on a generic plan (as it may
+    for a statement a connection runs often), with these parameter values; run and rolled back."""
+    text, names = _as_prepared(query)
+    conn.execute(f"PREPARE plan_under_test({', '.join(types[n] for n in names)}) AS {text}", prepare=False)
+    try:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        placeholders = ", ".join(f"%s::{types[n]}" for n in names)
+        with conn.transaction(force_rollback=True):
+            row = (
+                psycopg.ClientCursor(conn)
+                .execute(
+                    f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE plan_under_test({placeholders})",
+                    [params[n] for n in names],
+                )
+                .fetchone()
+            )
+    finally:
+        conn.execute("RESET plan_cache_mode")
+        conn.execute("DEALLOCATE plan_under_test", prepare=False)
+    assert row is not None
+    return row[0] if isinstance(row[0], list) else json.loads(row[0])
+
+
+def test_cancel_by_id_or_by_key_keeps_its_index_under_a_generic_plan(queue: Queue) -> None:
+    """One statement cancels by id or by unique key (the other NULL); each arm keeps its index,
+    where ``%(id)s IS NULL OR id = %(id)s`` would read every job."""
+    ids = queue.enqueue_many([{"task": "t", "queue": "q"}] * 20000)
+    keyed = queue.enqueue("t", queue="q", unique_key="the-key")
+    types = {"id": "bigint", "unique_key": "text", "queue": "text", "channel": "text"}
+    with psycopg.connect(queue.dsn, autocommit=True) as conn:
+        conn.execute(f'ANALYZE "{queue.schema}".jobs')
+        for params, index in (
+            ({"id": ids[123], "unique_key": None, "queue": None}, "jobs_pkey"),
+            ({"id": None, "unique_key": "the-key", "queue": None}, "jobs_unique_key_idx"),
+            ({"id": None, "unique_key": "the-key", "queue": "q"}, "jobs_unique_key_idx"),
+        ):
+            plan = _generic_plan(conn, queue.queries.cancel_jobs, types, {**params, "channel": "c"})
+            assert index in _index_names(plan), (params, plan)
+            assert ("Seq Scan", "jobs") not in _node_types(plan), (params, plan)
+            assert plan[0]["Plan"]["Plans"][0]["Actual Rows"] == 1, params
+    assert keyed > ids[-1]
+
+
+def test_pruning_and_cleaning_read_finished_jobs_through_their_index(queue: Queue) -> None:
+    """Retention and the admin's clean share one delete; a backlog of queued jobs must not be
+    read to find the finished ones."""
+    ids = queue.enqueue_many([{"task": "t", "queue": "q"}] * 20000)
+    types = {
+        "states": "text[]",
+        "queue": "text",
+        "queue_retention": "bool",
+        "older_than": "float8",
+        "limit": "int",
+    }
+    with psycopg.connect(queue.dsn, autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE \"{queue.schema}\".jobs SET state = 'completed', finished_at = now() - interval '2 days'"
+            " WHERE id = ANY(%s)",
+            (ids[:3000],),
+        )
+        conn.execute(f'ANALYZE "{queue.schema}".jobs')
+        for params in (
+            {"states": ["completed", "cancelled"], "queue": None, "queue_retention": True},  # the pruner
+            {"states": ["completed"], "queue": "q", "queue_retention": False},  # the admin's clean
+        ):
+            plan = _generic_plan(
+                conn,
+                queue.queries.delete_finished_jobs,
+                types,
+                {**params, "older_than": 86400.0, "limit": 500},
+            )
+            assert "jobs_finished_idx" in _index_names(plan), (params, plan)
+            assert plan[0]["Plan"]["Plans"][0]["Actual Rows"] == 500, params  # the DELETE got its batch
