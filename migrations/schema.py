@@ -36,9 +36,9 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from pgqueue.embedded import temporary_postgres
+from pgqueue._embedded import temporary_postgres
+from pgqueue._naming import DEFAULT_SCHEMA
 from pgqueue.migrate import head_revision, upgrade
-from pgqueue.naming import DEFAULT_SCHEMA
 
 SCHEMA_FILE = Path(__file__).resolve().with_name("schema.sql")
 TEST_DSN_VARIABLE = "PGQUEUE_TEST_DSN"  # the same variable, and server, as pgqueue.testing's

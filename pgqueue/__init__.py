@@ -3,8 +3,13 @@
 Everything public is re-exported here and listed in ``__all__``; other modules are internal.
 """
 
-from pgqueue.aqueue import AsyncQueue
-from pgqueue.enqueue import JobSpec
+from pgqueue._aqueue import AsyncQueue
+from pgqueue._enqueue import JobSpec
+from pgqueue._jobs import Job, JobState
+from pgqueue._queue import Queue
+from pgqueue._retry import Abort, Backoff, Retry, exponential, fixed, linear
+from pgqueue._schedules import Schedule
+from pgqueue._tasks import Registry, Task, TaskOptions
 from pgqueue.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -25,11 +30,6 @@ from pgqueue.errors import (
     UnstorableProgress,
     UnstorableResult,
 )
-from pgqueue.jobs import Job, JobState
-from pgqueue.queue import Queue
-from pgqueue.retry import Abort, Backoff, Retry, exponential, fixed, linear
-from pgqueue.schedules import Schedule
-from pgqueue.tasks import Registry, Task, TaskOptions
 from pgqueue.worker.context import JobContext
 
 __version__ = "0.1.0"

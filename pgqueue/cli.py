@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from pgqueue.base import KEEP, QueueBase
-from pgqueue.connections import classify_connection_error, resolve_dsn
+from pgqueue._base import KEEP, QueueBase
+from pgqueue._connections import classify_connection_error, resolve_dsn
+from pgqueue._naming import DEFAULT_SCHEMA
+from pgqueue._queue import Queue
 from pgqueue.errors import ConfigurationError, PgQueueError
-from pgqueue.naming import DEFAULT_SCHEMA
-from pgqueue.queue import Queue
 
 if TYPE_CHECKING:
     from pgqueue.scheduler import Scheduler
@@ -86,7 +86,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _app_queue(args: argparse.Namespace) -> QueueBase[Any]:
     """The app's queue named on the command line (or by $PGQUEUE_APP), on ``--dsn`` if given."""
-    from pgqueue.settings import ClientEnv
+    from pgqueue._settings import ClientEnv
 
     reference = args.app or ClientEnv.load(only=("app",)).app
     if not reference:
@@ -137,7 +137,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _scheduler_class() -> type[Scheduler]:
     """The scheduler, or a named error when its extra (APScheduler) is not installed."""
-    from pgqueue.schedules import SCHEDULER_EXTRA_MISSING
+    from pgqueue._schedules import SCHEDULER_EXTRA_MISSING
 
     try:
         from pgqueue.scheduler import Scheduler
@@ -242,7 +242,7 @@ def _queue_settings(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pgqueue.stats import queue_counts
+    from pgqueue._stats import queue_counts
 
     with _plain_queue(args) as queue:
         rows = queue_counts(queue)
@@ -271,7 +271,7 @@ def _admin(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from pgqueue.dev import run_from_args
+    from pgqueue._dev import run_from_args
 
     return run_from_args(args)
 
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_admin)
 
     p = commands.add_parser("dev", help="try it: embedded PostgreSQL, demo jobs, worker, dashboard")
-    from pgqueue.dev import add_arguments as dev_arguments
+    from pgqueue._dev import add_arguments as dev_arguments
 
     dev_arguments(p)
     p.set_defaults(handler=_dev)
@@ -400,11 +400,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pgqueue.settings import ClientEnv  # pydantic: only once a command runs
+    from pgqueue._settings import ClientEnv  # pydantic: only once a command runs
 
     args = build_parser().parse_args(argv)
     try:
-        # Defaults from the environment, read once the command is known (see pgqueue.settings).
+        # Defaults from the environment, read once the command is known (see pgqueue._settings).
         env = ClientEnv.load(only=("log_level", "schema_name"))
         args.log_level = args.log_level or env.log_level
         if "schema" in args and args.schema is None:

@@ -1,7 +1,7 @@
 """The exceptions pgqueue raises, all under one base class so callers can catch them together.
 
 Every error class lives here: a caller finds them all in one place, and no module has to import
-another's internals to name a failure. ``Retry`` and ``Abort`` (:mod:`pgqueue.retry`) are not
+another's internals to name a failure. ``Retry`` and ``Abort`` (:mod:`pgqueue._retry`) are not
 errors but a handler's requests, so they stay with the retry policies.
 """
 

@@ -19,9 +19,9 @@ from sqlalchemy import create_engine, pool, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
-from pgqueue.connections import classify_connection_error, connect
+from pgqueue._connections import classify_connection_error, connect
+from pgqueue._naming import DEFAULT_SCHEMA, check_schema_name
 from pgqueue.errors import ConfigurationError, PgQueueError
-from pgqueue.naming import DEFAULT_SCHEMA, check_schema_name
 
 SCHEMA_ATTRIBUTE = "pgqueue_schema"
 # Serialises concurrent `pgqueue migrate` runs (e.g. every replica migrating at start-up).

@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pgqueue.base import QueueBase
-from pgqueue.connections import is_transient, retry_delays
+from pgqueue._base import QueueBase
+from pgqueue._connections import is_transient, retry_delays
 from pgqueue.errors import ConfigurationError, PgQueueError
 
 try:
@@ -39,8 +39,8 @@ except ModuleNotFoundError as exc:
     raise ConfigurationError(
         "the scheduler needs the scheduler extra: pip install 'pgqueue[scheduler]'"
     ) from exc
-from pgqueue.queue import Queue
-from pgqueue.schedules import Schedule, fire_key
+from pgqueue._queue import Queue
+from pgqueue._schedules import Schedule, fire_key
 
 log = logging.getLogger("pgqueue.scheduler")
 ENQUEUE_EXECUTOR = "pgqueue-enqueue"

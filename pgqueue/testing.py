@@ -25,9 +25,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgqueue.aqueue import AsyncQueue
-from pgqueue.embedded import temporary_postgres
-from pgqueue.queue import Queue
+from pgqueue._aqueue import AsyncQueue
+from pgqueue._embedded import temporary_postgres
+from pgqueue._queue import Queue
 
 TEST_DSN_VARIABLE = "PGQUEUE_TEST_DSN"
 

@@ -38,10 +38,10 @@ class Pair:
 
 PAIRS = [
     Pair(
-        "pgqueue/aqueue.py",
-        "pgqueue/queue.py",
+        "pgqueue/_aqueue.py",
+        "pgqueue/_queue.py",
         '"""The synchronous queue: what a (threaded) app uses to enqueue, inspect and cancel jobs.\n\n'
-        "Generated from :mod:`pgqueue.aqueue` by ``tools/async_to_sync.py``: edit that file and run the\n"
+        "Generated from :mod:`pgqueue._aqueue` by ``tools/async_to_sync.py``: edit that file and run the\n"
         'tool; CI fails when this one differs from what the tool writes.\n"""',
     ),
 ]

@@ -15,12 +15,12 @@ from typing import Any
 
 import psycopg
 
+from pgqueue._jobs import JobRow
+from pgqueue._queue import Queue
 from pgqueue.admin.readmodel import ReadModel
 from pgqueue.admin.redaction import Redactor, default_redact, redact_value
 from pgqueue.admin.schemas import CleanIn, RetryOut, ScheduleOut
 from pgqueue.errors import ConflictError, JobNotFoundError, ScheduleNotFoundError
-from pgqueue.jobs import JobRow
-from pgqueue.queue import Queue
 
 Conn = psycopg.Connection[Any]
 

@@ -21,12 +21,12 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from pgqueue._queue import Queue
 from pgqueue.admin.checks import AlertRule, evaluate
 from pgqueue.admin.readmodel import ReadModel
 from pgqueue.admin.schemas import AlertEvent, Breach
 from pgqueue.admin.settings import AdminEnv
 from pgqueue.errors import ConfigurationError
-from pgqueue.queue import Queue
 
 log = logging.getLogger("pgqueue.admin.alerts")
 

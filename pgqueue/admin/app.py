@@ -23,6 +23,8 @@ from fastapi.responses import JSONResponse
 from psycopg_pool import PoolTimeout
 
 from pgqueue import __version__
+from pgqueue._base import QueueBase
+from pgqueue._queue import Queue
 from pgqueue.admin import dashboard, health, metrics
 from pgqueue.admin.alerts import AlertMonitor, AlertSettings
 from pgqueue.admin.auth import AdminAuth, Guard
@@ -31,9 +33,7 @@ from pgqueue.admin.redaction import Redactor, default_redact
 from pgqueue.admin.routes import dead, fleet, jobs, queues
 from pgqueue.admin.settings import AdminOptions
 from pgqueue.admin.shield import Shield
-from pgqueue.base import QueueBase
 from pgqueue.errors import DatabaseUnavailableError
-from pgqueue.queue import Queue
 
 
 def sync_queue(queue: QueueBase[Any]) -> Queue:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pgqueue._naming import check_queue_name
 from pgqueue.admin.schemas import Breach, QueueHealth
 from pgqueue.errors import ConfigurationError, InvalidJobError
-from pgqueue.naming import check_queue_name
 
 DEFAULT_FAILURE_WINDOW = 300.0
 ALL_QUEUES = "*"

@@ -18,6 +18,7 @@ from fastapi import HTTPException
 from fastapi.routing import APIRoute
 from psycopg_pool import PoolTimeout
 
+from pgqueue._queue import Queue
 from pgqueue.admin.alerts import AlertMonitor, AlertSettings
 from pgqueue.admin.auth import Guard
 from pgqueue.admin.readmodel import ReadModel
@@ -25,7 +26,6 @@ from pgqueue.admin.redaction import Redactor
 from pgqueue.admin.settings import AdminOptions
 from pgqueue.admin.shield import route_class
 from pgqueue.errors import ConfigurationError, DatabaseUnavailableError, SchemaNotReadyError
-from pgqueue.queue import Queue
 
 
 @dataclass(slots=True)

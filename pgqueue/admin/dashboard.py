@@ -14,12 +14,12 @@ from urllib.parse import parse_qs, urlencode
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
+from pgqueue._naming import check_queue_name, check_task_name
 from pgqueue.admin.auth import SESSION_COOKIE, Identity
 from pgqueue.admin.context import AdminContext
 from pgqueue.admin.readmodel import JobFilter
 from pgqueue.admin.render import STATIC, environment
 from pgqueue.admin.schemas import MAX_JOB_ID, StateFilter
-from pgqueue.naming import check_queue_name, check_task_name
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (

@@ -29,11 +29,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from pgqueue._queue import Queue
+from pgqueue._rows import QueueOverview
 from pgqueue.admin.context import AdminContext
 from pgqueue.admin.readmodel import ReadModel
 from pgqueue.errors import PgQueueError
-from pgqueue.queue import Queue
-from pgqueue.rows import QueueOverview
 
 log = logging.getLogger("pgqueue.admin.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -5,7 +5,7 @@ It owns the SQL those reads run: the admin's own statements (``admin.sql``) and 
 ones the client reads with (``queue_overview``, ``get_job``, ``list_schedules``,
 ``schema_version``), so a count or a job looks the same in the admin as through
 :class:`pgqueue.Queue`. Rows become the dataclasses below by column name
-(:func:`pgqueue.rows.dataclass_row`), then the response models of :mod:`pgqueue.admin.schemas`.
+(:func:`pgqueue._rows.dataclass_row`), then the response models of :mod:`pgqueue.admin.schemas`.
 No HTTP here, and no writes (those are :mod:`pgqueue.admin.actions`).
 """
 
@@ -18,6 +18,9 @@ from typing import Any, TypeVar, cast
 
 import psycopg
 
+from pgqueue._jobs import JobRow
+from pgqueue._rows import QueueOverview, ScheduleRow, dataclass_row
+from pgqueue._sql import Queries
 from pgqueue.admin.checks import AlertRule, Snapshot, failure_windows
 from pgqueue.admin.redaction import Redactor, redact_strings, redact_value
 from pgqueue.admin.schemas import (
@@ -36,9 +39,6 @@ from pgqueue.admin.schemas import (
     WorkerOut,
 )
 from pgqueue.admin.settings import AdminOptions
-from pgqueue.jobs import JobRow
-from pgqueue.rows import QueueOverview, ScheduleRow, dataclass_row
-from pgqueue.sql import Queries
 
 Conn = psycopg.Connection[Any]
 T = TypeVar("T")

@@ -19,7 +19,7 @@ JobStateName = Literal["queued", "delayed", "running", "completed", "cancelled",
 StateFilter = Literal["queued", "delayed", "retrying", "running", "completed", "cancelled", "dead"]
 """What the job list filters on: a state, or "retrying" (queued after at least one failure)."""
 
-# The naming rules of pgqueue.naming, for the OpenAPI document and for request validation.
+# The naming rules of pgqueue._naming, for the OpenAPI document and for request validation.
 QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}$"
 TASK_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$"
 MAX_JOB_ID = 2**63 - 1

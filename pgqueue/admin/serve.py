@@ -10,15 +10,15 @@ from collections.abc import Mapping
 
 from fastapi import FastAPI
 
+from pgqueue._connections import resolve_dsn
+from pgqueue._naming import DEFAULT_SCHEMA
+from pgqueue._queue import Queue
+from pgqueue._settings import ClientEnv
 from pgqueue.admin.alerts import alerts_from_env
 from pgqueue.admin.app import create_admin_app
 from pgqueue.admin.auth import AdminAuth, is_loopback
 from pgqueue.admin.settings import AdminOptions
-from pgqueue.connections import resolve_dsn
 from pgqueue.errors import ConfigurationError
-from pgqueue.naming import DEFAULT_SCHEMA
-from pgqueue.queue import Queue
-from pgqueue.settings import ClientEnv
 
 _TRUE = {"1", "true", "yes", "on"}
 

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from pgqueue._settings import ENV_PREFIX, EnvSettings, strip
 from pgqueue.errors import ConfigurationError
-from pgqueue.settings import ENV_PREFIX, EnvSettings, strip
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 _TRUE = frozenset({"1", "true", "yes", "on"})

@@ -17,9 +17,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pgqueue.base import QueueSettings
-from pgqueue.rows import dataclass_row
-from pgqueue.sql import Queries
+from pgqueue._base import QueueSettings
+from pgqueue._rows import dataclass_row
+from pgqueue._sql import Queries
 from pgqueue.worker.db import ServiceConnection, reconnect_delay
 from pgqueue.worker.execution import ClaimedJob, Outcome
 from pgqueue.worker.executor import Executor

@@ -24,9 +24,9 @@ from typing import Any
 
 import psycopg
 
-from pgqueue.connections import is_transient
+from pgqueue._connections import is_transient
+from pgqueue._sql import Queries
 from pgqueue.errors import UnstorableResult
-from pgqueue.sql import Queries
 from pgqueue.worker.db import ServiceConnection, reconnect_delay
 from pgqueue.worker.execution import ClaimedJob, Outcome
 from pgqueue.worker.outcomes import error_entry

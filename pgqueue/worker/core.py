@@ -28,8 +28,8 @@ from typing import Any
 
 import psycopg
 
-from pgqueue.base import QueueBase
-from pgqueue.connections import classify_connection_error, is_transient, prepared_statements_enabled
+from pgqueue._base import QueueBase
+from pgqueue._connections import classify_connection_error, is_transient, prepared_statements_enabled
 from pgqueue.errors import ConfigurationError, SchemaNotReadyError
 from pgqueue.worker.claimer import Claimer
 from pgqueue.worker.completer import Completer

@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 
+from pgqueue._connections import connection_kwargs
 from pgqueue._timestamps import register_timestamp_loaders
-from pgqueue.connections import connection_kwargs
 
 log = logging.getLogger("pgqueue.worker")
 Conn = psycopg.AsyncConnection[Any]

@@ -19,6 +19,8 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
+from pgqueue._retry import Abort, Retry
+from pgqueue._tasks import CONTEXT_PARAMETER, Task
 from pgqueue.errors import (
     HandlerProcessDied,
     JobCancelled,
@@ -26,8 +28,6 @@ from pgqueue.errors import (
     UnknownTaskError,
     UnstorableResult,
 )
-from pgqueue.retry import Abort, Retry
-from pgqueue.tasks import CONTEXT_PARAMETER, Task
 from pgqueue.worker.context import JobContext
 from pgqueue.worker.outcomes import dump_result, error_entry, exception_entry, to_jsonb
 from pgqueue.worker.processes import ProcessOutcome, ProcessSlots
@@ -40,7 +40,7 @@ class ClaimedJob:
     """A claimed job as the claim statement returned it, with the token of that claim.
 
     The fields up to ``started`` are the columns of the claim statements (``claim``,
-    ``claim_limited``), by name; the claimer adds the token (:func:`pgqueue.rows.dataclass_row`).
+    ``claim_limited``), by name; the claimer adds the token (:func:`pgqueue._rows.dataclass_row`).
     Mutable only for the executor, which records a prefetched job's start on it (a copy per
     job would cost more than the rest of the hot path).
     """

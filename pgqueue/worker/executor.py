@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from pgqueue.tasks import Registry, Task
+from pgqueue._tasks import Registry, Task
 from pgqueue.worker.completer import Completer
 from pgqueue.worker.context import JobContext
 from pgqueue.worker.execution import ClaimedJob, Outcome, Runners, execute

@@ -26,8 +26,8 @@ from uuid import UUID
 
 import psycopg
 
-from pgqueue.rows import dataclass_row
-from pgqueue.sql import Queries
+from pgqueue._rows import dataclass_row
+from pgqueue._sql import Queries
 from pgqueue.worker.db import SLOW_ANSWER, connect_kwargs
 
 log = logging.getLogger("pgqueue.worker")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from pgqueue.notifications import CANCEL_PREFIX, PING_PREFIX, SETTINGS_PREFIX
+from pgqueue._notifications import CANCEL_PREFIX, PING_PREFIX, SETTINGS_PREFIX
 from pgqueue.worker.db import connect_kwargs
 
 log = logging.getLogger("pgqueue.worker")

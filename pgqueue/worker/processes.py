@@ -38,13 +38,13 @@ from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
+from pgqueue._tasks import CONTEXT_PARAMETER
 from pgqueue.errors import UnstorableResult
-from pgqueue.tasks import CONTEXT_PARAMETER
 from pgqueue.worker.context import JobContext
 from pgqueue.worker.outcomes import describe, dump_result, format_traceback
 
 if TYPE_CHECKING:
-    from pgqueue.base import QueueBase
+    from pgqueue._base import QueueBase
 
 log = logging.getLogger("pgqueue.worker")
 

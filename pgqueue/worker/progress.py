@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from uuid import UUID
 
-from pgqueue.sql import Queries
+from pgqueue._sql import Queries
 from pgqueue.worker.db import ServiceConnection
 
 log = logging.getLogger("pgqueue.worker")

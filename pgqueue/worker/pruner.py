@@ -10,7 +10,7 @@ import asyncio
 import logging
 from typing import Any
 
-from pgqueue.sql import Queries
+from pgqueue._sql import Queries
 from pgqueue.worker.db import ServiceConnection
 
 log = logging.getLogger("pgqueue.maintenance")

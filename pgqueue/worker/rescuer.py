@@ -14,8 +14,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from pgqueue.rows import dataclass_row
-from pgqueue.sql import Queries
+from pgqueue._rows import dataclass_row
+from pgqueue._sql import Queries
 from pgqueue.worker.db import ServiceConnection
 
 log = logging.getLogger("pgqueue.maintenance")

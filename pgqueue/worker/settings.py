@@ -9,10 +9,10 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator
 from pydantic_settings import NoDecode
 
+from pgqueue._naming import check_queue_name
+from pgqueue._settings import EnvSettings, Stripped, strip
+from pgqueue._tasks import ISOLATIONS, Isolation
 from pgqueue.errors import ConfigurationError
-from pgqueue.naming import check_queue_name
-from pgqueue.settings import EnvSettings, Stripped, strip
-from pgqueue.tasks import ISOLATIONS, Isolation
 
 
 def parse_queue_limits(text: str) -> dict[str, int]:

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgqueue.dev import bind, demo_queue, enqueue_demo_jobs
+from pgqueue._dev import bind, demo_queue, enqueue_demo_jobs
 from pgqueue.errors import ConfigurationError
 
 TOKEN = "dev-test-token-0123456789"
@@ -47,7 +47,7 @@ def test_dev_serves_demo_jobs_and_stops_cleanly_on_ctrl_c() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PGQUEUE_ADMIN_TOKEN", None)
     process = subprocess.Popen(
-        [sys.executable, "-m", "pgqueue.dev", "--port", "0", "--token", TOKEN],
+        [sys.executable, "-m", "pgqueue._dev", "--port", "0", "--token", TOKEN],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 
 from pgqueue import Abort, Retry, exponential, fixed, linear
+from pgqueue._tasks import TaskOptions
 from pgqueue.errors import ConfigurationError, PgQueueError
-from pgqueue.tasks import TaskOptions
 
 SAMPLES = 2000
 

@@ -28,8 +28,8 @@ from pgqueue import (
     Queue,
     ScheduleNotFoundError,
 )
-from pgqueue.aqueue import AsyncScheduleStore
-from pgqueue.queue import ScheduleStore
+from pgqueue._aqueue import AsyncScheduleStore
+from pgqueue._queue import ScheduleStore
 from pgqueue.scheduler import Scheduler
 
 AnyQueue = Queue | AsyncQueue

@@ -36,7 +36,7 @@ from worker_helpers import PgqueueProcess as Proc
 from worker_helpers import wait_until
 
 from pgqueue import AsyncQueue, DatabaseUnavailableError, JobSpec, Queue, SchemaNotReadyError
-from pgqueue.connections import (
+from pgqueue._connections import (
     DEFAULT_CONNECT_WAIT,
     application_name,
     classify_connection_error,
@@ -44,7 +44,7 @@ from pgqueue.connections import (
     is_transient,
     prepared_statements_enabled,
 )
-from pgqueue.enqueue import make_request
+from pgqueue._enqueue import make_request
 from pgqueue.errors import AuthenticationError, ConfigurationError, DatabaseConfigurationError
 from pgqueue.migrate import upgrade
 

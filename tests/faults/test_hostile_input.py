@@ -25,13 +25,13 @@ from fastapi.testclient import TestClient
 from psycopg import sql
 
 from pgqueue import AsyncQueue, InvalidJobError, JobSpec, JobState, Queue
-from pgqueue.cli import main as cli_main
-from pgqueue.jobs import (
+from pgqueue._jobs import (
     LATEST_DELAYED_RUN_AT,
     MAX_ARGS_DEPTH,
     MAX_TIMEOUT_SECONDS,
     MAX_UNIQUE_KEY_BYTES,
 )
+from pgqueue.cli import main as cli_main
 
 REFUSAL_SECONDS = 2.0
 LATEST = datetime.max.replace(tzinfo=UTC)

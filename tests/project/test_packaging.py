@@ -212,7 +212,7 @@ def test_import_pgqueue_and_the_cli_parser_load_no_extra_and_no_worker(tmp_path:
     assert_light(modules["import"])
     assert "pgqueue.cli" not in modules["import"]
     assert_light(modules["cli"])
-    assert "pgqueue.queue" in modules["import"] and "psycopg" in modules["import"]
+    assert "pgqueue._queue" in modules["import"] and "psycopg" in modules["import"]
 
 
 def test_the_lazy_names_still_import() -> None:

@@ -19,11 +19,11 @@ from psycopg import pq
 
 import pgqueue
 from pgqueue import Queue
+from pgqueue._base import QueueSettings
+from pgqueue._jobs import JobRow
+from pgqueue._rows import QueueOverview, RowShapeError, ScheduleRow, dataclass_row, row_maker
+from pgqueue._sql import DECLARED, Queries, packaged_statements, parse
 from pgqueue.admin import readmodel
-from pgqueue.base import QueueSettings
-from pgqueue.jobs import JobRow
-from pgqueue.rows import QueueOverview, RowShapeError, ScheduleRow, dataclass_row, row_maker
-from pgqueue.sql import DECLARED, Queries, packaged_statements, parse
 from pgqueue.worker.execution import ClaimedJob
 from pgqueue.worker.lease_keeper import Renewed
 from pgqueue.worker.rescuer import Rescued
@@ -73,7 +73,7 @@ def test_every_statement_is_used_by_the_code() -> None:
     """A statement no module names is dead SQL (and a transitional name nobody uses any more is
     due for removal)."""
     code = "\n".join(
-        p.read_text(encoding="utf-8") for p in PACKAGE.rglob("*.py") if PACKAGE / "sql" not in p.parents
+        p.read_text(encoding="utf-8") for p in PACKAGE.rglob("*.py") if PACKAGE / "_sql" not in p.parents
     )
     used = set(re.findall(r"(?:queries|\bq)\.(\w+)", code))  # queue.queries.x, self._queries.x, q.x
     assert sorted(DECLARED - used) == []

@@ -28,8 +28,8 @@ from worker_helpers import PgqueueProcess as Proc
 from worker_helpers import percentile, wait_until
 
 from pgqueue import Queue
+from pgqueue._schedules import fire_key
 from pgqueue.scheduler import Scheduler
-from pgqueue.schedules import fire_key
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

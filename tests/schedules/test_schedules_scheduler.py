@@ -25,8 +25,8 @@ from psycopg.rows import dict_row
 from worker_helpers import wait_until
 
 from pgqueue import ConfigurationError, JobContext, JobState, Queue, ScheduleNotFoundError
+from pgqueue._schedules import fire_key
 from pgqueue.scheduler import Scheduler
-from pgqueue.schedules import fire_key
 from pgqueue.worker import AsyncWorker
 
 T = TypeVar("T")

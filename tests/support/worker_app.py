@@ -59,9 +59,9 @@ class App:
         self.queue = Queue(dsn, schema=schema)
         # Keyed by the loop itself, weakly: a finished loop's pool goes with it, and a new loop
         # that happens to get a dead one's id() never inherits a pool whose tasks died with it.
-        self._pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnectionPool[Any]] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._pools: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[AsyncConnectionPool[Any], asyncio.Task[None]]
+        ] = weakref.WeakKeyDictionary()
         ident = sql.Identifier(schema)
         self.q_insert = sql.SQL(
             "INSERT INTO {}.test_log (job_id, task, attempt, pid, note) VALUES (%s, %s, %s, %s, %s)"
@@ -82,10 +82,18 @@ class App:
 
     # -- recording from async handlers (one small pool per event loop) ----------------------
 
-    def _pool(self) -> AsyncConnectionPool[Any]:
+    async def _pool(self) -> AsyncConnectionPool[Any]:
+        """The running loop's pool, once it holds its first connection.
+
+        Every handler awaits the one opening: were some to skip it once the pool is open but
+        not yet full, they would take the first connection as it arrives, the opener's wait
+        for a full pool would time out and close the pool under them. Opened with ``wait`` so
+        no connection attempt still runs in the background when the job ends (an isolated
+        child cancels what its job left running). A pool that failed to open is replaced.
+        """
         loop = asyncio.get_running_loop()
-        pool = self._pools.get(loop)
-        if pool is None:
+        entry = self._pools.get(loop)
+        if entry is None or (entry[1].done() and entry[0].closed):
             pool = AsyncConnectionPool(
                 self.queue.dsn,
                 min_size=1,
@@ -94,18 +102,15 @@ class App:
                 kwargs=self.pool_kwargs,
                 name="worker-app",
             )
-            self._pools[loop] = pool
+            entry = self._pools[loop] = (pool, loop.create_task(pool.open(wait=True, timeout=10)))
+        pool, opening = entry
+        await asyncio.shield(opening)
         return pool
 
     async def _sql(self, query: sql.Composed, params: tuple[Any, ...]) -> Any:
         """Run one statement; a connection killed under us (a test terminating backends) is
         replaced and the statement tried again, so the handler's own bookkeeping survives."""
-        pool = self._pool()
-        if pool.closed:
-            # Connects in the background; connection() below waits for one. Not open(wait=True):
-            # concurrent handlers take the first connection as it arrives, so a wait for the pool
-            # to hold min_size idle connections can time out and close the pool under them.
-            await pool.open()
+        pool = await self._pool()
         tries = 8  # more than the pool holds: every dead connection is discarded on the way
         for attempt in range(tries):
             try:
@@ -136,9 +141,9 @@ class App:
 
     async def aclose(self) -> None:
         """Close the pool of the running loop (call from the loop that used it)."""
-        pool = self._pools.pop(asyncio.get_running_loop(), None)
-        if pool is not None:
-            await pool.close()
+        entry = self._pools.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry[0].close()
 
     # -- recording from sync handlers (threads: a connection per call) -----------------------
 

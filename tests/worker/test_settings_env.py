@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from pgqueue.connections import DEFAULT_CONNECT_WAIT, connect_wait, prepared_statements_enabled, resolve_dsn
+from pgqueue._connections import DEFAULT_CONNECT_WAIT, connect_wait, prepared_statements_enabled, resolve_dsn
+from pgqueue._naming import DEFAULT_SCHEMA
+from pgqueue._settings import ClientEnv, resolve_schema
 from pgqueue.errors import ConfigurationError
-from pgqueue.naming import DEFAULT_SCHEMA
-from pgqueue.settings import ClientEnv, resolve_schema
 from pgqueue.worker.settings import WorkerEnv, WorkerSettings
 
 

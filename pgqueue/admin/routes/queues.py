@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path
 
+from pgqueue._base import KEEP, QueueSettings
 from pgqueue.admin import actions
 from pgqueue.admin.context import AdminContext
 from pgqueue.admin.routes.common import ERRORS, WRITE_ERRORS
@@ -17,7 +18,6 @@ from pgqueue.admin.schemas import (
     QueueSettingsOut,
     QueueStats,
 )
-from pgqueue.base import KEEP, QueueSettings
 from pgqueue.errors import InvalidQueueSettingsError
 
 QueueName = Annotated[str, Path(pattern=QUEUE_PATTERN, description="A queue name.")]

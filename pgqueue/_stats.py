@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pgqueue.queue import Queue
-from pgqueue.rows import QueueOverview, dataclass_row
+from pgqueue._queue import Queue
+from pgqueue._rows import QueueOverview, dataclass_row
 
 
 @dataclass(frozen=True, slots=True)

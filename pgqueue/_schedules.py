@@ -25,9 +25,9 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypedDict
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from pgqueue._jobs import dump_args
+from pgqueue._naming import check_queue_name, check_task_name
 from pgqueue.errors import ConfigurationError
-from pgqueue.jobs import dump_args
-from pgqueue.naming import check_queue_name, check_task_name
 
 if TYPE_CHECKING:
     from apscheduler.triggers.base import BaseTrigger

@@ -5,7 +5,7 @@
 -- ---------------------------------------------------------------- settings
 
 -- name: queue_settings
--- The columns of pgqueue.base.QueueSettings, by name, as set_queue returns them.
+-- The columns of pgqueue._base.QueueSettings, by name, as set_queue returns them.
 SELECT name, paused, concurrency, rate_limit FROM {schema}.queues WHERE name = ANY(%(queues)s)
 
 -- name: set_queue

@@ -9,10 +9,10 @@ from typing import Any, Generic, Literal, TypeVar
 
 from typing_extensions import Unpack
 
+from pgqueue._jobs import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY, DEFAULT_QUEUE, OPTION_NAMES, JobOptions
+from pgqueue._naming import check_queue_name, check_task_name
+from pgqueue._retry import DEFAULT_BACKOFF, Backoff
 from pgqueue.errors import ConfigurationError, InvalidJobError, UnknownTaskError
-from pgqueue.jobs import DEFAULT_MAX_ATTEMPTS, DEFAULT_PRIORITY, DEFAULT_QUEUE, OPTION_NAMES, JobOptions
-from pgqueue.naming import check_queue_name, check_task_name
-from pgqueue.retry import DEFAULT_BACKOFF, Backoff
 
 R = TypeVar("R")
 Handler = Callable[..., Any]

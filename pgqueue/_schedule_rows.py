@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from pgqueue.jobs import dump_args
-from pgqueue.rows import ScheduleRow
-from pgqueue.schedules import Schedule
+from pgqueue._jobs import dump_args
+from pgqueue._rows import ScheduleRow
+from pgqueue._schedules import Schedule
 
 
 def schedule_params(schedule: Schedule, from_code: bool) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def resolve_dsn(dsn: str | None) -> str:
     """The DSN given, else ``PGQUEUE_DSN``, else ``DATABASE_URL``; SQLAlchemy URLs are accepted."""
     value = dsn
     if not value:  # only now read the environment: a DSN given in code needs nothing from it
-        from pgqueue.settings import ClientEnv  # pydantic loads on first use, not at import
+        from pgqueue._settings import ClientEnv  # pydantic loads on first use, not at import
 
         env = ClientEnv.load(only=("dsn", "database_url"))
         value = env.dsn or env.database_url
@@ -144,7 +144,7 @@ def application_name(role: str) -> str:
 def prepared_statements_enabled() -> bool:
     """False when ``PGQUEUE_PREPARED_STATEMENTS`` is off: PgBouncer in transaction mode hands each
     transaction another server connection, where a statement prepared on the last one is missing."""
-    from pgqueue.settings import ClientEnv
+    from pgqueue._settings import ClientEnv
 
     return ClientEnv.load(only=("prepared_statements",)).prepared_statements is not False
 
@@ -153,7 +153,7 @@ def connect_wait(value: float | None = None) -> float:
     """Seconds to keep retrying an unavailable server: the value given, else
     ``PGQUEUE_CONNECT_WAIT``, else :data:`DEFAULT_CONNECT_WAIT`."""
     if value is None:
-        from pgqueue.settings import ClientEnv
+        from pgqueue._settings import ClientEnv
 
         value = ClientEnv.load(only=("connect_wait",)).connect_wait
         if value is None:

@@ -9,7 +9,7 @@ psycopg's own ``class_row`` also matches by name, but it builds a dict of every 
 the class with keywords: 1.7 to 2.4 µs a row for the claim's eleven fields, against 0.4 to
 0.5 µs for a positional call (the claim path builds thousands of rows a second). Here the
 matching happens once, and when the columns come in field order, as every statement of
-``pgqueue/sql`` returns them, each row is a plain positional call.
+``pgqueue/_sql`` returns them, each row is a plain positional call.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from psycopg.rows import BaseRowFactory, RowMaker, no_result
 
-from pgqueue.schedules import MisfirePolicy
+from pgqueue._schedules import MisfirePolicy
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """What the sync and async queues share: turning calls into validated rows and query parameters.
 
-The twins (:mod:`pgqueue.queue`, :mod:`pgqueue.aqueue`) only add the I/O around these functions.
+The twins (:mod:`pgqueue._queue`, :mod:`pgqueue._aqueue`) only add the I/O around these functions.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Any
 
 from typing_extensions import Unpack
 
+from pgqueue._jobs import OPTION_NAMES, JobOptions, JobRequest, check_unique_key, dump_args, short_repr
+from pgqueue._sql import Queries
+from pgqueue._tasks import Registry, Task, TaskOptions
 from pgqueue.errors import InvalidJobError
-from pgqueue.jobs import OPTION_NAMES, JobOptions, JobRequest, check_unique_key, dump_args, short_repr
-from pgqueue.sql import Queries
-from pgqueue.tasks import Registry, Task, TaskOptions
 
 COPY_CHUNK_ROWS = 5000
 

@@ -1,6 +1,6 @@
 """The asyncio queue: what an async app uses to enqueue, inspect and cancel jobs.
 
-This file is the source of both twins: ``tools/async_to_sync.py`` writes :mod:`pgqueue.queue`
+This file is the source of both twins: ``tools/async_to_sync.py`` writes :mod:`pgqueue._queue`
 (the synchronous :class:`~pgqueue.Queue`) from it, and CI fails when the two drift. Lines marked
 ``# async-only`` are left out of the sync twin; ``# sync: …`` comments are its own lines.
 """
@@ -21,10 +21,9 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 from typing_extensions import Unpack
 
-from pgqueue import enqueue as ops
-from pgqueue._timestamps import configure_async_connection, register_timestamp_loaders
-from pgqueue.base import KEEP, UNIQUE_RACE_RETRIES, Keep, QueueBase, QueueSettings
-from pgqueue.connections import (
+from pgqueue import _enqueue as ops
+from pgqueue._base import KEEP, UNIQUE_RACE_RETRIES, Keep, QueueBase, QueueSettings
+from pgqueue._connections import (
     CHECKOUT_SLICE,
     POOL_WAIT,
     RECONNECT_TIMEOUT,
@@ -38,18 +37,19 @@ from pgqueue.connections import (
     schema_not_ready,
     translate_failure,
 )
-from pgqueue.enqueue import JobSpec
+from pgqueue._enqueue import JobSpec
+from pgqueue._jobs import Job, JobOptions, JobRequest, job_from_row
+from pgqueue._notifications import settings_changed
+from pgqueue._rows import ScheduleRow, dataclass_row
+from pgqueue._schedule_rows import schedule_from_row, schedule_params
+from pgqueue._schedules import Schedule, ScheduleOptions
+from pgqueue._timestamps import configure_async_connection, register_timestamp_loaders
 from pgqueue.errors import DatabaseUnavailableError, JobNotFoundError, PgQueueError, ScheduleNotFoundError
-from pgqueue.jobs import Job, JobOptions, JobRequest, job_from_row
-from pgqueue.notifications import settings_changed
-from pgqueue.rows import ScheduleRow, dataclass_row
-from pgqueue.schedule_rows import schedule_from_row, schedule_params
-from pgqueue.schedules import Schedule, ScheduleOptions
 
 # sync: import threading
 # sync: from collections.abc import Callable, Iterable, Iterator, Mapping
 # sync: from contextlib import contextmanager
-# sync: from pgqueue.connections import connect, sync_connection
+# sync: from pgqueue._connections import connect, sync_connection
 
 T = TypeVar("T")
 AsyncPool = AsyncConnectionPool[psycopg.AsyncConnection[Any]]
@@ -190,7 +190,7 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         """``work`` on the caller's connection, else on a pooled one, with failures named.
 
         On a pooled connection lost midway, ``work`` runs once more on a fresh one when
-        ``retry`` says that is safe (see :data:`~pgqueue.connections.Retry`); with
+        ``retry`` says that is safe (see :data:`~pgqueue._connections.Retry`); with
         ``transaction`` it runs inside a transaction of its own (on an autocommit caller
         connection too, as :meth:`enqueue_many` always did).
         """

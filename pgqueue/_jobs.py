@@ -11,8 +11,8 @@ from enum import StrEnum
 from typing import Any, TypedDict
 
 from pgqueue import _jsonb as jsonb
+from pgqueue._naming import check_queue_name, check_task_name
 from pgqueue.errors import InvalidJobError
-from pgqueue.naming import check_queue_name, check_task_name
 
 # A JSON "\u0000" escape (not an escaped backslash followed by "u0000").
 # One encoder for every job: building one per call costs more than the encoding itself.
@@ -43,7 +43,7 @@ MAX_TIMEOUT_SECONDS = 365 * 24 * 3600
 # keeps a skewed clock from pushing the run time over the end.
 LATEST_RUN_AT = datetime.max.replace(tzinfo=UTC)
 LATEST_DELAYED_RUN_AT = LATEST_RUN_AT - timedelta(days=1)
-# The name rules of pgqueue.naming, checked first so an enormous name is never cached there.
+# The name rules of pgqueue._naming, checked first so an enormous name is never cached there.
 MAX_QUEUE_NAME_LENGTH = 63
 MAX_TASK_NAME_LENGTH = 200
 
@@ -95,7 +95,7 @@ _JOB_FIELDS = tuple(f.name for f in fields(Job) if f.name != "state")
 
 @dataclass(frozen=True, slots=True)
 class JobRow:
-    """A row of the ``get_job`` statement, by column name (:func:`pgqueue.rows.dataclass_row`):
+    """A row of the ``get_job`` statement, by column name (:func:`pgqueue._rows.dataclass_row`):
     a :class:`Job`'s columns, then what only the admin shows — the lease, the cancel flag, and
     whether a queued job waits for its run time by the database's clock."""
 
@@ -152,7 +152,7 @@ OPTION_NAMES = frozenset(JobOptions.__annotations__)
 
 @dataclass(frozen=True, slots=True)
 class JobRequest:
-    """One validated job, ready to insert. Built by :func:`pgqueue.enqueue.build_request`."""
+    """One validated job, ready to insert. Built by :func:`pgqueue._enqueue.build_request`."""
 
     queue: str
     task: str
@@ -181,7 +181,7 @@ class JobRequest:
         scheduled_for: datetime | None,
     ) -> JobRequest:
         """The request for resolved options, each checked; raises :class:`InvalidJobError` on the
-        first bad one (see :func:`pgqueue.enqueue.build_request`, which resolves them)."""
+        first bad one (see :func:`pgqueue._enqueue.build_request`, which resolves them)."""
         if run_at is not None:
             _check_time("run_at", run_at)
         if scheduled_for is not None:

@@ -9,16 +9,16 @@ from typing import Any, Generic, Self, TypeVar, overload
 
 from typing_extensions import Unpack
 
-from pgqueue.connections import connect_wait as resolve_connect_wait
-from pgqueue.connections import connection_kwargs, prepared_statements_enabled, resolve_dsn
-from pgqueue.enqueue import JobSpec, build_request
+from pgqueue._connections import connect_wait as resolve_connect_wait
+from pgqueue._connections import connection_kwargs, prepared_statements_enabled, resolve_dsn
+from pgqueue._enqueue import JobSpec, build_request
+from pgqueue._jobs import JobOptions
+from pgqueue._naming import check_queue_name
+from pgqueue._retry import Backoff
+from pgqueue._schedules import MisfirePolicy, Schedule
+from pgqueue._sql import Queries, queries_for
+from pgqueue._tasks import Handler, Isolation, Registry, Task, make_options, task_name
 from pgqueue.errors import ConfigurationError, InvalidJobError, InvalidQueueSettingsError
-from pgqueue.jobs import JobOptions
-from pgqueue.naming import check_queue_name
-from pgqueue.retry import Backoff
-from pgqueue.schedules import MisfirePolicy, Schedule
-from pgqueue.sql import Queries, queries_for
-from pgqueue.tasks import Handler, Isolation, Registry, Task, make_options, task_name
 
 R = TypeVar("R")
 
@@ -45,7 +45,7 @@ def _seconds_or_none(value: timedelta | float | None) -> float | None:
 def _schema(schema: str | None) -> str:
     if schema is not None:
         return schema
-    from pgqueue.settings import resolve_schema  # pydantic loads with the first queue, not at import
+    from pgqueue._settings import resolve_schema  # pydantic loads with the first queue, not at import
 
     return resolve_schema()
 
@@ -183,7 +183,7 @@ class QueueBase(Generic[R]):
 
     def _pool_kwargs(self) -> dict[str, Any]:
         """The connect keyword arguments of the queue's own connections (see
-        :func:`pgqueue.connections.connection_kwargs`), autocommit included."""
+        :func:`pgqueue._connections.connection_kwargs`), autocommit included."""
         return {
             "autocommit": True,
             **connection_kwargs(

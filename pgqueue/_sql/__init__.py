@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from functools import cache
 from importlib.resources import files
 
-from pgqueue.naming import check_schema_name
+from pgqueue._naming import check_schema_name
 
 _BLOCK = re.compile(r"^-- (name|fragment): (\w+)\s*$", re.MULTILINE)
 _REFERENCE = re.compile(r"\{([A-Za-z_]\w*)\}")  # not a regex quantifier such as {4}
@@ -115,7 +115,7 @@ def check_declared(statements: Mapping[str, str]) -> None:
     missing = sorted(DECLARED - set(statements))
     problems = []
     if undeclared:
-        problems.append(f"defined in pgqueue/sql but not declared on Queries: {', '.join(undeclared)}")
+        problems.append(f"defined in pgqueue/_sql but not declared on Queries: {', '.join(undeclared)}")
     if missing:
         problems.append(f"declared on Queries but defined in no .sql file: {', '.join(missing)}")
     if problems:
@@ -153,7 +153,7 @@ def parse(sources: Mapping[str, str]) -> dict[str, str]:
         if name == "schema":
             return _SCHEMA
         if name not in fragments:
-            raise RuntimeError(f"{{{name}}} names no fragment in pgqueue/sql")
+            raise RuntimeError(f"{{{name}}} names no fragment in pgqueue/_sql")
         line_start = match.string.rfind("\n", 0, match.start()) + 1
         indent = match.string[line_start : match.start()]
         # Indented like the line that includes it, so the SQL the server logs reads as written.

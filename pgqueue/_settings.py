@@ -23,8 +23,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from pgqueue._naming import DEFAULT_SCHEMA
 from pgqueue.errors import ConfigurationError
-from pgqueue.naming import DEFAULT_SCHEMA
 
 ENV_PREFIX = "PGQUEUE_"
 
@@ -156,7 +156,7 @@ class ClientEnv(EnvSettings):
 
 def resolve_schema(schema: str | None = None) -> str:
     """The schema given (even empty, so a bad one is refused, not replaced), else
-    ``PGQUEUE_SCHEMA``, else :data:`~pgqueue.naming.DEFAULT_SCHEMA`."""
+    ``PGQUEUE_SCHEMA``, else :data:`~pgqueue._naming.DEFAULT_SCHEMA`."""
     if schema is not None:
         return schema
     return ClientEnv.load(only=("schema_name",)).schema_name or DEFAULT_SCHEMA

@@ -1,6 +1,6 @@
 """The synchronous queue: what a (threaded) app uses to enqueue, inspect and cancel jobs.
 
-Generated from :mod:`pgqueue.aqueue` by ``tools/async_to_sync.py``: edit that file and run the
+Generated from :mod:`pgqueue._aqueue` by ``tools/async_to_sync.py``: edit that file and run the
 tool; CI fails when this one differs from what the tool writes.
 """
 
@@ -20,10 +20,9 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from typing_extensions import Unpack
 
-from pgqueue import enqueue as ops
-from pgqueue._timestamps import configure_connection, register_timestamp_loaders
-from pgqueue.base import KEEP, UNIQUE_RACE_RETRIES, Keep, QueueBase, QueueSettings
-from pgqueue.connections import (
+from pgqueue import _enqueue as ops
+from pgqueue._base import KEEP, UNIQUE_RACE_RETRIES, Keep, QueueBase, QueueSettings
+from pgqueue._connections import (
     CHECKOUT_SLICE,
     POOL_WAIT,
     RECONNECT_TIMEOUT,
@@ -37,13 +36,14 @@ from pgqueue.connections import (
     sync_connection,
     translate_failure,
 )
-from pgqueue.enqueue import JobSpec
+from pgqueue._enqueue import JobSpec
+from pgqueue._jobs import Job, JobOptions, JobRequest, job_from_row
+from pgqueue._notifications import settings_changed
+from pgqueue._rows import ScheduleRow, dataclass_row
+from pgqueue._schedule_rows import schedule_from_row, schedule_params
+from pgqueue._schedules import Schedule, ScheduleOptions
+from pgqueue._timestamps import configure_connection, register_timestamp_loaders
 from pgqueue.errors import DatabaseUnavailableError, JobNotFoundError, PgQueueError, ScheduleNotFoundError
-from pgqueue.jobs import Job, JobOptions, JobRequest, job_from_row
-from pgqueue.notifications import settings_changed
-from pgqueue.rows import ScheduleRow, dataclass_row
-from pgqueue.schedule_rows import schedule_from_row, schedule_params
-from pgqueue.schedules import Schedule, ScheduleOptions
 
 T = TypeVar("T")
 Pool = ConnectionPool[psycopg.Connection[Any]]
@@ -176,7 +176,7 @@ class Queue(QueueBase[int]):
         """``work`` on the caller's connection, else on a pooled one, with failures named.
 
         On a pooled connection lost midway, ``work`` runs once more on a fresh one when
-        ``retry`` says that is safe (see :data:`~pgqueue.connections.Retry`); with
+        ``retry`` says that is safe (see :data:`~pgqueue._connections.Retry`); with
         ``transaction`` it runs inside a transaction of its own (on an autocommit caller
         connection too, as :meth:`enqueue_many` always did).
         """

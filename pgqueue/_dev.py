@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from pgqueue.embedded import temporary_postgres
+from pgqueue._embedded import temporary_postgres
+from pgqueue._queue import Queue
+from pgqueue._retry import Abort, fixed
 from pgqueue.errors import ConfigurationError
-from pgqueue.queue import Queue
-from pgqueue.retry import Abort, fixed
 
 if TYPE_CHECKING:  # the admin and the worker are imported when the demo starts, so that
     from pgqueue.worker import JobContext  # `pgqueue --help` stays quick
@@ -347,7 +347,7 @@ def _redact_dsn(dsn: str) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``pgqueue dev`` (shared by the CLI and ``python -m pgqueue.dev``)."""
+    """The options of ``pgqueue dev`` (shared by the CLI and ``python -m pgqueue._dev``)."""
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     add("--port", type=int, default=8080, help="dashboard port (default: 8080; 0 picks one)")
@@ -370,7 +370,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     )
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m pgqueue.dev`
+if __name__ == "__main__":  # pragma: no cover - `python -m pgqueue._dev`
     cli = argparse.ArgumentParser(prog="pgqueue dev", description="Demo jobs and the dashboard.")
     add_arguments(cli)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
