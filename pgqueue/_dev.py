@@ -206,26 +206,14 @@ async def _feed(queue: Queue, stop: asyncio.Event) -> None:
 async def serve_demo(
     queue: Queue, *, sock: socket.socket, token: str, database: str, feed: bool = True
 ) -> None:
-    """Worker, scheduler, feeder and dashboard until SIGINT/SIGTERM; then stop them in order."""
+    """Worker, scheduler, feeder and dashboard until SIGINT/SIGTERM, composed by the same
+    :class:`~pgqueue.worker.supervisor.Supervisor` as ``pgqueue worker --with-scheduler``."""
     from pgqueue.admin import AdminAuth, AlertRule, AlertSettings, create_admin_app
     from pgqueue.scheduler import Scheduler
     from pgqueue.worker import AsyncWorker, WorkerSettings
+    from pgqueue.worker.supervisor import Service, Supervisor
 
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = 0
-
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals > 1:
-            print("\nsecond interrupt: exiting now", flush=True)
-            raise KeyboardInterrupt
-        print("\nstopping: finishing running jobs (Ctrl-C again to force)", flush=True)
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
     app = create_admin_app(
         queue,
         auth=AdminAuth(token=token),
@@ -241,34 +229,37 @@ async def serve_demo(
             lease_seconds=15,
             grace_period=5,
         ),
-        install_signal_handlers=False,
+        install_signal_handlers=False,  # the demo says what a first and a second Ctrl-C do
     )
-    scheduler = Scheduler(queue)
-    await asyncio.to_thread(scheduler.start)
-    tasks = [
-        asyncio.create_task(server.serve(sockets=[sock]), name="pgqueue-dev-web"),
-        asyncio.create_task(worker.run(), name="pgqueue-dev-worker"),
-    ]
+    services = [Service("the dashboard", lambda: server.serve(sockets=[sock]), lambda: _exit(server))]
     if feed:
-        tasks.append(asyncio.create_task(_feed(queue, stop), name="pgqueue-dev-feed"))
+        stop_feed = asyncio.Event()
+        services.append(Service("the feeder", lambda: _feed(queue, stop_feed), stop_feed.set))
+    supervisor = Supervisor(worker, scheduler=Scheduler(queue), services=services)
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            print("\nsecond interrupt: exiting now", flush=True)
+            raise KeyboardInterrupt
+        print("\nstopping: finishing running jobs (Ctrl-C again to force)", flush=True)
+        supervisor.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
     host, port = sock.getsockname()[:2]
     _banner(f"http://{_url_host(host)}:{port}/", token, database)
     try:
-        waiter = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task is not waiter and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        await supervisor.run()
     finally:
-        stop.set()
-        server.should_exit = True
-        while not tasks[1].done():  # stop() is a no-op until the worker's loop is set up
-            worker.stop()
-            await asyncio.wait([tasks[1]], timeout=0.5)
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.to_thread(scheduler.shutdown)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def _exit(server: Any) -> None:
+    server.should_exit = True
 
 
 def _url_host(host: str) -> str:

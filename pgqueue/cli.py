@@ -8,6 +8,7 @@ Each command imports its machinery when it runs (Alembic for ``migrate``, the wo
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import importlib.util
 import json
@@ -102,8 +103,9 @@ def _app_queue(args: argparse.Namespace) -> QueueBase[Any]:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from pgqueue.worker import Worker, WorkerSettings
+    from pgqueue.worker import AsyncWorker, WorkerSettings
     from pgqueue.worker.settings import parse_queue_limits, parse_queue_list
+    from pgqueue.worker.supervisor import Supervisor
 
     queue = _app_queue(args)
     settings = WorkerSettings.from_env(
@@ -118,15 +120,8 @@ def _worker(args: argparse.Namespace) -> int:
         isolation=args.isolation,
         app=args.app,  # else $PGQUEUE_APP, read with the other worker settings
     )
-    scheduler = None
-    if args.with_scheduler:
-        scheduler = _scheduler_class()(queue)
-        scheduler.start()
-    try:
-        Worker(queue, settings).run()
-    finally:
-        if scheduler is not None:
-            scheduler.shutdown()
+    scheduler = _scheduler_class()(queue) if args.with_scheduler else None
+    asyncio.run(Supervisor(AsyncWorker(queue, settings), scheduler=scheduler).run())
     # A sync handler abandoned at the end of the grace period still runs in a pool thread, which
     # the interpreter would join at exit: leave now (its job is already handed back).
     logging.shutdown()

@@ -122,7 +122,7 @@ class Db:
 
     def rows(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
         """``query`` with ``{jobs}``, ``{dead_letter}``, ``{log}``, ``{flags}``, ``{queues}``,
-        ``{workers}`` standing for the schema's tables."""
+        ``{workers}``, ``{schedules}`` standing for the schema's tables."""
         q = sql.SQL(query).format(  # type: ignore[arg-type]
             jobs=self.t("jobs"),
             dead_letter=self.t("dead_letter"),
@@ -130,6 +130,7 @@ class Db:
             flags=self.t("test_flags"),
             queues=self.t("queues"),
             workers=self.t("workers"),
+            schedules=self.t("schedules"),
         )
         return self.conn.execute(q, params).fetchall()
 
