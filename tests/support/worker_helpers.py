@@ -53,6 +53,14 @@ def wait_until(
         time.sleep(interval)
 
 
+async def wait_for_db(db: Db, query: str, expected: object, timeout: float) -> None:
+    """Poll ``db.one(query)`` without blocking the event loop until it returns ``expected``."""
+    deadline = time.monotonic() + timeout
+    while db.one(query) != expected:
+        assert time.monotonic() < deadline, f"timed out: {query} != {expected!r}"
+        await asyncio.sleep(0.05)
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     if not ordered:

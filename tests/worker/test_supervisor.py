@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from datetime import timedelta
 
 import pytest
 import worker_app
-from worker_helpers import Db
+from worker_helpers import Db, wait_for_db
 
 from pgqueue import JobSpec
 from pgqueue.scheduler import Scheduler
@@ -19,13 +18,6 @@ from pgqueue.worker import AsyncWorker
 from pgqueue.worker.supervisor import Service, Supervisor
 
 pytestmark = pytest.mark.slow
-
-
-async def eventually(db: Db, query: str, expected: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while db.one(query) != expected:
-        assert time.monotonic() < deadline, f"timed out: {query} != {expected!r}"
-        await asyncio.sleep(0.05)
 
 
 async def test_stop_drains_the_worker_then_stops_services_and_the_scheduler(
@@ -46,10 +38,10 @@ async def test_stop_drains_the_worker_then_stops_services_and_the_scheduler(
     supervisor = Supervisor(worker, scheduler=scheduler, services=[Service("beside", beside, stopped.set)])
     task = asyncio.create_task(supervisor.run())
     try:
-        await eventually(wdb, f"SELECT count(*) FROM {{workers}} WHERE id = '{worker.id}'", 1, 15)
-        await eventually(wdb, "SELECT count(*) FROM {schedules} WHERE name = 'hourly'", 1, 10)
+        await wait_for_db(wdb, f"SELECT count(*) FROM {{workers}} WHERE id = '{worker.id}'", 1, 15)
+        await wait_for_db(wdb, "SELECT count(*) FROM {schedules} WHERE name = 'hourly'", 1, 10)
         ids = wapp.queue.enqueue_many([JobSpec("record", {"sleep": 0.2}) for _ in range(4)])
-        await eventually(wdb, "SELECT count(*) FROM {jobs} WHERE state = 'running'", 4, 10)
+        await wait_for_db(wdb, "SELECT count(*) FROM {jobs} WHERE state = 'running'", 4, 10)
         supervisor.stop()
         await asyncio.wait_for(task, 15)
     finally:

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import worker_app
-from worker_helpers import Db
+from worker_helpers import Db, wait_for_db
 
 from pgqueue import JobSpec
 from pgqueue.worker import AsyncWorker
 
 pytestmark = pytest.mark.slow
-
-
-async def wait_for_db(db: Db, query: str, expected: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while db.one(query) != expected:
-        assert time.monotonic() < deadline, f"timed out: {query} != {expected!r}"
-        await asyncio.sleep(0.05)
 
 
 async def test_async_worker_runs_jobs_in_the_apps_loop_and_stops_cleanly(
