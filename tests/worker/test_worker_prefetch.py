@@ -35,8 +35,9 @@ async def test_buffered_jobs_can_be_cancelled_and_are_handed_back_on_stop(queue:
     )
     run = asyncio.create_task(worker.run())
     try:
-        await _until(lambda: worker.stats.claimed == 4)  # one running, three waiting in memory
-        assert started == [0]
+        # One running (its handler has begun), three waiting in memory: the claim of all four
+        # comes first, the handler's start a moment later.
+        await _until(lambda: worker.stats.claimed == 4 and started == [0])
         assert await asyncio.to_thread(queue.cancel, ids[2])
         await _until(lambda: queue.get_job(ids[2]).state is JobState.CANCELLED, timeout=2)
         await _until(lambda: started == [0, 1])
