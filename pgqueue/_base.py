@@ -14,10 +14,9 @@ from pgqueue._connections import connection_kwargs, prepared_statements_enabled,
 from pgqueue._enqueue import JobSpec, build_request
 from pgqueue._jobs import JobOptions
 from pgqueue._naming import check_queue_name
-from pgqueue._retry import Backoff
 from pgqueue._schedules import MisfirePolicy, Schedule
 from pgqueue._sql import Queries, queries_for
-from pgqueue._tasks import Handler, Isolation, Registry, Task, make_options, task_name
+from pgqueue._tasks import Handler, Registry, Task, TaskSettings, make_options, task_name
 from pgqueue.errors import ConfigurationError, InvalidJobError, InvalidQueueSettingsError
 
 R = TypeVar("R")
@@ -206,44 +205,17 @@ class QueueBase(Generic[R]):
 
     @overload
     def task(
-        self,
-        *,
-        name: str | None = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-        backoff: Backoff | None = None,
-        abort_on: tuple[type[BaseException], ...] | None = None,
-        isolation: Isolation | None = None,
+        self, *, name: str | None = None, **settings: Unpack[TaskSettings]
     ) -> Callable[[Handler], Task[R]]: ...
 
     def task(
-        self,
-        fn: Handler | None = None,
-        *,
-        name: str | None = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        max_attempts: int | None = None,
-        timeout: float | None = None,
-        backoff: Backoff | None = None,
-        abort_on: tuple[type[BaseException], ...] | None = None,
-        isolation: Isolation | None = None,
+        self, fn: Handler | None = None, *, name: str | None = None, **settings: Unpack[TaskSettings]
     ) -> Task[R] | Callable[[Handler], Task[R]]:
         """Register a handler: ``@queue.task`` or ``@queue.task(queue="email", max_attempts=5)``.
 
         Options are checked here, at import time, rather than when the first job fails.
         """
-        options = make_options(
-            queue=queue,
-            priority=priority,
-            max_attempts=max_attempts,
-            timeout=timeout,
-            backoff=backoff,
-            abort_on=abort_on,
-            isolation=isolation,
-        )
+        options = make_options(**settings)
         # Validate the numeric defaults once through the same checks enqueue applies.
         build_request(JobSpec("_"), options)
 

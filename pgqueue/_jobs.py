@@ -94,36 +94,17 @@ _JOB_FIELDS = tuple(f.name for f in fields(Job) if f.name != "state")
 
 
 @dataclass(frozen=True, slots=True)
-class JobRow:
+class JobRow(Job):
     """A row of the ``get_job`` statement, by column name (:func:`pgqueue._rows.dataclass_row`):
-    a :class:`Job`'s columns, then what only the admin shows — the lease, the cancel flag, and
-    whether a queued job waits for its run time by the database's clock."""
+    a :class:`Job`, then what only the admin shows — the lease, the cancel flag, and whether a
+    queued job waits for its run time by the database's clock."""
 
-    id: int
-    queue: str
-    task: str
-    args: dict[str, Any]
-    priority: int
-    state: str
-    run_at: datetime | None
-    attempts: int
-    max_attempts: int
-    timeout: float | None
-    unique_key: str | None
-    scheduled_for: datetime | None
-    worker_id: str | None
-    progress: Any
-    result: Any
-    errors: list[dict[str, Any]]
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
     lease_expires_at: datetime | None
     cancel_requested: bool
     delayed: bool
 
-    def job(self) -> Job:
-        return Job(**{f: getattr(self, f) for f in _JOB_FIELDS}, state=JobState(self.state))
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", JobState(self.state))  # the column is text
 
 
 def job_from_row(row: Mapping[str, Any]) -> Job:

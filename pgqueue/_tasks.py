@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 from typing_extensions import Unpack
 
@@ -128,39 +128,37 @@ class Registry:
         return len(self._tasks)
 
 
-def make_options(
-    base: TaskOptions | None = None,
-    *,
-    queue: str | None = None,
-    priority: int | None = None,
-    max_attempts: int | None = None,
-    timeout: float | None = None,
-    backoff: Backoff | None = None,
-    abort_on: tuple[type[BaseException], ...] | None = None,
-    isolation: str | None = None,
-) -> TaskOptions:
+class TaskSettings(TypedDict, total=False):
+    """The options ``@queue.task(...)`` and ``@queue.periodic(...)`` take; unset ones keep
+    :class:`TaskOptions`' defaults."""
+
+    queue: str | None
+    priority: int | None
+    max_attempts: int | None
+    timeout: float | None
+    backoff: Backoff | None
+    abort_on: tuple[type[BaseException], ...] | None
+    isolation: Isolation | None
+
+
+TASK_SETTING_NAMES = frozenset(TaskSettings.__annotations__)
+
+
+def make_options(**given: Unpack[TaskSettings]) -> TaskOptions:
     """Task options checked at declaration, so a typo fails at import rather than at 3 AM."""
-    options = base or TaskOptions()
-    changes: dict[str, Any] = {}
-    if queue is not None:
-        changes["queue"] = check_queue_name(queue)
-    if priority is not None:
-        changes["priority"] = priority
-    if max_attempts is not None:
-        changes["max_attempts"] = max_attempts
-    if timeout is not None:
-        changes["timeout"] = timeout
-    if backoff is not None:
-        if not callable(backoff):
-            raise ConfigurationError("backoff must be callable: (attempt) -> seconds")
-        changes["backoff"] = backoff
-    if abort_on is not None:
-        changes["abort_on"] = tuple(abort_on)
-    if isolation is not None:
-        if isolation not in ISOLATIONS:
-            raise ConfigurationError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
-        changes["isolation"] = isolation
-    return replace(options, **changes)
+    unknown = set(given) - TASK_SETTING_NAMES
+    if unknown:
+        raise TypeError(f"task() got unexpected keyword arguments {sorted(unknown)}")
+    changes: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
+    if "queue" in changes:
+        check_queue_name(changes["queue"])
+    if "backoff" in changes and not callable(changes["backoff"]):
+        raise ConfigurationError("backoff must be callable: (attempt) -> seconds")
+    if "abort_on" in changes:
+        changes["abort_on"] = tuple(changes["abort_on"])
+    if "isolation" in changes and changes["isolation"] not in ISOLATIONS:
+        raise ConfigurationError(f"isolation must be one of {ISOLATIONS}, got {changes['isolation']!r}")
+    return replace(TaskOptions(), **changes)
 
 
 def task_name(fn: Handler, name: str | None) -> str:

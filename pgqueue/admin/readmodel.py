@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -27,7 +27,6 @@ from pgqueue.admin.schemas import (
     AttemptError,
     JobDetail,
     JobPage,
-    JobStateName,
     JobSummary,
     QueueList,
     QueueStats,
@@ -300,7 +299,7 @@ class ReadModel:
             id=row.id,
             queue=row.queue,
             task=row.task,
-            state=cast(JobStateName, "delayed" if row.delayed else row.state),
+            state="delayed" if row.delayed else row.state.value,
             priority=row.priority,
             attempts=row.attempts,
             max_attempts=row.max_attempts,
