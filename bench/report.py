@@ -36,6 +36,14 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "bloat_after_pct": ("6 bloat: after / fresh", "%", True),
     "io_rate": ("7 I/O 20 ms x concurrency 100", "jobs/s", True),
     "io_pct_ideal": ("7 I/O: share of ideal 5,000/s", "%", True),
+    "producers_notify_on": ("8 16 producers, durable commits, NOTIFY on", "jobs/s", True),
+    "producers_notify_off": ("8 16 producers, durable commits, NOTIFY off", "jobs/s", True),
+    "wakeups_tx_per_enqueue": ("9 8 idle workers: transactions per enqueue", "tx", False),
+    "wakeups_p50": ("9 8 idle workers: wait p50", "ms", False),
+    "wakeups_max": ("9 8 idle workers: wait max", "ms", False),
+    "snapshot_held_pct": ("10 held snapshot: held / offered", "%", True),
+    "snapshot_p99": ("10 held snapshot: latency p99", "ms", False),
+    "snapshot_dead_rows": ("10 held snapshot: dead rows left", "rows", False),
 }
 # Ratios pgqueue / best peer make sense for these (same work, same units).
 RATIO_METRICS = {
@@ -54,6 +62,11 @@ RATIO_METRICS = {
     "app_notify_on",
     "app_notify_off",
     "io_rate",
+    "producers_notify_on",
+    "wakeups_tx_per_enqueue",
+    "wakeups_max",
+    "snapshot_held_pct",
+    "snapshot_p99",
 }
 
 
@@ -141,15 +154,52 @@ def markdown_table(summary: dict[str, Any], systems: list[str]) -> str:
     return "\n".join(lines)
 
 
+# (label, metric, check): a check is a predicate on pgqueue's median, ("peers", k) for at least
+# k times the best peer's figure (for "lower is better" metrics: the peer's over pgqueue's),
+# ("of", metric, share) for at least that share of pgqueue's own other figure, or ("system",
+# name, share) for at least that share of another system's (the bare-SQL yardstick).
 TARGETS: list[tuple[str, str, Any]] = [
-    ("drain, one process ≥ 20,000 jobs/s", "drain_1p", lambda v, s, p: v >= 20_000),
-    ("drain, one process ≥ 3x fastest peer", "drain_1p", "ratio3"),
-    ("bulk enqueue ≥ 100,000 jobs/s", "enqueue_bulk", lambda v, s, p: v >= 100_000),
-    ("latency p50 ≤ 3 ms", "latency_p50", lambda v, s, p: v <= 3),
-    ("latency p99 ≤ 15 ms", "latency_p99", lambda v, s, p: v <= 15),
-    ("I/O-bound ≥ 90 % of 5,000/s", "io_pct_ideal", lambda v, s, p: v >= 90),
-    ("after bloat, drain within 20 % of fresh", "bloat_after_pct", lambda v, s, p: v >= 80),
+    ("drain, one process ≥ 3x fastest peer", "drain_1p", ("peers", 3.0)),
+    ("drain, one process ≥ 75 % of bare SQL", "drain_1p", ("system", "bare-sql", 0.75)),
+    ("bulk enqueue ≥ 1.5x fastest peer", "enqueue_bulk", ("peers", 1.5)),
+    ("idle latency p50 ≤ 2 ms", "latency_p50", lambda v: v <= 2),
+    ("idle latency p99 ≤ 5 ms", "latency_p99", lambda v: v <= 5),
+    ("steady 50 %: p50 at or below the best peer's", "steady50_p50", ("peers", 1.0)),
+    ("steady 50 %: p99 at or below the best peer's", "steady50_p99", ("peers", 1.0)),
+    ("steady 90 %: p50 at or below the best peer's", "steady90_p50", ("peers", 1.0)),
+    ("steady 90 %: p99 at or below the best peer's", "steady90_p99", ("peers", 1.0)),
+    ("16 producers: NOTIFY on ≥ 90 % of off", "producers_notify_on", ("of", "producers_notify_off", 0.9)),
+    ("8 idle workers: ≤ 2 transactions per enqueue", "wakeups_tx_per_enqueue", lambda v: v <= 2),
+    ("held snapshot: ≥ 90 % of the offered rate", "snapshot_held_pct", lambda v: v >= 90),
+    ("after bloat, drain ≤ 10 % slower than fresh", "bloat_after_pct", lambda v: v >= 90),
 ]
+
+
+def _judge(
+    check: Any, metric: str, value: float, summary: dict[str, Any], peers: list[str]
+) -> tuple[str, bool] | None:
+    unit = METRICS[metric][1]
+    if callable(check):
+        return f"{_fmt(value, unit)} {unit}", bool(check(value))
+    if check[0] == "peers":
+        best = best_peer(summary, metric, peers)
+        if best is None:
+            return None
+        factor = value / best[1] if METRICS[metric][2] else best[1] / value
+        return f"{factor:.2f}x ({_fmt(value, unit)} vs {best[0]} {_fmt(best[1], unit)})", factor >= check[1]
+    if check[0] == "of":
+        other = summary.get(check[1], {}).get("pgqueue")
+        if other is None:
+            return None
+        share = value / other["median"]
+        return f"{100 * share:.0f} % ({_fmt(value, unit)} vs {_fmt(other['median'], unit)})", share >= check[
+            2
+        ]
+    other = summary.get(metric, {}).get(check[1])
+    if other is None:
+        return None
+    share = value / other["median"]
+    return f"{100 * share:.0f} % of {check[1]} ({_fmt(other['median'], unit)})", share >= check[2]
 
 
 def targets(summary: dict[str, Any], systems: list[str]) -> list[dict[str, Any]]:
@@ -160,28 +210,9 @@ def targets(summary: dict[str, Any], systems: list[str]) -> list[dict[str, Any]]
         stats = summary.get(metric, {}).get("pgqueue")
         if stats is None:
             continue
-        value = stats["median"]
-        if check == "ratio3":
-            best = best_peer(summary, metric, peers)
-            if best is None:
-                continue
-            factor = value / best[1]
-            out.append(
-                {
-                    "target": label,
-                    "value": f"{factor:.2f}x ({value:,.0f} vs {best[0]} {best[1]:,.0f})",
-                    "met": factor >= 3,
-                }
-            )
-        else:
-            unit = METRICS[metric][1]
-            out.append(
-                {
-                    "target": label,
-                    "value": f"{_fmt(value, unit)} {unit}",
-                    "met": bool(check(value, summary, peers)),
-                }
-            )
+        judged = _judge(check, metric, stats["median"], summary, peers)
+        if judged is not None:
+            out.append({"target": label, "value": judged[0], "met": judged[1]})
     return out
 
 

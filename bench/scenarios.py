@@ -1,4 +1,4 @@
-"""The seven scenarios, each written once against the driver protocol and run for every system.
+"""The ten scenarios, each written once against the driver protocol and run for every system.
 
 Every measurement runs in a database of its own (``fresh_database``). Timing rules:
 
@@ -41,14 +41,33 @@ class Profile:
     bloat_measure: int  # drained before and after
     bloat_volume: int  # pushed through in between
     io_jobs: int
+    producer_jobs: int = 500  # single enqueues per producer, all producers at once
+    snapshot_seconds: float = 5.0  # steady load while a REPEATABLE READ snapshot is held
+    producers: int = 16  # producer processes enqueueing at once
+    idle_workers: int = 8  # worker processes waiting for the wake-up scenario's jobs
 
 
 PROFILES = {
-    "smoke": Profile("smoke", 1, 50, 500, 500, 10, 0.5, 0.5, 300, 1_000, 200),
-    "quick": Profile("quick", 3, 2_000, 20_000, 20_000, 250, 10.0, 10.0, 20_000, 100_000, 10_000),
-    "full": Profile("full", 5, 10_000, 200_000, 200_000, 1_500, 60.0, 30.0, 200_000, 1_000_000, 50_000),
+    "smoke": Profile("smoke", 1, 50, 500, 500, 10, 0.5, 0.5, 300, 1_000, 200, 20, 1.0, 3, 2),
+    "quick": Profile(
+        "quick", 3, 2_000, 20_000, 20_000, 250, 10.0, 10.0, 20_000, 100_000, 10_000, 1_000, 30.0
+    ),
+    "full": Profile(
+        "full", 5, 10_000, 200_000, 200_000, 1_500, 60.0, 30.0, 200_000, 1_000_000, 50_000, 5_000, 300.0
+    ),
 }
-SCENARIOS = ("enqueue", "drain", "latency", "steady", "app", "bloat", "io")
+SCENARIOS = (
+    "enqueue",
+    "drain",
+    "latency",
+    "steady",
+    "app",
+    "bloat",
+    "io",
+    "producers",
+    "wakeups",
+    "snapshot",
+)
 BATCH = 1_000
 
 
@@ -139,12 +158,9 @@ class Bench:
                         f" after {limit:.0f}s"
                     )
                 time.sleep(0.05)
-            for w in workers:
-                w.stop()
-            results = [w.finish(120) for w in workers]
+            results = _stop_all(workers)
         except BaseException:
-            for w in workers:
-                w.kill()
+            _kill_all(workers)
             raise
         first = min(r["first_start"] for r in results if r["first_start"] is not None)
         last = max(r["last_end"] for r in results if r["last_end"] is not None)
@@ -171,6 +187,18 @@ class Bench:
         }
 
 
+def _stop_all(workers: list[Driver]) -> list[dict[str, Any]]:
+    """Tell every worker to stop, then collect their results."""
+    for w in workers:
+        w.stop()
+    return [w.finish(120) for w in workers]
+
+
+def _kill_all(workers: list[Driver]) -> None:
+    for w in workers:
+        w.kill()
+
+
 _WARNING_WORDS = ("could not write", "rescued", "failed", "Traceback", "ERROR")
 
 
@@ -187,14 +215,20 @@ def _worker_warnings(workers: list[Driver]) -> list[str]:
 
 
 def each_system(
-    ctx: Context, systems: list[System], scenario: str, label: str, body: Callable[[Bench, int], None]
+    ctx: Context,
+    systems: list[System],
+    scenario: str,
+    label: str,
+    body: Callable[[Bench, int], None],
+    reps: int | None = None,
 ) -> None:
     """Repetitions x systems, order alternating per repetition, a fresh database each time."""
     systems = [s for s in systems if s.runs(scenario)]
-    for rep in range(ctx.profile.reps):
+    reps = reps or ctx.profile.reps
+    for rep in range(reps):
         order = systems if rep % 2 == 0 else list(reversed(systems))
         for system in order:
-            ctx.say(f"{label} · {system.name} · rep {rep + 1}/{ctx.profile.reps}")
+            ctx.say(f"{label} · {system.name} · rep {rep + 1}/{reps}")
             try:
                 with fresh_database(ctx.admin_dsn, f"{system.name}_{scenario}") as dsn:
                     bench = Bench(ctx, system, dsn)
@@ -487,4 +521,158 @@ def io(ctx: Context, systems: list[System]) -> None:
 
     each_system(
         ctx, systems, "io", f"7 I/O-bound: {p.io_jobs:,} x 20 ms sleeps at concurrency {IO_CONCURRENCY}", body
+    )
+
+
+# ---------------------------------------------------------------- 8. many producers, NOTIFY
+
+
+def _database_stats(dsn: str) -> dict[str, int]:
+    """The database's transaction and dead-row counters (as its statistics have them so far)."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("SELECT pg_stat_force_next_flush()")
+        row = c.execute(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        dead = c.execute("SELECT coalesce(sum(n_dead_tup), 0) FROM pg_stat_user_tables").fetchone()
+    return {"transactions": int(row[0]) if row else 0, "dead_rows": int(dead[0]) if dead else 0}
+
+
+def _durable_commits(dsn: str) -> None:
+    """Every commit waits for its WAL flush in this database, as an app's own would."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        dbname = c.execute("SELECT current_database()").fetchone()
+        assert dbname is not None
+        c.execute(f'ALTER DATABASE "{dbname[0]}" SET synchronous_commit = on')
+
+
+def producers(ctx: Context, systems: list[System]) -> None:
+    """16 producers (by profile) enqueueing one job per transaction at once, durable commits, one
+    worker running: what NOTIFY's commit-time lock costs each system (NOTIFY off where it can be)."""
+    p = ctx.profile
+
+    def body(b: Bench, rep: int) -> None:
+        _durable_commits(b.dsn)
+        for arm, notify in (("on", True), ("off", False)):
+            if not notify and not b.system.notify_off:
+                continue
+            worker = b.start("worker")
+            try:
+                worker.wait_for("ready", 120)
+                start_at = time.time() + 3.0  # every producer's interpreter is up by then
+                drivers = [
+                    b.start("enqueue", mode="single", n=p.producer_jobs, notify=notify, start_at=start_at)
+                    for _ in range(p.producers)
+                ]
+                results = [d.finish(600) for d in drivers]
+                worker.stop()
+                worker.finish(120)
+            except BaseException:
+                worker.kill()
+                raise
+            rate = sum(r["rate"] for r in results)
+            ctx.record("producers", f"producers_notify_{arm}", b.system.name, rep, rate, per_producer=results)
+            ctx.say(f"  NOTIFY {arm}: {rate:,.0f} enqueues/s from {p.producers} producers")
+
+    each_system(ctx, systems, "producers", f"8 {p.producers} producers x {p.producer_jobs:,} enqueues", body)
+
+
+# ---------------------------------------------------------------- 9. idle workers, wake-ups
+
+WAKE_JOBS = 50
+
+
+def wakeups(ctx: Context, systems: list[System]) -> None:
+    """Eight idle worker processes (by profile), 50 jobs enqueued 30 ms apart: the transactions the database
+    ran per enqueue (every claim is one; a herd shows as many) and each job's wait."""
+
+    def body(b: Bench, rep: int) -> None:
+        workers = [b.start("worker", latency=True) for _ in range(ctx.profile.idle_workers)]
+        try:
+            for w in workers:
+                w.wait_for("ready", 120)
+            time.sleep(3.0)  # every worker settles into its idle wait
+            before = _database_stats(b.dsn)
+            producer = b.start("produce", rate=1 / 0.03, duration=WAKE_JOBS * 0.03, tick=0.03)
+            produced = producer.finish(120)
+            deadline = time.monotonic() + 30
+            while sum(w.done for w in workers) < produced["enqueued"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            after = _database_stats(b.dsn)
+            results = _stop_all(workers)
+        except BaseException:
+            _kill_all(workers)
+            raise
+        enqueued = int(produced["enqueued"])
+        per_enqueue = (after["transactions"] - before["transactions"] - enqueued) / enqueued
+        lats = [r["latency"] for r in results if r.get("latency") and r["latency"].get("count")]
+        counted = sum(lat["count"] for lat in lats)
+        p50 = sum(lat["p50_ms"] * lat["count"] for lat in lats) / counted if counted else None
+        worst = max((lat["max_ms"] for lat in lats), default=None)
+        ctx.record("wakeups", "wakeups_tx_per_enqueue", b.system.name, rep, per_enqueue, enqueued=enqueued)
+        ctx.record("wakeups", "wakeups_p50", b.system.name, rep, p50)
+        ctx.record("wakeups", "wakeups_max", b.system.name, rep, worst)
+        ctx.say(
+            f"  {per_enqueue:.1f} transactions per enqueue · wait p50 {p50 or float('nan'):.1f} ms"
+            f" (count-weighted over workers) · max {worst or float('nan'):.1f} ms"
+        )
+
+    label = f"9 wake-ups: {ctx.profile.idle_workers} idle workers, {WAKE_JOBS} jobs"
+    each_system(ctx, systems, "wakeups", label, body)
+
+
+# ---------------------------------------------------------------- 10. held snapshot
+
+SNAPSHOT_RATE = 5000.0
+
+
+def snapshot(ctx: Context, systems: list[System]) -> None:
+    """Steady load (5,000 jobs/s, or half the system's drain rate if lower) while another
+    session holds a REPEATABLE READ snapshot the whole time, so no dead row can be removed:
+    the share of the offered rate held, and the dead rows left behind."""
+    import psycopg
+
+    p = ctx.profile
+    rates = {s.name: _drain_rate(ctx, s) for s in systems if s.runs("snapshot")}
+
+    def body(b: Bench, rep: int) -> None:
+        offered = min(SNAPSHOT_RATE, rates[b.system.name] * 0.5)
+        worker = b.start("worker", latency=True)
+        holder = psycopg.connect(b.dsn)
+        try:
+            holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            holder.execute("SELECT count(*) FROM pg_class")  # the snapshot is taken here
+            produced, result, in_window = _produce_and_collect(
+                b, worker, rate=offered, duration=p.snapshot_seconds, tick=0.01
+            )
+            dead = _database_stats(b.dsn)["dead_rows"]
+        except BaseException:
+            worker.kill()
+            raise
+        finally:
+            holder.rollback()
+            holder.close()
+        held = in_window / produced["seconds"]
+        lat = result["latency"] or {}
+        detail = {"offered": offered, "in_window": in_window, "dead_rows": dead, "latency": lat}
+        ctx.record("snapshot", "snapshot_held_pct", b.system.name, rep, 100 * held / offered, **detail)
+        ctx.record("snapshot", "snapshot_p99", b.system.name, rep, lat.get("p99_ms"))
+        ctx.record("snapshot", "snapshot_dead_rows", b.system.name, rep, dead)
+        ctx.say(
+            f"  offered {offered:,.0f}/s · held {held:,.0f}/s ({100 * held / offered:.0f}%) · "
+            f"p99 {lat.get('p99_ms', float('nan')):.1f} ms · {dead:,} dead rows"
+        )
+
+    each_system(
+        ctx,
+        systems,
+        "snapshot",
+        f"10 held snapshot: steady load for {p.snapshot_seconds:.0f}s",
+        body,
+        reps=min(ctx.profile.reps, 2),
     )

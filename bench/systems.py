@@ -79,6 +79,18 @@ PEERS = {
         ("chancy==0.26.0", "psycopg[binary,pool]==3.3.9"),
         notify_off=True,
     ),
+    # BullMQ for Python on its PostgreSQL backend (bench/peers/bullmq_driver.py).
+    "bullmq": System(
+        "bullmq",
+        "bullmq",
+        ("bullmq[postgres]==3.4.4", "psycopg[binary]==3.3.6"),
+    ),
+    # awa: a Rust core with a Python SDK (bench/peers/awa_driver.py).
+    "awa": System(
+        "awa",
+        "awa-pg",
+        ("awa-pg==0.6.9", "psycopg[binary]==3.3.9"),
+    ),
 }
 ALL = {"pgqueue": PGQUEUE, **PEERS, "bare-sql": BARE}
 

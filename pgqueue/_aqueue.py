@@ -30,6 +30,7 @@ from pgqueue._connections import (
     ConnectHealth,
     Retry,
     async_connection,  # async-only
+    commits_alone,
     connect_async,  # async-only
     connection_is_stale,
     observed_async_connection_class,
@@ -286,11 +287,12 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         """Insert one job and return its id (or, for a live ``unique_key``, the holder's id)."""
         request = ops.make_request(self.registry, JobSpec(task, args, **options))
         if conn is not None:
-            return await self._run(conn, lambda c: self._insert_one(c, request), "never")
+            alone = commits_alone(conn)
+            return await self._run(conn, lambda c: self._insert_one(c, request, alone), "never")
         # The hot path, spelled out: one checkout, one statement, no closure.
         pool, c = await self._checkout()
         try:
-            return await self._insert_one(c, request)
+            return await self._insert_one(c, request, True)
         except psycopg.Error as exc:
             error = translate_failure(exc, c, self.schema, unsure=True)
             if error is None:
@@ -299,8 +301,10 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         finally:
             await pool.putconn(c)
 
-    async def _insert_one(self, c: psycopg.AsyncConnection[Any], request: JobRequest) -> int:
-        params = ops.enqueue_params(self.queries, request, self.notify)
+    async def _insert_one(
+        self, c: psycopg.AsyncConnection[Any], request: JobRequest, commits_alone: bool
+    ) -> int:
+        params = ops.enqueue_params(self.queries, request, self.notify, commits_alone=commits_alone)
         for _ in range(UNIQUE_RACE_RETRIES):
             row = await (await c.execute(self.queries.enqueue, params)).fetchone()
             if row is not None:
@@ -321,26 +325,34 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         requests = ops.make_requests(self.registry, jobs)
         if not requests:
             return []
-        return await self._run(conn, lambda c: self._insert_many(c, requests), "transaction")
+        alone = commits_alone(conn)
+        return await self._run(conn, lambda c: self._insert_many(c, requests, alone), "transaction")
 
-    async def _insert_many(self, c: psycopg.AsyncConnection[Any], requests: list[JobRequest]) -> list[int]:
+    async def _insert_many(
+        self, c: psycopg.AsyncConnection[Any], requests: list[JobRequest], commits_alone: bool
+    ) -> list[int]:
         cur = await c.execute(self.queries.reserve_ids, {"count": len(requests)})
         now, ids = await cur.fetchone()  # type: ignore[misc]
         if any(r.unique_key is not None for r in requests):
-            ids = await self._insert_unique(c, requests, ids)
+            ids = await self._insert_unique(c, requests, ids, commits_alone)
         else:
             async with c.cursor().copy(self.queries.copy_jobs) as copy:
                 for chunk in ops.copy_chunks(requests, ids, now):
                     await copy.write(chunk)
         if self.notify:
+            queues = ops.distinct_queues(requests)
             await c.execute(
                 self.queries.wake_queues,
-                {"channel": self.queries.channel, "queues": ops.distinct_queues(requests)},
+                ops.wake_params(self.queries, queues, True, commits_alone=commits_alone),
             )
         return list(ids)
 
     async def _insert_unique(
-        self, c: psycopg.AsyncConnection[Any], requests: list[JobRequest], reserved: list[int]
+        self,
+        c: psycopg.AsyncConnection[Any],
+        requests: list[JobRequest],
+        reserved: list[int],
+        commits_alone: bool,
     ) -> list[int]:
         params = ops.unique_params(requests, reserved)
         cur = await c.execute(self.queries.enqueue_many_unique, params)
@@ -353,7 +365,7 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         existing = {(row[1], row[2]): int(row[0]) for row in await cur.fetchall()}
         for r in keyed:  # a holder that finished meanwhile: fall back to the single path
             if (r.queue, r.unique_key) not in existing:
-                existing[(r.queue, r.unique_key)] = await self._insert_one(c, r)
+                existing[(r.queue, r.unique_key)] = await self._insert_one(c, r, commits_alone)
         return ops.resolve_conflicts(requests, reserved, inserted, existing)
 
     async def get_job(self, job_id: int, *, conn: Any = None) -> Job:
@@ -440,9 +452,10 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
                 await cur.execute(self.queries.set_queue, params)
                 settings = await cur.fetchone()
             assert settings is not None  # an upsert always returns its row
+            # A settings change is news for every worker of the queue: told to all of them.
+            queues = [settings.name, settings_changed(settings.name)]
             await c.execute(
-                self.queries.wake_queues,
-                {"channel": self.queries.channel, "queues": [settings.name, settings_changed(settings.name)]},
+                self.queries.wake_queues, ops.wake_params(self.queries, queues, True, commits_alone=False)
             )
             return settings
 
@@ -559,7 +572,8 @@ class AsyncScheduleStore:
                 unique_key=unique_key,
                 scheduled_for=fire_at,
             )
-            return await self.queue._insert_one(c, ops.make_request(self.queue.registry, spec))
+            # Committed right after, by _run: one waiting worker is woken.
+            return await self.queue._insert_one(c, ops.make_request(self.queue.registry, spec), True)
 
     async def _change(self, query: str, params: dict[str, Any]) -> None:
         if await self.queue._count(query, params, None) == 0:

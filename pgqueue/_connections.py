@@ -103,6 +103,19 @@ def sync_connection(conn: Any) -> psycopg.Connection[Any]:
     )
 
 
+def commits_alone(conn: Any) -> bool:
+    """Whether a statement run on the caller's ``conn`` (None: on one of ours) commits as soon
+    as it ends: an autocommit psycopg connection outside any transaction block. Anything else
+    (a SQLAlchemy session, a transaction the caller opened) commits when the caller says."""
+    if conn is None:
+        return True
+    return (
+        isinstance(conn, psycopg.BaseConnection)
+        and conn.autocommit
+        and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    )
+
+
 async def async_connection(conn: Any) -> psycopg.AsyncConnection[Any]:
     """The psycopg async connection behind ``conn``: psycopg's own, or a SQLAlchemy
     AsyncSession/AsyncConnection's."""

@@ -28,6 +28,7 @@ from pgqueue._connections import (
     RECONNECT_TIMEOUT,
     ConnectHealth,
     Retry,
+    commits_alone,
     connect,
     connection_is_stale,
     observed_connection_class,
@@ -270,11 +271,12 @@ class Queue(QueueBase[int]):
         """Insert one job and return its id (or, for a live ``unique_key``, the holder's id)."""
         request = ops.make_request(self.registry, JobSpec(task, args, **options))
         if conn is not None:
-            return self._run(conn, lambda c: self._insert_one(c, request), "never")
+            alone = commits_alone(conn)
+            return self._run(conn, lambda c: self._insert_one(c, request, alone), "never")
         # The hot path, spelled out: one checkout, one statement, no closure.
         pool, c = self._checkout()
         try:
-            return self._insert_one(c, request)
+            return self._insert_one(c, request, True)
         except psycopg.Error as exc:
             error = translate_failure(exc, c, self.schema, unsure=True)
             if error is None:
@@ -283,8 +285,10 @@ class Queue(QueueBase[int]):
         finally:
             pool.putconn(c)
 
-    def _insert_one(self, c: psycopg.Connection[Any], request: JobRequest) -> int:
-        params = ops.enqueue_params(self.queries, request, self.notify)
+    def _insert_one(
+        self, c: psycopg.Connection[Any], request: JobRequest, commits_alone: bool
+    ) -> int:
+        params = ops.enqueue_params(self.queries, request, self.notify, commits_alone=commits_alone)
         for _ in range(UNIQUE_RACE_RETRIES):
             row = (c.execute(self.queries.enqueue, params)).fetchone()
             if row is not None:
@@ -305,26 +309,34 @@ class Queue(QueueBase[int]):
         requests = ops.make_requests(self.registry, jobs)
         if not requests:
             return []
-        return self._run(conn, lambda c: self._insert_many(c, requests), "transaction")
+        alone = commits_alone(conn)
+        return self._run(conn, lambda c: self._insert_many(c, requests, alone), "transaction")
 
-    def _insert_many(self, c: psycopg.Connection[Any], requests: list[JobRequest]) -> list[int]:
+    def _insert_many(
+        self, c: psycopg.Connection[Any], requests: list[JobRequest], commits_alone: bool
+    ) -> list[int]:
         cur = c.execute(self.queries.reserve_ids, {"count": len(requests)})
         now, ids = cur.fetchone()  # type: ignore[misc]
         if any(r.unique_key is not None for r in requests):
-            ids = self._insert_unique(c, requests, ids)
+            ids = self._insert_unique(c, requests, ids, commits_alone)
         else:
             with c.cursor().copy(self.queries.copy_jobs) as copy:
                 for chunk in ops.copy_chunks(requests, ids, now):
                     copy.write(chunk)
         if self.notify:
+            queues = ops.distinct_queues(requests)
             c.execute(
                 self.queries.wake_queues,
-                {"channel": self.queries.channel, "queues": ops.distinct_queues(requests)},
+                ops.wake_params(self.queries, queues, True, commits_alone=commits_alone),
             )
         return list(ids)
 
     def _insert_unique(
-        self, c: psycopg.Connection[Any], requests: list[JobRequest], reserved: list[int]
+        self,
+        c: psycopg.Connection[Any],
+        requests: list[JobRequest],
+        reserved: list[int],
+        commits_alone: bool,
     ) -> list[int]:
         params = ops.unique_params(requests, reserved)
         cur = c.execute(self.queries.enqueue_many_unique, params)
@@ -337,7 +349,7 @@ class Queue(QueueBase[int]):
         existing = {(row[1], row[2]): int(row[0]) for row in cur.fetchall()}
         for r in keyed:  # a holder that finished meanwhile: fall back to the single path
             if (r.queue, r.unique_key) not in existing:
-                existing[(r.queue, r.unique_key)] = self._insert_one(c, r)
+                existing[(r.queue, r.unique_key)] = self._insert_one(c, r, commits_alone)
         return ops.resolve_conflicts(requests, reserved, inserted, existing)
 
     def get_job(self, job_id: int, *, conn: Any = None) -> Job:
@@ -424,9 +436,10 @@ class Queue(QueueBase[int]):
                 cur.execute(self.queries.set_queue, params)
                 settings = cur.fetchone()
             assert settings is not None  # an upsert always returns its row
+            # A settings change is news for every worker of the queue: told to all of them.
+            queues = [settings.name, settings_changed(settings.name)]
             c.execute(
-                self.queries.wake_queues,
-                {"channel": self.queries.channel, "queues": [settings.name, settings_changed(settings.name)]},
+                self.queries.wake_queues, ops.wake_params(self.queries, queues, True, commits_alone=False)
             )
             return settings
 
@@ -543,7 +556,8 @@ class ScheduleStore:
                 unique_key=unique_key,
                 scheduled_for=fire_at,
             )
-            return self.queue._insert_one(c, ops.make_request(self.queue.registry, spec))
+            # Committed right after, by _run: one waiting worker is woken.
+            return self.queue._insert_one(c, ops.make_request(self.queue.registry, spec), True)
 
     def _change(self, query: str, params: dict[str, Any]) -> None:
         if self.queue._count(query, params, None) == 0:

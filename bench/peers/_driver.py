@@ -18,6 +18,7 @@ Operations every driver implements (the ``System`` methods below):
 
     setup                         install the system's schema and its "bench" queue
     enqueue   mode, n, batch      insert n no-op jobs one by one or in batches; seconds taken
+              [notify]            (False: without NOTIFY, for the systems that can)
     worker    concurrency, task, latency, warmup   run jobs until "stop"; count, first start,
                                   last end and (optionally) enqueue->start latency percentiles
     produce   rate, duration      enqueue at a fixed rate for a duration (every job carries the
@@ -25,6 +26,9 @@ Operations every driver implements (the ``System`` methods below):
     app       connections, duration, notify, rows   write-heavy app: per transaction insert
                                   ``rows`` app rows and enqueue one job; committed transactions
     count                         jobs not yet finished (to check nothing was lost)
+
+Any op may carry ``start_at`` (unix time): the driver waits until then before running it, so
+that producers started one after another run their loops at the same time.
 
 Job arguments are ``{"t": float}`` (enqueue time, seconds since the epoch) or ``{"w": 1}`` for a
 warm-up job whose latency is not recorded.
@@ -258,6 +262,30 @@ async def run_app(
     return {"transactions": sum(counts), "seconds": elapsed, "tx_per_s": sum(counts) / elapsed}
 
 
+async def run_psycopg_app(
+    dsn: str, command: dict[str, Any], enqueue: Callable[[Any], Awaitable[None]] | None
+) -> dict[str, Any]:
+    """The write-heavy app on psycopg connections: each transaction inserts the app's rows and
+    then calls ``enqueue(connection)`` in the same transaction (None: the app with no job)."""
+    import psycopg
+
+    sync_commit = "on" if command.get("sync_commit", True) else "off"
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as c:
+        await c.execute(APP_DDL)
+
+    async def connect() -> Any:
+        return await psycopg_app_connection(dsn, sync_commit)
+
+    async def transaction(c: Any, rows: int) -> None:
+        async with c.transaction():
+            async with c.cursor() as cur:
+                await cur.executemany(APP_INSERT, [(i, 10.5, "payment") for i in range(rows)])
+            if enqueue is not None:
+                await enqueue(c)
+
+    return await run_app(transaction, connect, command)
+
+
 APP_DDL = f"""CREATE TABLE IF NOT EXISTS {APP_TABLE} (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     account int NOT NULL, amount numeric NOT NULL, note text NOT NULL,
@@ -274,6 +302,8 @@ def main(system_factory: Callable[[dict[str, Any]], Any], default_loop: str = "a
     async def go() -> dict[str, Any]:
         system = system_factory(command)
         method = getattr(system, op)
+        if command.get("start_at"):  # several drivers started together begin together
+            await asyncio.sleep(max(0.0, float(command["start_at"]) - time.time()))
         return await method(command)
 
     try:

@@ -60,7 +60,7 @@ class ChancySystem:
 
     async def enqueue(self, command: dict[str, Any]) -> dict[str, Any]:
         n, batch = int(command["n"]), int(command.get("batch", 1000))
-        async with self._chancy() as chancy:
+        async with self._chancy(notifications=bool(command.get("notify", True))) as chancy:
             await chancy.push(self._job({"w": 1}))
             begin = time.perf_counter()
             if command["mode"] == "single":
@@ -105,22 +105,13 @@ class ChancySystem:
 
     async def app(self, command: dict[str, Any]) -> dict[str, Any]:
         notify = bool(command.get("notify", True))
-        sync_commit = "on" if command.get("sync_commit", True) else "off"
         async with self._chancy(notifications=notify) as chancy:
-            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as c:
-                await c.execute(d.APP_DDL)
 
-            async def connect() -> psycopg.AsyncConnection[Any]:
-                return await d.psycopg_app_connection(self.dsn, sync_commit)  # type: ignore[no-any-return]
+            async def enqueue(c: psycopg.AsyncConnection[Any]) -> None:
+                async with c.cursor(row_factory=dict_row) as cur:
+                    await chancy.push_ex(cur, self._job({"t": time.time()}))
 
-            async def transaction(c: psycopg.AsyncConnection[Any], rows: int) -> None:
-                async with c.transaction():
-                    async with c.cursor() as cur:
-                        await cur.executemany(d.APP_INSERT, [(i, 10.5, "payment") for i in range(rows)])
-                    async with c.cursor(row_factory=dict_row) as cur:
-                        await chancy.push_ex(cur, self._job({"t": time.time()}))
-
-            return await d.run_app(transaction, connect, command)
+            return await d.run_psycopg_app(self.dsn, command, enqueue)
 
     async def count(self, command: dict[str, Any]) -> dict[str, Any]:
         return await d.psycopg_count(

@@ -68,7 +68,7 @@ class PgQueue:
         n, batch = int(command["n"]), int(command.get("batch", 1000))
         if command.get("bare"):
             return await self._bare_enqueue(command, n, batch)
-        async with make_queue(self.dsn) as q:
+        async with make_queue(self.dsn, notify=bool(command.get("notify", True))) as q:
             await q.enqueue(self.task, {"w": 1})  # open the pool outside the timing
             begin = time.perf_counter()
             if command["mode"] == "single":
@@ -150,23 +150,13 @@ class PgQueue:
 
     async def app(self, command: dict[str, Any]) -> dict[str, Any]:
         notify = bool(command.get("notify", True))
-        with_job = not command.get("no_job")  # the baseline: the same app with no queue at all
-        sync_commit = "on" if command.get("sync_commit", True) else "off"
         async with make_queue(self.dsn, notify=notify) as q:
-            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as c:
-                await c.execute(d.APP_DDL)
 
-            async def connect() -> psycopg.AsyncConnection[Any]:
-                return await d.psycopg_app_connection(self.dsn, sync_commit)  # type: ignore[no-any-return]
+            async def enqueue(c: psycopg.AsyncConnection[Any]) -> None:
+                await q.enqueue(self.task, {"t": time.time()}, conn=c)
 
-            async def transaction(c: psycopg.AsyncConnection[Any], rows: int) -> None:
-                async with c.transaction():
-                    async with c.cursor() as cur:
-                        await cur.executemany(d.APP_INSERT, [(i, 10.5, "payment") for i in range(rows)])
-                    if with_job:
-                        await q.enqueue(self.task, {"t": time.time()}, conn=c)
-
-            return await d.run_app(transaction, connect, command)
+            # no_job: the baseline, the same app with no queue at all
+            return await d.run_psycopg_app(self.dsn, command, None if command.get("no_job") else enqueue)
 
     async def count(self, command: dict[str, Any]) -> dict[str, Any]:
         return await d.psycopg_count(

@@ -108,22 +108,13 @@ class Procrastinate:
     async def app(self, command: dict[str, Any]) -> dict[str, Any]:
         if not command.get("notify", True):
             raise NotImplementedError("procrastinate always notifies (a row trigger on its jobs table)")
-        sync_commit = "on" if command.get("sync_commit", True) else "off"
         app, task = self._app()
         async with app.open_async():
-            async with await psycopg.AsyncConnection.connect(self.dsn, autocommit=True) as c:
-                await c.execute(d.APP_DDL)
 
-            async def connect() -> psycopg.AsyncConnection[Any]:
-                return await d.psycopg_app_connection(self.dsn, sync_commit)  # type: ignore[no-any-return]
+            async def enqueue(c: psycopg.AsyncConnection[Any]) -> None:
+                await task.configure(connection=c).defer_async(t=time.time())
 
-            async def transaction(c: psycopg.AsyncConnection[Any], rows: int) -> None:
-                async with c.transaction():
-                    async with c.cursor() as cur:
-                        await cur.executemany(d.APP_INSERT, [(i, 10.5, "payment") for i in range(rows)])
-                    await task.configure(connection=c).defer_async(t=time.time())
-
-            return await d.run_app(transaction, connect, command)
+            return await d.run_psycopg_app(self.dsn, command, enqueue)
 
     async def count(self, command: dict[str, Any]) -> dict[str, Any]:
         return await d.psycopg_count(

@@ -50,6 +50,9 @@ class Queries:
     delete_job: str
     # worker.sql
     claim: str
+    start_waiting: str
+    stop_waiting: str
+    pass_wake: str
     lock_queue: str
     claim_limited: str
     next_run_at: str

@@ -19,6 +19,8 @@ CROSS JOIN LATERAL (
         FROM {schema}.jobs
         WHERE queue = q.name AND state = 'completed' AND started_at IS NOT NULL
           AND finished_at >= now() - make_interval(secs => %(window)s)
+          -- a hand-written ±infinity: PostgreSQL before 17 refuses to subtract it
+          AND isfinite(started_at) AND isfinite(finished_at)
     ) AS recent
 ) AS r
 

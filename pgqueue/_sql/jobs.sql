@@ -5,16 +5,23 @@
 -- ---------------------------------------------------------------- enqueue
 
 -- name: enqueue
--- One job; the NOTIFY rides in the same statement and Postgres delivers it only at commit
--- (and folds identical ones, so a transaction wakes each queue at most once).
-INSERT INTO {schema}.jobs
-    (queue, task, args, priority, run_at, max_attempts, timeout, unique_key, scheduled_for)
-VALUES (%(queue)s, %(task)s, %(args)s::jsonb, %(priority)s,
-        coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)),
-        %(max_attempts)s, %(timeout)s, %(unique_key)s, %(scheduled_for)s)
-ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
-DO NOTHING
-RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END AS woke
+-- One job, and its wake-up in the same statement (Postgres delivers notifications at commit).
+-- %(wake_one)s (the statement commits by itself): one waiting worker of the queue is woken, or
+-- none when none waits (see wake_one). %(broadcast)s (inside the caller's transaction, which may
+-- commit much later): the queue's name goes to every worker listening, at commit.
+WITH job AS (
+    INSERT INTO {schema}.jobs
+        (queue, task, args, priority, run_at, max_attempts, timeout, unique_key, scheduled_for)
+    VALUES (%(queue)s, %(task)s, %(args)s::jsonb, %(priority)s,
+            coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)),
+            %(max_attempts)s, %(timeout)s, %(unique_key)s, %(scheduled_for)s)
+    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
+    DO NOTHING
+    RETURNING id, queue
+), woken AS (
+    {wake_one}
+)
+SELECT id, CASE WHEN %(broadcast)s THEN pg_notify(%(channel)s, queue) END AS woke FROM job
 
 -- name: find_unique
 SELECT id FROM {schema}.jobs

@@ -31,9 +31,33 @@ RETURNING name, paused, concurrency, rate_limit
 -- ---------------------------------------------------------------- wake-ups
 
 -- name: wake_queues
--- One notification per queue name (or control message, e.g. a settings change) on the schema's
--- channel. Inside a transaction Postgres delivers them at commit, identical ones folded.
-SELECT pg_notify(%(channel)s, q) FROM unnest(%(queues)s::text[]) AS q
+-- Wakes the workers of %(queues)s: with %(wake_one)s one waiting worker (wake_one), else one
+-- notification per name on the schema's channel, for every worker listening (also how control
+-- messages, e.g. a settings change, are sent). Inside a transaction Postgres delivers them at
+-- commit, identical ones folded.
+WITH woken AS (
+    {wake_one}
+)
+SELECT pg_notify(%(channel)s, q) FROM unnest(%(queues)s::text[]) AS q WHERE NOT %(wake_one)s
+
+-- fragment: wake_one
+-- Wakes one worker waiting for jobs of %(queues)s (when %(wake_one)s; never %(waker)s itself):
+-- takes it off the waiting list and notifies it alone, so an enqueue sets off one claim, not one
+-- per idle worker. A row another transaction is waking is skipped: that worker is being woken.
+-- With no worker waiting (all busy: each claims again as soon as it has room) nothing is sent,
+-- and the commit skips NOTIFY's cluster-wide lock. A worker is waiting from its unsaturated
+-- claim (start_waiting) until woken, saturated, or its lease runs out unrenewed (a dead worker
+-- is not woken for long).
+UPDATE {schema}.workers AS w SET waiting_until = NULL
+FROM (
+    SELECT id FROM {schema}.workers
+    WHERE %(wake_one)s AND waiting_until > now() AND queues && %(queues)s::text[]
+      AND id <> %(waker)s
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+) AS pick
+WHERE w.id = pick.id
+RETURNING pg_notify(%(channel)s, '!wake ' || w.id)
 
 -- ---------------------------------------------------------------- counts
 
@@ -51,8 +75,10 @@ WITH live AS (
            count(*) FILTER (WHERE state = 'running') AS running,
            count(*) FILTER (WHERE state = 'completed') AS completed,
            count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
+           -- isfinite: a hand-written -infinity (PostgreSQL before 17 cannot subtract it)
            extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'queued'
-                                                          AND run_at <= now()))::float8
+                                                          AND run_at <= now()
+                                                          AND isfinite(run_at)))::float8
                AS oldest_waiting
     FROM {schema}.jobs GROUP BY queue
 ), dead AS (

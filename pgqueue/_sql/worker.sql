@@ -20,22 +20,21 @@
 -- Both claim statements return the columns of pgqueue.worker.execution.ClaimedJob, by name.
 WITH candidates AS (
     SELECT c.id, row_number() OVER (ORDER BY c.turn, q.pos) AS rank
-    FROM unnest(%(queues)s::text[], %(weights)s::float8[], %(vtimes)s::float8[])
-         WITH ORDINALITY AS q(name, weight, vtime, pos)
+    FROM (
+        SELECT u.*, %(limit)s::int AS n
+        FROM unnest(%(queues)s::text[], %(weights)s::float8[], %(vtimes)s::float8[])
+             WITH ORDINALITY AS u(name, weight, vtime, pos)
+        -- Queues with a global cap or rate limit are claimed only through claim_limited.
+        WHERE u.name NOT IN (SELECT name FROM {schema}.queues
+                             WHERE paused OR concurrency IS NOT NULL OR rate_limit IS NOT NULL)
+    ) AS q
     CROSS JOIN LATERAL (
         SELECT l.id, q.vtime + row_number() OVER (ORDER BY l.priority, l.run_at, l.id) / q.weight
                    AS turn
         FROM (
-            SELECT id, priority, run_at FROM {schema}.jobs
-            WHERE state = 'queued' AND queue = q.name AND run_at <= now()
-            ORDER BY priority, run_at, id
-            LIMIT %(limit)s
-            FOR UPDATE SKIP LOCKED
+            {runnable}
         ) AS l
     ) AS c
-    -- Queues with a global cap or rate limit are claimed only through claim_limited.
-    WHERE q.name NOT IN (SELECT name FROM {schema}.queues
-                         WHERE paused OR concurrency IS NOT NULL OR rate_limit IS NOT NULL)
     ORDER BY c.turn, q.pos
     LIMIT %(limit)s
 )
@@ -49,6 +48,45 @@ WHERE j.id = candidates.id
 RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts AS attempt, j.max_attempts,
           j.timeout, j.scheduled_for, candidates.rank <= %(start)s AS started
 
+-- fragment: runnable
+-- The best runnable jobs of queue q.name (priority, then run time, then id), at most q.n, locked
+-- with SKIP LOCKED. One index range per priority level, each ending where the delayed jobs of
+-- that level begin: jobs waiting for a later run time, at any priority, are never read, so a
+-- claim costs ten short index descents however many delayed jobs wait (one range over the whole
+-- queue would walk every delayed job of a better priority to reach the ready ones). The levels
+-- are read in order and the outer LIMIT stops reading (and locking) once it has q.n rows.
+SELECT r.id, r.priority, r.run_at
+FROM generate_series(1, 10) AS p(priority)
+CROSS JOIN LATERAL (
+    SELECT id, priority, run_at FROM {schema}.jobs
+    WHERE state = 'queued' AND queue = q.name AND priority = p.priority AND run_at <= now()
+    ORDER BY run_at, id
+    LIMIT q.n
+    FOR UPDATE SKIP LOCKED
+) AS r
+LIMIT q.n
+
+-- name: start_waiting
+-- The worker has room and its last claim found less than it asked for: producers may wake it
+-- now (wake_one). No row yet (the first heartbeat has not run): nothing, and it polls.
+UPDATE {schema}.workers SET waiting_until = now() + make_interval(secs => %(lease)s)
+WHERE id = %(worker_id)s
+RETURNING id
+
+-- name: stop_waiting
+-- The worker is busy again (a claim got all it asked for): wake-ups should go to others.
+UPDATE {schema}.workers SET waiting_until = NULL
+WHERE id = %(worker_id)s AND waiting_until IS NOT NULL
+
+-- name: pass_wake
+-- A worker that filled every slot and left jobs behind (its claim was saturated) wakes one
+-- waiting worker of its queues, which does the same in turn: a burst spreads over idle workers
+-- one claim at a time, without a herd.
+WITH woken AS (
+    {wake_one}
+)
+SELECT count(*) FROM woken
+
 -- name: lock_queue
 -- Serialises claims on a queue with a global cap or rate limit; the next statement then sees
 -- every claim committed before it (a fresh snapshot), so the cap holds across workers.
@@ -56,10 +94,13 @@ SELECT name FROM {schema}.queues WHERE name = %(queue)s FOR UPDATE
 
 -- name: claim_limited
 WITH settings AS (
+    -- tokens: NULL without a rate limit (least and greatest skip NULLs, so without the CASE
+    -- a queue with only a cap would get a budget of one job per claim).
     SELECT name, concurrency, rate_limit,
-           least(greatest(rate_limit * %(burst)s, 1),
-                 rate_tokens + extract(epoch FROM clock_timestamp() - rate_updated_at) * rate_limit)
-               AS tokens
+           CASE WHEN rate_limit IS NOT NULL THEN
+               least(greatest(rate_limit * %(burst)s, 1),
+                     rate_tokens + extract(epoch FROM clock_timestamp() - rate_updated_at) * rate_limit)
+           END AS tokens
     FROM {schema}.queues WHERE name = %(queue)s AND NOT paused
 ), budget AS (
     SELECT greatest(0, least(
@@ -69,11 +110,12 @@ WITH settings AS (
         coalesce(floor(s.tokens)::int, %(limit)s))) AS n
     FROM settings AS s
 ), candidates AS (
-    SELECT id FROM {schema}.jobs
-    WHERE state = 'queued' AND queue = %(queue)s AND run_at <= now()
-    ORDER BY priority, run_at, id
-    LIMIT (SELECT n FROM budget)
-    FOR UPDATE SKIP LOCKED
+    SELECT l.id
+    -- No budget row (the queue is paused): nothing, where a NULL limit would mean no limit.
+    FROM (SELECT %(queue)s::text AS name, coalesce((SELECT n FROM budget), 0) AS n) AS q
+    CROSS JOIN LATERAL (
+        {runnable}
+    ) AS l
 ), claimed AS (
     -- Capped and rate-limited queues claim only what starts at once: charged here.
     UPDATE {schema}.jobs AS j
@@ -188,7 +230,10 @@ RETURNING id
 WITH beat AS (
     INSERT INTO {schema}.workers (id, host, pid, queues, concurrency, abandoned_threads)
     VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s, %(abandoned)s)
-    ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), abandoned_threads = %(abandoned)s
+    ON CONFLICT (id) DO UPDATE
+    SET heartbeat_at = now(), abandoned_threads = %(abandoned)s,
+        waiting_until = CASE WHEN workers.waiting_until IS NOT NULL
+                             THEN now() + make_interval(secs => %(lease)s) END
 )
 UPDATE {schema}.jobs AS j
 SET lease_expires_at = now() + make_interval(secs => %(lease)s)

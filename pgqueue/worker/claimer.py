@@ -5,6 +5,17 @@ due) or its poll timer. Plain queues share one claim statement, which deals the 
 robin across the queues with ready jobs (weighted by ``queue_weights``), and also fill the
 prefetch buffer; capped and rate-limited queues claim only what can start at once, each under its
 queue's settings row lock, so a global cap holds across workers.
+
+Wake-ups go to one worker at a time. A claim that found less than it had room for puts the
+worker on the waiting list (``start_waiting``): an enqueue that commits by itself wakes one
+waiting worker (``wake_one``), not every worker listening, and sends nothing when none waits,
+since busy workers claim again as soon as they have room. A waiting worker therefore does not
+claim when a slot frees (nothing new is known), and a saturated worker with no room left passes
+the wake-up on (``pass_wake``). One race remains: an enqueue that looked for a waiting worker
+just before this one signed up, and committed just after its claim looked. It is closed by one
+more claim ``WAKE_GRACE`` after signing up, long enough for a statement that commits by itself.
+Only a worker whose listener has heard its own self-test signs up; a deaf one (a pooler in
+transaction mode) or one whose listener is reconnecting stays off the list and polls.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgqueue._base import QueueSettings
+from pgqueue._enqueue import wake_params
 from pgqueue._rows import dataclass_row
 from pgqueue._sql import Queries
 from pgqueue.worker.db import ServiceConnection, reconnect_delay
@@ -27,6 +39,7 @@ from pgqueue.worker.settings import WorkerSettings
 
 log = logging.getLogger("pgqueue.worker")
 DEAF_POLL_INTERVAL = 0.25  # how often to look when notifications do not arrive
+WAKE_GRACE = 0.025  # after signing up as waiting, look once more this much later
 
 
 @dataclass(slots=True)
@@ -67,6 +80,12 @@ class Claimer:
         self._retry_due: float | None = None
         self._poll_interval = settings.poll_interval
         self.alive_at = time.monotonic()
+        # Producers may wake this worker alone only once its listener is known to hear: a
+        # worker on the waiting list that cannot hear would leave the jobs meant for it to polls.
+        self._can_wait = False
+        self.waiting = False  # on the waiting list, as far as this worker knows
+        self._blocked = False  # the last claim skipped a queue at its local cap
+        self._grace_due: float | None = None
         # Stride scheduling across claims (which are often one or two rows: a slot frees, a
         # claim fills it): each queue's virtual time advances by 1/weight per job it got, and
         # the queues furthest behind go first. A queue that sat idle is brought to within one
@@ -91,6 +110,23 @@ class Claimer:
             min(DEAF_POLL_INTERVAL, self._settings.poll_interval) if lost else self._settings.poll_interval
         )
         self.wake.set()  # the wait in progress was planned on the old interval
+
+    def hearing(self, heard: bool) -> None:
+        """Whether this worker's listener is known to receive notifications right now."""
+        if heard != self._can_wait:
+            self._can_wait = heard
+            self.wake.set()  # sign up, or leave the waiting list, without waiting for a poll
+
+    def woken(self) -> None:
+        """A producer took this worker off the waiting list to tell it of new jobs."""
+        self.waiting = False
+        self.wake.set()
+
+    def capacity_freed(self) -> None:
+        """A slot freed: look again unless this worker waits for a wake-up (nothing is known to
+        be ready that its last claim did not already find)."""
+        if not self.waiting or self._blocked:
+            self.wake.set()
 
     def settings_changed(self) -> None:
         """A queue's settings changed: read them again before the next claim."""
@@ -120,10 +156,12 @@ class Claimer:
         while not self._stopping.is_set():
             self.alive_at = time.monotonic()
             self.wake.clear()
-            saturated, rate_limited = False, False
+            saturated, rate_limited, claimed = False, False, False
             if self._executor.room() > 0:
                 try:
                     saturated, rate_limited = await self.claim()
+                    claimed = True
+                    await self._sign_up(saturated)
                     if failures:
                         log.info("claiming again after %d failed attempts", failures)
                     failures = 0
@@ -137,9 +175,48 @@ class Claimer:
             timeout = self._poll_interval
             if rate_limited:
                 timeout = min(timeout, max(0.01, self._settings.rate_burst_seconds / 2))
+            if self._grace_due is not None:
+                timeout = min(timeout, self._grace_due - time.monotonic())
+                self._grace_due = None
             if not saturated:
                 timeout = min(timeout, await self._seconds_to_next_job())
+            if not claimed and self.waiting:
+                await self._leave_waiting_list()  # no room: wake-ups should go to others
             await self._wait_for_work(timeout)
+        with contextlib.suppress(Exception):
+            await self._leave_waiting_list()  # shutting down: this worker claims no more
+
+    async def _sign_up(self, saturated: bool) -> None:
+        """After a claim: on the waiting list if it found less than there was room for, off it
+        (and the wake-up passed on when no room is left) if it got all it asked for."""
+        if saturated:
+            await self._leave_waiting_list()
+            if self._executor.room() <= 0 and self._can_wait:
+                await self._execute(self._queries.pass_wake, self._wake_params())
+        elif not self._can_wait:
+            await self._leave_waiting_list()
+        elif not self.waiting:
+            async with self._conn.use() as c:
+                cur = await c.execute(
+                    self._queries.start_waiting,
+                    {"worker_id": self._worker_id, "lease": self._settings.lease_seconds},
+                )
+                self.waiting = await cur.fetchone() is not None
+            if self.waiting:
+                self._grace_due = time.monotonic() + WAKE_GRACE
+
+    async def _leave_waiting_list(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            await self._execute(self._queries.stop_waiting, {"worker_id": self._worker_id})
+
+    def _wake_params(self) -> dict[str, Any]:
+        params = wake_params(self._queries, list(self._settings.queues), True, commits_alone=True)
+        return {**params, "waker": self._worker_id}
+
+    async def _execute(self, query: str, params: dict[str, Any]) -> None:
+        async with self._conn.use() as c:
+            await c.execute(query, params, prepare=self._prepare)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -194,6 +271,7 @@ class Claimer:
         free = ex.room()
         plain: list[str] = []
         saturated, rate_limited = False, False
+        self._blocked = False
         for name in s.queues:
             limits = self.limits.get(name, QueueLimits())
             local_cap = s.queue_concurrency.get(name)
@@ -204,6 +282,7 @@ class Claimer:
             if local_cap is not None:
                 room = min(room, local_cap - ex.per_queue[name])
             if room <= 0:
+                self._blocked = True  # a slot of this queue freeing is a reason to look again
                 continue
             rate_limited |= limits.rate_limit is not None
             if limits.limited:

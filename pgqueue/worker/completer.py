@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 
 from pgqueue._connections import is_transient
+from pgqueue._enqueue import wake_params
 from pgqueue._sql import Queries
 from pgqueue.errors import UnstorableResult
 from pgqueue.worker.db import ServiceConnection, reconnect_delay
@@ -158,7 +159,7 @@ class Completer:
         if queues:  # capacity freed under a global cap, or a job back in line: others look again
             async with self._conn.use() as c:
                 await c.execute(
-                    self._queries.wake_queues, {"channel": self._queries.channel, "queues": queues}
+                    self._queries.wake_queues, wake_params(self._queries, queues, True, commits_alone=True)
                 )
 
     async def _write(self, batch: list[Outcome], starts: list[ClaimedJob]) -> list[Outcome]:

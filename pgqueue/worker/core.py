@@ -177,7 +177,7 @@ class AsyncWorker:
             completer=completer,
             progress=progress,
             stats=self.stats,
-            on_capacity=lambda: cl.wake.set(),
+            on_capacity=lambda: cl.capacity_freed(),
         )
         cl = Claimer(claim_conn, q, s, ex, self.id, prepare=prepare, stopping=stopping)
         keeper = LeaseKeeper(
@@ -233,6 +233,10 @@ class AsyncWorker:
             if name in self.settings.queues:
                 run.claimer.wake.set()
 
+        def on_wake(worker_id: str) -> None:
+            if worker_id == self.id:
+                run.claimer.woken()
+
         listener = listen(
             self.settings.listen_dsn or self.queue.dsn,
             self.queue.dsn,
@@ -240,10 +244,12 @@ class AsyncWorker:
             self.id,
             Handlers(
                 on_queue=on_queue,
+                on_wake=on_wake,
                 on_cancel=run.executor.cancel,
                 on_settings=on_settings,
                 on_reconnect=run.claimer.wake.set,
                 on_deaf=run.claimer.notifications_lost,
+                on_hearing=run.claimer.hearing,
             ),
             reconnect_delay,
         )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from pgqueue._notifications import CANCEL_PREFIX, PING_PREFIX, SETTINGS_PREFIX
+from pgqueue._notifications import CANCEL_PREFIX, PING_PREFIX, SETTINGS_PREFIX, WAKE_PREFIX
 from pgqueue.worker.db import connect_kwargs
 
 log = logging.getLogger("pgqueue.worker")
@@ -31,10 +31,12 @@ SELF_TEST_TIMEOUT = 2.0
 @dataclass(frozen=True, slots=True)
 class Handlers:
     on_queue: Callable[[str], None]
+    on_wake: Callable[[str], None]
     on_cancel: Callable[[int], None]
     on_settings: Callable[[str], None]
     on_reconnect: Callable[[], None]
     on_deaf: Callable[[bool], None]
+    on_hearing: Callable[[bool], None]  # True: a self-test came back; False: deaf or disconnected
 
 
 async def listen(
@@ -59,6 +61,7 @@ async def listen(
             _report(now_deaf)
             deaf = now_deaf
         handlers.on_deaf(now_deaf)
+        handlers.on_hearing(not now_deaf)
 
     while True:
         try:
@@ -80,6 +83,8 @@ async def listen(
                             heard.set()
                         elif payload.startswith(PING_PREFIX):
                             pass  # another worker's self-test
+                        elif payload.startswith(WAKE_PREFIX):
+                            handlers.on_wake(payload[len(WAKE_PREFIX) :])
                         elif payload.startswith(CANCEL_PREFIX):
                             handlers.on_cancel(int(payload[len(CANCEL_PREFIX) :]))
                         elif payload.startswith(SETTINGS_PREFIX):
@@ -91,6 +96,7 @@ async def listen(
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            handlers.on_hearing(False)  # until a self-test says otherwise
             failures += 1
             delay = retry_delay(failures)
             log.warning("listener connection lost (%s); reconnecting in %.1fs", exc, delay)

@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from pgqueue._enqueue import wake_params
 from pgqueue._rows import dataclass_row
 from pgqueue._sql import Queries
 from pgqueue.worker.db import ServiceConnection
@@ -76,9 +77,8 @@ class Rescuer:
                 if moved:
                     log.warning("rescued %d jobs with expired leases (%d dead-lettered)", moved, row.buried)
                 if row.queues:
-                    await c.execute(
-                        self._queries.wake_queues, {"channel": self._queries.channel, "queues": row.queues}
-                    )
+                    wake = wake_params(self._queries, row.queues, True, commits_alone=True)
+                    await c.execute(self._queries.wake_queues, wake)
                 if moved < BATCH:
                     break
             await c.execute(self._queries.forget_dead_workers, {"after": self._lease * 3})

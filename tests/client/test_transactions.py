@@ -235,19 +235,55 @@ def test_notify_off_sends_nothing(
     assert count() == 5
 
 
-def test_without_conn_each_enqueue_commits_and_wakes_its_queue(
+def _waiting_worker(db: psycopg.Connection[Any], schema: str, worker_id: str, queues: list[str]) -> None:
+    """A worker row on the waiting list, as a worker's unsaturated claim leaves it."""
+    db.execute(
+        f'INSERT INTO "{schema}".workers (id, host, pid, queues, concurrency, waiting_until)'
+        " VALUES (%s, 'h', 1, %s, 1, now() + interval '1 minute')",
+        (worker_id, queues),
+    )
+    db.commit()
+
+
+def test_without_conn_an_enqueue_wakes_one_waiting_worker_or_nobody(
     queue: Queue,
     listener_for: Callable[..., Listener],
     db: psycopg.Connection[Any],
     pgqueue_schema: str,
 ) -> None:
+    """An enqueue that commits by itself tells one waiting worker of its queue, by name, and
+    takes it off the list; with no worker waiting it sends nothing at all (busy workers claim
+    when they have room), which spares the commit NOTIFY's lock."""
     listener = listener_for(queue)
     queue.enqueue("a", queue="one")
     assert len(visible_jobs(db, pgqueue_schema)) == 1  # committed already
-    queue.enqueue("b", queue="two")
     queue.enqueue_many([{"task": "c", "queue": "one"}, {"task": "d", "queue": "three"}])
-    got = listener.received(timeout=5, stop_after=4) + listener.received(timeout=0.2)
-    assert sorted(got) == ["one", "one", "three", "two"]
+    assert listener.received(timeout=0.3) == []  # nobody waits: nothing sent
+    _waiting_worker(db, pgqueue_schema, "w-one", ["one", "two"])
+    _waiting_worker(db, pgqueue_schema, "w-three", ["three"])
+    queue.enqueue("b", queue="two")
+    assert listener.received(timeout=5, stop_after=1) == ["!wake w-one"]
+    queue.enqueue("b", queue="two")  # w-one is woken already: it claims everything there is
+    assert listener.received(timeout=0.3) == []
+    queue.enqueue_many([{"task": "c", "queue": "one"}, {"task": "d", "queue": "three"}])
+    assert listener.received(timeout=5, stop_after=1) == ["!wake w-three"]
+    waiting = db.execute(f'SELECT id FROM "{pgqueue_schema}".workers WHERE waiting_until IS NOT NULL')
+    assert waiting.fetchall() == []
+
+
+def test_an_expired_waiting_worker_is_not_woken(
+    queue: Queue,
+    listener_for: Callable[..., Listener],
+    db: psycopg.Connection[Any],
+    pgqueue_schema: str,
+) -> None:
+    """A worker that stopped renewing its lease (dead, frozen) is off the list by then."""
+    listener = listener_for(queue)
+    _waiting_worker(db, pgqueue_schema, "w-gone", ["one"])
+    db.execute(f"UPDATE \"{pgqueue_schema}\".workers SET waiting_until = now() - interval '1 second'")
+    db.commit()
+    queue.enqueue("a", queue="one")
+    assert listener.received(timeout=0.3) == []
 
 
 def test_conn_of_the_wrong_kind_is_refused(

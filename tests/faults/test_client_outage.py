@@ -426,7 +426,7 @@ def test_a_read_is_retried_on_a_new_connection_a_write_is_not(migrated: PgServer
         attempts.clear()
 
         def insert_then_cut(conn: psycopg.Connection[Any]) -> int:
-            job_id = queue._insert_one(conn, make_request(queue.registry, JobSpec("in-tx")))
+            job_id = queue._insert_one(conn, make_request(queue.registry, JobSpec("in-tx")), True)
             cut_first(conn)  # the first time, after the insert and before COMMIT
             return job_id
 

@@ -22,6 +22,9 @@ PGQUEUE_SCENARIOS = {
     "app": {"app_notify_on", "app_notify_off"},
     "bloat": {"bloat_fresh", "bloat_after"},
     "io": {"io_rate"},
+    "producers": {"producers_notify_on", "producers_notify_off"},
+    "wakeups": {"wakeups_tx_per_enqueue", "wakeups_p50"},
+    "snapshot": {"snapshot_held_pct", "snapshot_dead_rows"},
 }
 
 

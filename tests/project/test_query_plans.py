@@ -117,20 +117,26 @@ def _node_types(plan: Any) -> set[tuple[str, str | None]]:
 
 
 def _generic_plan(
-    conn: psycopg.Connection[Any], query: str, types: dict[str, str], params: dict[str, Any]
+    conn: psycopg.Connection[Any],
+    query: str,
+    types: dict[str, str],
+    params: dict[str, Any],
+    *,
+    cache_mode: str = "force_generic_plan",
 ) -> Any:
     """The plan a prepared ``query`` gets once the server settles on a generic plan (as it may
-    for a statement a connection runs often), with these parameter values; run and rolled back."""
+    for a statement a connection runs often), with these parameter values; run and rolled back.
+    ``cache_mode="force_custom_plan"``: the plan of its first executions instead."""
     text, names = _as_prepared(query)
     conn.execute(f"PREPARE plan_under_test({', '.join(types[n] for n in names)}) AS {text}", prepare=False)
     try:
-        conn.execute("SET plan_cache_mode = force_generic_plan")
+        conn.execute(f"SET plan_cache_mode = {cache_mode}")
         placeholders = ", ".join(f"%s::{types[n]}" for n in names)
         with conn.transaction(force_rollback=True):
             row = (
                 psycopg.ClientCursor(conn)
                 .execute(
-                    f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE plan_under_test({placeholders})",
+                    f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE plan_under_test({placeholders})",
                     [params[n] for n in names],
                 )
                 .fetchone()
@@ -192,3 +198,86 @@ def test_pruning_and_cleaning_read_finished_jobs_through_their_index(queue: Queu
             )
             assert "jobs_finished_idx" in _index_names(plan), (params, plan)
             assert plan[0]["Plan"]["Plans"][0]["Actual Rows"] == 500, params  # the DELETE got its batch
+
+
+CLAIM_TYPES = {
+    "queues": "text[]",
+    "weights": "float8[]",
+    "vtimes": "float8[]",
+    "limit": "int",
+    "start": "int",
+    "worker_id": "text",
+    "lease": "float8",
+    "token": "uuid",
+    "queue": "text",
+    "burst": "float8",
+}
+DELAYED = 100_000
+
+
+def _pages_read(plan: Any) -> int:
+    """Buffers the reads of ``jobs`` touched to find the rows (the leaf scans; the UPDATE's own
+    writes to the claimed rows and their index entries are not counted)."""
+    if isinstance(plan, list):
+        return sum(_pages_read(p) for p in plan)
+    if not isinstance(plan, dict):
+        return 0
+    own = 0
+    if plan.get("Relation Name") == "jobs" and "Scan" in plan.get("Node Type", ""):
+        own = int(plan["Shared Hit Blocks"] + plan["Shared Read Blocks"])
+    return own + sum(_pages_read(v) for v in plan.values() if isinstance(v, (dict, list)))
+
+
+def _claimed(plan: Any) -> int:
+    return int(plan[0]["Plan"]["Actual Rows"])
+
+
+def test_a_claim_never_reads_the_delayed_jobs(queue: Queue) -> None:
+    """100,000 jobs delayed an hour at the best priority, a few ready at a worse one: the claim
+    takes the ready ones reading a few dozen pages, as it does with no delayed job at all, under
+    the generic plan and the custom one alike; with only delayed jobs left (the idle poll), it
+    finds nothing just as cheaply. One range over the queue would walk every delayed entry of
+    priority 1 (hundreds of pages) before reaching priority 5; a sequential scan reads them all."""
+    schema = queue.schema
+    with psycopg.connect(queue.dsn, autocommit=True) as conn:
+        conn.execute(
+            f'INSERT INTO "{schema}".jobs (queue, task, priority, run_at)'
+            " SELECT 'q', 't', 1, now() + interval '1 hour' FROM generate_series(1, %s)",
+            (DELAYED,),
+        )
+        ready = queue.enqueue_many([{"task": "t", "queue": "q", "priority": 5}] * 20)
+        conn.execute(f"INSERT INTO \"{schema}\".queues (name, concurrency) VALUES ('capped', 5)")
+        conn.execute(
+            f'INSERT INTO "{schema}".jobs (queue, task, priority, run_at)'
+            " SELECT 'capped', 't', 1, now() + interval '1 hour' FROM generate_series(1, %s)",
+            (DELAYED,),
+        )
+        queue.enqueue_many([{"task": "t", "queue": "capped", "priority": 5}] * 3)
+        conn.execute(f'VACUUM ANALYZE "{schema}".jobs')
+        common = {
+            "worker_id": "w",
+            "lease": 30.0,
+            "token": uuid.uuid4(),
+            "start": 10,
+            "burst": 1.0,
+            "weights": [1.0],
+            "vtimes": [0.0],
+        }
+        for mode in ("force_generic_plan", "force_custom_plan"):
+            for query, params, expected in (
+                (queue.queries.claim, {"queues": ["q"], "limit": 10, "queue": None}, 10),
+                (queue.queries.claim_limited, {"queue": "capped", "limit": 10, "queues": None}, 3),
+            ):
+                plan = _generic_plan(conn, query, CLAIM_TYPES, {**common, **params}, cache_mode=mode)
+                where = (mode, params)
+                assert ("Seq Scan", "jobs") not in _node_types(plan), where
+                assert _claimed(plan) == expected, where
+                assert _pages_read(plan) < 80, (where, _pages_read(plan))
+        conn.execute(f'DELETE FROM "{schema}".jobs WHERE id = ANY(%s)', (ready,))
+        conn.execute(f'VACUUM ANALYZE "{schema}".jobs')
+        for mode in ("force_generic_plan", "force_custom_plan"):
+            params = {**common, "queues": ["q"], "limit": 10, "queue": None}
+            plan = _generic_plan(conn, queue.queries.claim, CLAIM_TYPES, params, cache_mode=mode)
+            assert ("Seq Scan", "jobs") not in _node_types(plan), mode
+            assert _claimed(plan) == 0, mode
+            assert _pages_read(plan) < 40, (mode, _pages_read(plan))
