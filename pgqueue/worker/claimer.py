@@ -86,6 +86,7 @@ class Claimer:
         self.waiting = False  # on the waiting list, as far as this worker knows
         self._blocked = False  # the last claim skipped a queue at its local cap
         self._grace_due: float | None = None
+        self._wakes = 0  # wake-ups received: one arriving mid sign-up voids the sign-up
         # Stride scheduling across claims (which are often one or two rows: a slot frees, a
         # claim fills it): each queue's virtual time advances by 1/weight per job it got, and
         # the queues furthest behind go first. A queue that sat idle is brought to within one
@@ -120,6 +121,7 @@ class Claimer:
     def woken(self) -> None:
         """A producer took this worker off the waiting list to tell it of new jobs."""
         self.waiting = False
+        self._wakes += 1
         self.wake.set()
 
     def capacity_freed(self) -> None:
@@ -196,12 +198,16 @@ class Claimer:
         elif not self._can_wait:
             await self._leave_waiting_list()
         elif not self.waiting:
+            wakes = self._wakes
             async with self._conn.use() as c:
                 cur = await c.execute(
                     self._queries.start_waiting,
                     {"worker_id": self._worker_id, "lease": self._settings.lease_seconds},
                 )
-                self.waiting = await cur.fetchone() is not None
+                signed = await cur.fetchone() is not None
+            # A producer that woke us while the sign-up was in flight took us off the list
+            # again: believing we wait then would leave us off it, claiming only at polls.
+            self.waiting = signed and self._wakes == wakes
             if self.waiting:
                 self._grace_due = time.monotonic() + WAKE_GRACE
 

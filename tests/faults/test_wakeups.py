@@ -158,3 +158,24 @@ def test_an_enqueue_in_a_long_transaction_reaches_a_worker_that_began_waiting_me
     committed = time.monotonic()
     wait_until(lambda: rig.db.one(state, [job]) == "completed", 5, worker.log_tail)
     assert time.monotonic() - committed < 2, worker.log_tail()
+
+
+def test_under_steady_load_no_job_waits_for_a_poll(rig: Rig) -> None:
+    """5,000 jobs a second in bursts every 10 ms for 4 s, one worker: it goes on and off the
+    waiting list hundreds of times, woken mid sign-up and woken while it claims; every job
+    starts well within a second. A worker that lost track of whether it was on the list once
+    left bursts to its 60 s poll (seconds of delay at 5,000 jobs/s)."""
+    rig.start_waiting_workers(1, "--concurrency", "200")  # room to spare: it signs up often
+    ids: list[int] = []
+    end = time.monotonic() + 4.0
+    while time.monotonic() < end:
+        tick = time.monotonic()
+        ids += rig.app.queue.enqueue_many([JobSpec("noop") for _ in range(50)])
+        time.sleep(max(0.0, 0.01 - (time.monotonic() - tick)))
+    _all_completed(rig, len(ids), timeout=30)
+    waits = rig.waits_ms(ids)
+    print(
+        f"\nsteady {len(ids)} jobs in 4 s, one worker: wait p50 {percentile(waits, 50):.1f} ms, "
+        f"p99 {percentile(waits, 99):.1f} ms, max {max(waits):.0f} ms"
+    )
+    assert max(waits) < 1000, sorted(waits)[-5:]

@@ -217,13 +217,14 @@ DELAYED = 100_000
 
 def _pages_read(plan: Any) -> int:
     """Buffers the reads of ``jobs`` touched to find the rows (the leaf scans; the UPDATE's own
-    writes to the claimed rows and their index entries are not counted)."""
+    lookups of the claimed rows by primary key and its writes are not counted)."""
     if isinstance(plan, list):
         return sum(_pages_read(p) for p in plan)
     if not isinstance(plan, dict):
         return 0
     own = 0
-    if plan.get("Relation Name") == "jobs" and "Scan" in plan.get("Node Type", ""):
+    finding = "Scan" in plan.get("Node Type", "") and plan.get("Index Name") != "jobs_pkey"
+    if plan.get("Relation Name") == "jobs" and finding:
         own = int(plan["Shared Hit Blocks"] + plan["Shared Read Blocks"])
     return own + sum(_pages_read(v) for v in plan.values() if isinstance(v, (dict, list)))
 

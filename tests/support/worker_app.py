@@ -180,6 +180,10 @@ def register(app: App) -> None:
         app.log_finish_sync(seq)
         return ctx.job_id
 
+    @q.task(name="noop")
+    async def noop() -> None:
+        """Nothing at all: for tests that time the queue, not the handler."""
+
     @q.task(name="sleep_async")
     async def sleep_async(ctx: JobContext, seconds: float) -> str:
         """Sleeps; if cancelled (timeout, cancel, shutdown) it records when, then gives way."""
