@@ -343,7 +343,7 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
             queues = ops.distinct_queues(requests)
             await c.execute(
                 self.queries.wake_queues,
-                ops.wake_params(self.queries, queues, True, commits_alone=commits_alone),
+                ops.wake_params(self.queries, queues, commits_alone=commits_alone),
             )
         return list(ids)
 
@@ -455,7 +455,7 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
             # A settings change is news for every worker of the queue: told to all of them.
             queues = [settings.name, settings_changed(settings.name)]
             await c.execute(
-                self.queries.wake_queues, ops.wake_params(self.queries, queues, True, commits_alone=False)
+                self.queries.wake_queues, ops.wake_params(self.queries, queues, commits_alone=False)
             )
             return settings
 

@@ -156,19 +156,21 @@ def make_requests(registry: Registry, jobs: Iterable[JobSpec | Mapping[str, Any]
     return requests
 
 
-def wake_params(queries: Queries, queues: list[str], notify: bool, *, commits_alone: bool) -> dict[str, Any]:
+def wake_params(
+    queries: Queries, queues: list[str], *, notify: bool = True, commits_alone: bool = True, waker: str = ""
+) -> dict[str, Any]:
     """How a write that queued jobs wakes workers (the ``wake_one`` fragment and its callers).
 
-    A statement that commits by itself wakes one waiting worker, chosen when it runs; one inside
-    the caller's transaction notifies every listener at commit instead, since whoever waits
-    then, possibly long after the statement, is who must hear of it.
+    A statement that commits by itself wakes one waiting worker (never ``waker``), chosen when it
+    runs; one inside the caller's transaction notifies every listener at commit instead, since
+    whoever waits then, possibly long after the statement, is who must hear of it.
     """
     return {
         "channel": queries.channel,
         "queues": queues,
         "wake_one": notify and commits_alone,
         "broadcast": notify and not commits_alone,
-        "waker": "",
+        "waker": waker,
     }
 
 
@@ -176,7 +178,7 @@ def enqueue_params(
     queries: Queries, request: JobRequest, notify: bool, *, commits_alone: bool
 ) -> dict[str, Any]:
     return {
-        **wake_params(queries, [request.queue], notify, commits_alone=commits_alone),
+        **wake_params(queries, [request.queue], notify=notify, commits_alone=commits_alone),
         "queue": request.queue,
         "task": request.task,
         "args": request.args_json,

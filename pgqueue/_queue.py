@@ -327,7 +327,7 @@ class Queue(QueueBase[int]):
             queues = ops.distinct_queues(requests)
             c.execute(
                 self.queries.wake_queues,
-                ops.wake_params(self.queries, queues, True, commits_alone=commits_alone),
+                ops.wake_params(self.queries, queues, commits_alone=commits_alone),
             )
         return list(ids)
 
@@ -439,7 +439,7 @@ class Queue(QueueBase[int]):
             # A settings change is news for every worker of the queue: told to all of them.
             queues = [settings.name, settings_changed(settings.name)]
             c.execute(
-                self.queries.wake_queues, ops.wake_params(self.queries, queues, True, commits_alone=False)
+                self.queries.wake_queues, ops.wake_params(self.queries, queues, commits_alone=False)
             )
             return settings
 

@@ -194,7 +194,8 @@ class Claimer:
         if saturated:
             await self._leave_waiting_list()
             if self._executor.room() <= 0 and self._can_wait:
-                await self._execute(self._queries.pass_wake, self._wake_params())
+                wake = wake_params(self._queries, list(self._settings.queues), waker=self._worker_id)
+                await self._execute(self._queries.pass_wake, wake)
         elif not self._can_wait:
             await self._leave_waiting_list()
         elif not self.waiting:
@@ -215,10 +216,6 @@ class Claimer:
         if self.waiting:
             self.waiting = False
             await self._execute(self._queries.stop_waiting, {"worker_id": self._worker_id})
-
-    def _wake_params(self) -> dict[str, Any]:
-        params = wake_params(self._queries, list(self._settings.queues), True, commits_alone=True)
-        return {**params, "waker": self._worker_id}
 
     async def _execute(self, query: str, params: dict[str, Any]) -> None:
         async with self._conn.use() as c:

@@ -158,9 +158,7 @@ class Completer:
         queues = self._wake_after(written)
         if queues:  # capacity freed under a global cap, or a job back in line: others look again
             async with self._conn.use() as c:
-                await c.execute(
-                    self._queries.wake_queues, wake_params(self._queries, queues, True, commits_alone=True)
-                )
+                await c.execute(self._queries.wake_queues, wake_params(self._queries, queues))
 
     async def _write(self, batch: list[Outcome], starts: list[ClaimedJob]) -> list[Outcome]:
         """One statement for outcomes and starts; if the server refuses a row, split the outcomes."""

@@ -77,8 +77,7 @@ class Rescuer:
                 if moved:
                     log.warning("rescued %d jobs with expired leases (%d dead-lettered)", moved, row.buried)
                 if row.queues:
-                    wake = wake_params(self._queries, row.queues, True, commits_alone=True)
-                    await c.execute(self._queries.wake_queues, wake)
+                    await c.execute(self._queries.wake_queues, wake_params(self._queries, row.queues))
                 if moved < BATCH:
                     break
             await c.execute(self._queries.forget_dead_workers, {"after": self._lease * 3})
