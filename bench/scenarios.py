@@ -495,11 +495,13 @@ def _table_sizes(b: Bench) -> dict[str, Any]:
         rows = c.execute(
             "SELECT c.relname, pg_relation_size(c.oid) FROM pg_class c"
             " JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE n.nspname = 'pgqueue' AND c.relname LIKE 'jobs%%'"
+            " WHERE n.nspname = 'pgqueue' AND c.relname LIKE '%%jobs%%' AND c.relkind IN ('r', 'i')"
         ).fetchall()
-        rows_count = c.execute("SELECT count(*) FROM pgqueue.jobs").fetchone()
+        live = c.execute("SELECT count(*) FROM pgqueue.jobs").fetchone()
+        finished = c.execute("SELECT count(*) FROM pgqueue.finished_jobs").fetchone()
     return {
-        "rows": rows_count[0] if rows_count else None,
+        "rows": live[0] if live else None,
+        "finished rows": finished[0] if finished else None,
         **{name: f"{size / 2**20:.1f} MiB" for name, size in rows},
     }
 

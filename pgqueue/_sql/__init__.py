@@ -4,8 +4,8 @@ One file per entity: ``jobs.sql`` (enqueue, read, cancel, retry from the dead le
 operator's one-job writes), ``worker.sql`` (claim, acknowledge, heartbeat, progress,
 registration), ``maintenance.sql`` (lease rescue, retention), ``queues.sql`` (settings,
 wake-ups, counts), ``schedules.sql``, and ``admin.sql`` (reads only the admin makes). Each
-statement exists once; a part shared by two statements is a ``-- fragment: name`` block that
-statements include as ``{name}``.
+statement exists once; a part shared by two statements (or branches of one) is a
+``-- fragment: name`` block that statements include as ``{name}``.
 
 :class:`Queries` declares each statement as a typed attribute, so a misspelt name fails the type
 checker instead of a running worker, and it refuses to build when the files and the

@@ -8,7 +8,7 @@
 
 -- name: admin_queue_runs
 -- Run time (last attempt: started_at to finished_at) of the jobs each queue completed within
--- the window; one index range per queue on jobs_finished_idx.
+-- the window; one index range per queue on finished_jobs_queue_idx.
 SELECT q.name, r.count, r.avg, r.p95
 FROM unnest(%(queues)s::text[]) AS q(name)
 CROSS JOIN LATERAL (
@@ -16,7 +16,7 @@ CROSS JOIN LATERAL (
            percentile_cont(0.95) WITHIN GROUP (ORDER BY secs)::float8 AS p95
     FROM (
         SELECT extract(epoch FROM finished_at - started_at)::float8 AS secs
-        FROM {schema}.jobs
+        FROM {schema}.finished_jobs
         WHERE queue = q.name AND state = 'completed' AND started_at IS NOT NULL
           AND finished_at >= now() - make_interval(secs => %(window)s)
           -- a hand-written ±infinity: PostgreSQL before 17 refuses to subtract it
@@ -31,7 +31,7 @@ SELECT q.name, t.ago, t.count
 FROM unnest(%(queues)s::text[]) AS q(name)
 CROSS JOIN LATERAL (
     SELECT floor(extract(epoch FROM now() - finished_at) / 60)::int AS ago, count(*) AS count
-    FROM {schema}.jobs
+    FROM {schema}.finished_jobs
     WHERE queue = q.name AND state = 'completed'
       AND finished_at > now() - make_interval(mins => %(minutes)s)
       AND finished_at <= now()  -- a hand-written 'infinity' must not break the cast above
@@ -53,11 +53,10 @@ WITH bounds AS (
            coalesce(%(until)s::timestamptz, now()) AS until
 ), candidates AS (
     SELECT j.queue, j.errors FROM {schema}.jobs AS j
-    WHERE j.state IN ('queued', 'running') AND j.errors <> '[]'::jsonb
+    WHERE j.errors <> '[]'::jsonb
     UNION ALL
-    SELECT j.queue, j.errors FROM {schema}.jobs AS j, bounds AS b
-    WHERE j.state IN ('completed', 'cancelled') AND j.finished_at >= b.since
-      AND j.errors <> '[]'::jsonb
+    SELECT f.queue, f.errors FROM {schema}.finished_jobs AS f, bounds AS b
+    WHERE f.finished_at >= b.since AND f.errors <> '[]'::jsonb
     UNION ALL
     SELECT d.queue, d.errors FROM {schema}.dead_letter AS d, bounds AS b
     WHERE d.failed_at >= b.since
@@ -86,7 +85,7 @@ CROSS JOIN LATERAL (
            count(*) AS count,
            sum(extract(epoch FROM finished_at - coalesce(started_at, finished_at)))::float8
                AS seconds
-    FROM {schema}.jobs
+    FROM {schema}.finished_jobs
     WHERE queue = q.name AND state IN ('completed', 'cancelled')
       AND finished_at > %(since)s AND finished_at <= %(until)s
     GROUP BY 1, 2
@@ -107,7 +106,8 @@ SELECT now() - make_interval(secs => %(lag)s) AS until
 -- name: admin_list_jobs
 -- Newest first, keyset-paginated on id (each branch walks its primary key backwards and stops
 -- after %(limit)s matches). %(state)s is one of queued, delayed, retrying, running, completed,
--- cancelled, dead, or NULL for all; the time range applies to created_at.
+-- cancelled, dead, or NULL for all; %(live)s, %(finished)s and %(dead)s say which tables can hold
+-- it; the time range applies to created_at.
 (
     SELECT id, queue, task,
            CASE WHEN state = 'queued' AND run_at > now() THEN 'delayed' ELSE state::text END
@@ -116,16 +116,23 @@ SELECT now() - make_interval(secs => %(lag)s) AS until
            worker_id, errors -> -1 ->> 'message' AS last_error
     FROM {schema}.jobs
     WHERE %(live)s
-      AND (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
-      AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-      AND (%(task)s::text IS NULL OR task = %(task)s)
-      AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s)
-      AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s)
+      {listed_job}
       AND (%(state)s::text IS NULL
            OR (%(state)s = 'queued' AND state = 'queued' AND run_at <= now())
            OR (%(state)s = 'delayed' AND state = 'queued' AND run_at > now())
            OR (%(state)s = 'retrying' AND state = 'queued' AND attempts > 0)
-           OR (%(state)s IN ('running', 'completed', 'cancelled') AND state::text = %(state)s))
+           OR (%(state)s = 'running' AND state = 'running'))
+    ORDER BY id DESC
+    LIMIT %(limit)s
+)
+UNION ALL
+(
+    SELECT id, queue, task, state::text, priority, attempts, max_attempts, run_at, created_at,
+           started_at, finished_at, worker_id, errors -> -1 ->> 'message'
+    FROM {schema}.finished_jobs
+    WHERE %(finished)s
+      {listed_job}
+      AND (%(state)s::text IS NULL OR state::text = %(state)s)
     ORDER BY id DESC
     LIMIT %(limit)s
 )
@@ -135,16 +142,20 @@ UNION ALL
            started_at, failed_at, NULL, errors -> -1 ->> 'message'
     FROM {schema}.dead_letter
     WHERE %(dead)s
-      AND (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
-      AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-      AND (%(task)s::text IS NULL OR task = %(task)s)
-      AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s)
-      AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s)
+      {listed_job}
     ORDER BY id DESC
     LIMIT %(limit)s
 )
 ORDER BY id DESC
 LIMIT %(limit)s
+
+-- fragment: listed_job
+-- The job list's filters every table shares: the cursor, queue, task and creation time range.
+AND (%(before_id)s::bigint IS NULL OR id < %(before_id)s)
+AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+AND (%(task)s::text IS NULL OR task = %(task)s)
+AND (%(created_after)s::timestamptz IS NULL OR created_at >= %(created_after)s)
+AND (%(created_before)s::timestamptz IS NULL OR created_at < %(created_before)s)
 
 -- ---------------------------------------------------------------- workers
 

@@ -15,8 +15,7 @@ WITH job AS (
     VALUES (%(queue)s, %(task)s, %(args)s::jsonb, %(priority)s,
             coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)),
             %(max_attempts)s, %(timeout)s, %(unique_key)s, %(scheduled_for)s)
-    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
-    DO NOTHING
+    ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
     RETURNING id, queue
 ), woken AS (
     {wake_one}
@@ -24,8 +23,8 @@ WITH job AS (
 SELECT id, CASE WHEN %(broadcast)s THEN pg_notify(%(channel)s, queue) END AS woke FROM job
 
 -- name: find_unique
-SELECT id FROM {schema}.jobs
-WHERE queue = %(queue)s AND unique_key = %(unique_key)s AND state IN ('queued', 'running')
+-- The live job holding a unique key (every row of jobs is live: finished ones have moved out).
+SELECT id FROM {schema}.jobs WHERE queue = %(queue)s AND unique_key = %(unique_key)s
 
 -- name: reserve_ids
 -- Ids for a bulk COPY, handed out by the table's own identity sequence, and the transaction's clock.
@@ -50,25 +49,29 @@ FROM unnest(%(id)s::bigint[], %(queue)s::text[], %(task)s::text[], %(args)s::jso
             %(scheduled_for)s::timestamptz[])
      AS t(id, queue, task, args, priority, run_at, delay, max_attempts, timeout, unique_key,
           scheduled_for)
-ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
-DO NOTHING
+ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
 RETURNING id
 
 -- name: find_unique_many
 SELECT id, queue, unique_key FROM {schema}.jobs
 WHERE (queue, unique_key) IN (SELECT * FROM unnest(%(queue)s::text[], %(unique_key)s::text[]))
-  AND state IN ('queued', 'running')
 
 -- ---------------------------------------------------------------- read, cancel, retry
 
 -- name: get_job
--- A live or dead-lettered job: the columns of pgqueue.jobs.Job, then what only the admin shows
--- (lease, cancel flag, and "delayed" judged by the database's clock, as the job list does).
+-- A live, finished or dead-lettered job: the columns of pgqueue.jobs.Job, then what only the
+-- admin shows (lease, cancel flag, and "delayed" judged by the database's clock, as the job list
+-- does).
 SELECT id, queue, task, args, priority, state::text AS state, run_at, attempts, max_attempts,
        timeout, unique_key, scheduled_for, worker_id, progress, result, errors, created_at,
        started_at, finished_at, lease_expires_at, cancel_requested,
        state = 'queued' AND run_at > now() AS delayed
 FROM {schema}.jobs WHERE id = %(id)s
+UNION ALL
+SELECT id, queue, task, args, priority, state::text, run_at, attempts, max_attempts, timeout,
+       unique_key, scheduled_for, worker_id, progress, result, errors, created_at, started_at,
+       finished_at, NULL, false, false
+FROM {schema}.finished_jobs WHERE id = %(id)s
 UNION ALL
 SELECT id, queue, task, args, priority, 'dead', NULL, attempts, max_attempts, timeout,
        unique_key, scheduled_for, NULL, progress, NULL, errors, created_at, started_at, failed_at,
@@ -77,18 +80,39 @@ FROM {schema}.dead_letter WHERE id = %(id)s
 
 -- name: cancel_jobs
 -- One job by %(id)s, or the live jobs holding %(unique_key)s (in %(queue)s, or in any queue when
--- it is NULL); the selector not used is NULL. A queued job is cancelled at once; a running one is
--- flagged and its worker stops it. The selectors are two arms of an OR so that each keeps its
--- index under a generic plan (primary key; unique key), where `%(id)s IS NULL OR id = %(id)s`
--- would scan the table.
-UPDATE {schema}.jobs
-SET state = CASE WHEN state = 'queued' THEN 'cancelled'::{schema}.job_state ELSE state END,
-    finished_at = CASE WHEN state = 'queued' THEN now() ELSE finished_at END,
-    cancel_requested = (state = 'running')
-WHERE (id = %(id)s::bigint
-       OR (unique_key = %(unique_key)s::text AND (%(queue)s::text IS NULL OR queue = %(queue)s)))
-  AND state IN ('queued', 'running')
-RETURNING id, CASE WHEN state = 'running' THEN pg_notify(%(channel)s, '!cancel ' || id) END AS woke
+-- it is NULL); the selector not used is NULL. A queued job is cancelled at once (it moves to
+-- finished_jobs); a running one is flagged and its worker stops it. The rows are locked first,
+-- so each is judged by its state once no claim or finish is under way on it. The selectors are
+-- two arms of an OR so that each keeps its index under a generic plan (primary key; unique key),
+-- where `%(id)s IS NULL OR id = %(id)s` would scan the table.
+WITH chosen AS (
+    SELECT id, state FROM {schema}.jobs
+    WHERE id = %(id)s::bigint
+       OR (unique_key = %(unique_key)s::text AND (%(queue)s::text IS NULL OR queue = %(queue)s))
+    FOR UPDATE
+), flagged AS (
+    UPDATE {schema}.jobs AS j SET cancel_requested = true
+    FROM chosen AS c
+    WHERE j.id = c.id AND c.state = 'running'
+    RETURNING j.id, pg_notify(%(channel)s, '!cancel ' || j.id) AS woke
+), withdrawn AS (
+    DELETE FROM {schema}.jobs AS j USING chosen AS c
+    WHERE j.id = c.id AND c.state = 'queued'
+    RETURNING j.*
+), cancelled AS (
+    INSERT INTO {schema}.finished_jobs
+        (id, queue, task, args, priority, state, run_at, attempts, max_attempts, timeout,
+         unique_key, scheduled_for, worker_id, progress, result, errors, created_at, started_at,
+         finished_at, unrecorded_losses)
+    SELECT id, queue, task, args, priority, 'cancelled', run_at, attempts, max_attempts, timeout,
+           unique_key, scheduled_for, worker_id, progress, result, errors, created_at, started_at,
+           now(), unrecorded_losses
+    FROM withdrawn
+    RETURNING id
+)
+SELECT id, woke FROM flagged
+UNION ALL
+SELECT id, NULL FROM cancelled
 
 -- name: retry_dead
 -- Moves dead-lettered jobs back into the queue with fresh attempts, keeping their ids and history.
@@ -98,8 +122,7 @@ WITH moved AS (
     DELETE FROM {schema}.dead_letter AS d
     WHERE (%(id)s::bigint IS NULL OR d.id = %(id)s) AND (%(queue)s::text IS NULL OR d.queue = %(queue)s)
       AND NOT EXISTS (SELECT 1 FROM {schema}.jobs AS j
-                      WHERE j.queue = d.queue AND j.unique_key = d.unique_key
-                        AND j.state IN ('queued', 'running'))
+                      WHERE j.queue = d.queue AND j.unique_key = d.unique_key)
       AND (%(id)s::bigint IS NOT NULL
            OR NOT EXISTS (SELECT 1 FROM {schema}.dead_letter AS newer
                           WHERE newer.queue = d.queue AND newer.unique_key = d.unique_key
@@ -137,18 +160,20 @@ FROM due
 -- fresh attempts); the original stays as history. A live job holding the same unique key wins.
 INSERT INTO {schema}.jobs (queue, task, args, priority, max_attempts, timeout, unique_key)
 SELECT queue, task, args, priority, max_attempts, timeout, unique_key
-FROM {schema}.jobs
-WHERE id = %(id)s AND state IN ('completed', 'cancelled')
-ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL AND state IN ('queued', 'running')
-DO NOTHING
+FROM {schema}.finished_jobs
+WHERE id = %(id)s
+ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
 RETURNING id, CASE WHEN %(notify)s THEN pg_notify(%(channel)s, queue) END AS woke
 
 -- name: delete_job
--- Removes a job row for good: a dead-lettered one, and when %(live)s also a live one. A running
--- job is left alone (its worker still holds it): cancel it first. Returns how many rows went.
+-- Removes a job row for good: a dead-lettered one, and when %(live)s (not only the dead letter)
+-- also a queued or finished one. A running job is left alone (its worker still holds it): cancel it first. Returns how
+-- many rows went.
 WITH live AS (
-    DELETE FROM {schema}.jobs WHERE %(live)s::bool AND id = %(id)s AND state <> 'running' RETURNING id
+    DELETE FROM {schema}.jobs WHERE %(live)s::bool AND id = %(id)s AND state = 'queued' RETURNING id
+), finished AS (
+    DELETE FROM {schema}.finished_jobs WHERE %(live)s::bool AND id = %(id)s RETURNING id
 ), dead AS (
     DELETE FROM {schema}.dead_letter WHERE id = %(id)s RETURNING id
 )
-SELECT (SELECT count(*) FROM live) + (SELECT count(*) FROM dead)
+SELECT (SELECT count(*) FROM live) + (SELECT count(*) FROM finished) + (SELECT count(*) FROM dead)

@@ -66,29 +66,34 @@ SELECT pg_try_advisory_xact_lock(hashtext(%(key)s))
 -- seconds ago, or the queue's own keep_completed where %(queue_retention)s (the pruner; the
 -- admin's clean passes false). %(states)s narrows the states, %(queue)s the queue (NULL: all).
 -- Small batches keep locks short: the caller repeats until fewer than the limit were removed.
--- The literal state list lets the planner use jobs_finished_idx.
-DELETE FROM {schema}.jobs
+-- Retention never touches the jobs table: finished jobs live in finished_jobs. The first
+-- finished_at bound (the shortest retention of any queue, or the cut-off) is what lets the read
+-- be a range of finished_jobs_age_idx, oldest first; the second applies each row's own queue.
+DELETE FROM {schema}.finished_jobs
 WHERE id IN (
-    SELECT j.id FROM {schema}.jobs AS j
-    LEFT JOIN {schema}.queues AS q ON q.name = j.queue
-    WHERE j.state IN ('completed', 'cancelled')
-      AND j.state = ANY(%(states)s::text[]::{schema}.job_state[])
-      AND (%(queue)s::text IS NULL OR j.queue = %(queue)s)
-      AND j.finished_at < now() - coalesce(CASE WHEN %(queue_retention)s::bool THEN q.keep_completed END,
+    SELECT f.id FROM {schema}.finished_jobs AS f
+    LEFT JOIN {schema}.queues AS q ON q.name = f.queue
+    WHERE f.finished_at < now() - (
+              SELECT least(make_interval(secs => %(older_than)s::float8),
+                           min(keep_completed) FILTER (WHERE %(queue_retention)s::bool))
+              FROM {schema}.queues)
+      AND f.finished_at < now() - coalesce(CASE WHEN %(queue_retention)s::bool THEN q.keep_completed END,
                                            make_interval(secs => %(older_than)s::float8))
+      AND f.state = ANY(%(states)s::text[]::{schema}.job_state[])
+      AND (%(queue)s::text IS NULL OR f.queue = %(queue)s)
     LIMIT %(limit)s
-    FOR UPDATE OF j SKIP LOCKED
+    FOR UPDATE OF f SKIP LOCKED
 )
 
 -- name: prune_completed_count
 -- Per-queue count caps (keep only the newest N finished rows), for queues that set one.
-DELETE FROM {schema}.jobs
+DELETE FROM {schema}.finished_jobs
 WHERE id IN (
     SELECT id FROM (
-        SELECT j.id, row_number() OVER (PARTITION BY j.queue ORDER BY j.finished_at DESC) AS rank,
+        SELECT f.id, row_number() OVER (PARTITION BY f.queue ORDER BY f.finished_at DESC) AS rank,
                q.keep_completed_count
-        FROM {schema}.jobs AS j JOIN {schema}.queues AS q ON q.name = j.queue
-        WHERE q.keep_completed_count IS NOT NULL AND j.state IN ('completed', 'cancelled')
+        FROM {schema}.finished_jobs AS f JOIN {schema}.queues AS q ON q.name = f.queue
+        WHERE q.keep_completed_count IS NOT NULL
     ) AS ranked
     WHERE rank > keep_completed_count
     LIMIT %(limit)s

@@ -63,37 +63,43 @@ RETURNING pg_notify(%(channel)s, '!wake ' || w.id)
 
 -- name: queue_overview
 -- Per queue: jobs by state, where "queued" is due now, "delayed" waits for its run_at and
--- "retrying" (a subset of both) has failed at least once; "dead" is the dead-letter table; the
--- age of the longest-waiting due job; the queue's settings. Queues known only from their
--- settings row show up with zeros. Exact counts cost one scan of the jobs table; retention
--- keeps it small.
+-- "retrying" (a subset of both) has failed at least once; "completed" and "cancelled" are
+-- finished_jobs, "dead" the dead-letter table; the age of the longest-waiting due job; the
+-- queue's settings. Queues known only from their settings row show up with zeros. Exact counts
+-- cost one scan of the jobs table (as small as the backlog) and one index scan of the kept
+-- history (retention bounds it).
 WITH live AS (
     SELECT queue,
            count(*) FILTER (WHERE state = 'queued' AND run_at <= now()) AS queued,
            count(*) FILTER (WHERE state = 'queued' AND run_at > now()) AS delayed,
            count(*) FILTER (WHERE state = 'queued' AND attempts > 0) AS retrying,
            count(*) FILTER (WHERE state = 'running') AS running,
-           count(*) FILTER (WHERE state = 'completed') AS completed,
-           count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
            -- isfinite: a hand-written -infinity (PostgreSQL before 17 cannot subtract it)
            extract(epoch FROM now() - min(run_at) FILTER (WHERE state = 'queued'
                                                           AND run_at <= now()
                                                           AND isfinite(run_at)))::float8
                AS oldest_waiting
     FROM {schema}.jobs GROUP BY queue
+), finished AS (
+    SELECT queue,
+           count(*) FILTER (WHERE state = 'completed') AS completed,
+           count(*) FILTER (WHERE state = 'cancelled') AS cancelled
+    FROM {schema}.finished_jobs GROUP BY queue
 ), dead AS (
     SELECT queue, count(*) AS dead FROM {schema}.dead_letter GROUP BY queue
 ), names AS (
-    SELECT queue FROM live UNION SELECT queue FROM dead UNION SELECT name FROM {schema}.queues
+    SELECT queue FROM live UNION SELECT queue FROM finished UNION SELECT queue FROM dead
+    UNION SELECT name FROM {schema}.queues
 )
 SELECT n.queue,
        coalesce(l.queued, 0) AS queued, coalesce(l.delayed, 0) AS delayed,
        coalesce(l.retrying, 0) AS retrying, coalesce(l.running, 0) AS running,
-       coalesce(l.completed, 0) AS completed, coalesce(l.cancelled, 0) AS cancelled,
+       coalesce(f.completed, 0) AS completed, coalesce(f.cancelled, 0) AS cancelled,
        coalesce(d.dead, 0) AS dead, l.oldest_waiting,
        coalesce(q.paused, false) AS paused, q.concurrency, q.rate_limit
 FROM names AS n
 LEFT JOIN live AS l USING (queue)
+LEFT JOIN finished AS f USING (queue)
 LEFT JOIN dead AS d USING (queue)
 LEFT JOIN {schema}.queues AS q ON q.name = n.queue
 ORDER BY n.queue

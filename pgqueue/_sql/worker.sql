@@ -165,18 +165,26 @@ WITH outcome AS (
                          %(result)b::jsonb[], %(error)b::jsonb[], %(delay)b::float8[],
                          %(charge)b::int[], %(started_at)b::timestamptz[])
         AS o(id, token, kind, result, error, delay, charge, started_at)
-), done AS (
-    UPDATE {schema}.jobs AS j
-    SET state = CASE o.kind WHEN 'cancelled' THEN 'cancelled'::{schema}.job_state
-                            ELSE 'completed'::{schema}.job_state END,
-        result = o.result, finished_at = now(), lease_expires_at = NULL, claim_token = NULL,
-        attempts = j.attempts + o.charge * (j.started_at IS NULL)::int,
-        started_at = coalesce(j.started_at, o.started_at),
-        errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || o.error END
-    FROM outcome AS o
+), finishing AS (
+    -- A finished job leaves jobs (a delete writes no index entry) for finished_jobs.
+    DELETE FROM {schema}.jobs AS j
+    USING outcome AS o
     WHERE o.kind IN ('completed', 'cancelled') AND j.id = o.id AND j.claim_token = o.token
       AND j.state::text = 'running'
-    RETURNING j.id
+    RETURNING j.*, o.kind, o.result AS outcome_result, o.error, o.charge,
+              o.started_at AS run_started_at
+), done AS (
+    INSERT INTO {schema}.finished_jobs
+        (id, queue, task, args, priority, state, run_at, attempts, max_attempts, timeout,
+         unique_key, scheduled_for, worker_id, progress, result, errors, created_at, started_at,
+         finished_at, unrecorded_losses)
+    SELECT id, queue, task, args, priority, kind::{schema}.job_state, run_at,
+           attempts + charge * (started_at IS NULL)::int, max_attempts, timeout, unique_key,
+           scheduled_for, worker_id, progress, outcome_result,
+           CASE WHEN error IS NULL THEN errors ELSE errors || error END, created_at,
+           coalesce(started_at, run_started_at), now(), unrecorded_losses
+    FROM finishing
+    RETURNING id
 ), retried AS (
     UPDATE {schema}.jobs AS j
     SET state = 'queued', run_at = now() + make_interval(secs => o.delay), worker_id = NULL,

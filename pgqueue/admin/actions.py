@@ -85,7 +85,8 @@ def _delete(queue: Queue, conn: Conn, job_id: int, *, live: bool) -> int:
 
 
 def delete(queue: Queue, conn: Conn, job_id: int) -> None:
-    """Remove a job row for good (live or dead-lettered); running jobs must be cancelled first."""
+    """Remove a job row for good (queued, finished or dead-lettered); running jobs must be cancelled
+    first."""
     if _delete(queue, conn, job_id, live=True) > 0:
         return
     _job(queue, conn, job_id)  # raises when there is no such job

@@ -270,7 +270,8 @@ class ReadModel:
             "created_before": where.created_before,
             "before_id": before_id,
             "limit": limit + 1,
-            "live": where.state != "dead",
+            "live": where.state in (None, "queued", "delayed", "retrying", "running"),
+            "finished": where.state in (None, "completed", "cancelled"),
             "dead": where.state in (None, "dead"),
         }
         rows = self._rows(conn, JobListRow, self.q.admin_list_jobs, params)
@@ -283,12 +284,12 @@ class ReadModel:
         return JobPage(jobs=jobs, next_cursor=jobs[-1].id if len(rows) > limit else None)
 
     def job_row(self, conn: Conn, job_id: int) -> JobRow | None:
-        """A live or dead-lettered job as stored, nothing redacted: for deciding, not showing."""
+        """A live, finished or dead-lettered job as stored, nothing redacted: for deciding, not showing."""
         rows = self._rows(conn, JobRow, self.q.get_job, {"id": job_id})
         return rows[0] if rows else None
 
     def get_job(self, conn: Conn, job_id: int, redact: Redactor) -> JobDetail | None:
-        """A live or dead-lettered job with everything that can carry a secret — arguments,
+        """A live, finished or dead-lettered job with everything that can carry a secret — arguments,
         result, progress, every error's message and traceback, the unique key — passed through
         ``redact``."""
         row = self.job_row(conn, job_id)

@@ -30,6 +30,22 @@ def jobs_table(queue: Queue) -> sql.Composed:
     return sql.SQL("{}.jobs").format(sql.Identifier(queue.schema))
 
 
+def finish(db: psycopg.Connection[Any], queue: Queue, job_id: int) -> None:
+    """Complete a job as a worker's acknowledgement does: its row moves to finished_jobs."""
+    cols = (
+        "id, queue, task, args, priority, run_at, attempts, max_attempts, timeout, unique_key,"
+        " scheduled_for, worker_id, progress, result, errors, created_at, started_at"
+    )
+    db.execute(
+        sql.SQL(
+            "WITH moved AS (DELETE FROM {s}.jobs WHERE id = %s RETURNING *)"
+            " INSERT INTO {s}.finished_jobs ({c}, state, finished_at)"
+            " SELECT {c}, 'completed', now() FROM moved"
+        ).format(s=sql.Identifier(queue.schema), c=sql.SQL(cols)),
+        [job_id],
+    )
+
+
 def bury(
     db: psycopg.Connection[Any],
     queue: Queue,
@@ -257,12 +273,7 @@ def test_cancel_a_running_job_asks_it_to_stop(queue: Queue, db: psycopg.Connecti
 
 def test_cancel_a_finished_job_returns_false(queue: Queue, db: psycopg.Connection[Any]) -> None:
     job_id = queue.enqueue("done")
-    db.execute(
-        sql.SQL("UPDATE {} SET state = 'completed', finished_at = now() WHERE id = %s").format(
-            jobs_table(queue)
-        ),
-        [job_id],
-    )
+    finish(db, queue, job_id)
     assert queue.cancel(job_id) is False
     assert queue.get_job(job_id).state is JobState.COMPLETED
 
@@ -308,12 +319,7 @@ def test_unique_key_is_held_while_running_and_released_when_finished(
     first = queue.enqueue("welcome", unique_key="k")
     db.execute(sql.SQL("UPDATE {} SET state = 'running' WHERE id = %s").format(jobs_table(queue)), [first])
     assert queue.enqueue("welcome", unique_key="k") == first
-    db.execute(
-        sql.SQL("UPDATE {} SET state = 'completed', finished_at = now() WHERE id = %s").format(
-            jobs_table(queue)
-        ),
-        [first],
-    )
+    finish(db, queue, first)
     second = queue.enqueue("welcome", unique_key="k")
     assert second != first
     assert queue.get_job(second).state is JobState.QUEUED

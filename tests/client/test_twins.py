@@ -57,7 +57,11 @@ def db(postgres_dsn: str) -> Iterator[psycopg.Connection[Any]]:
 
 
 def state_of(db: psycopg.Connection[Any], schema: str, job_id: int) -> str | None:
-    row = db.execute(f'SELECT state::text FROM "{schema}".jobs WHERE id = %s', [job_id]).fetchone()
+    row = db.execute(
+        f'SELECT state::text FROM "{schema}".jobs WHERE id = %s'
+        f' UNION ALL SELECT state::text FROM "{schema}".finished_jobs WHERE id = %s',
+        [job_id, job_id],
+    ).fetchone()
     return None if row is None else str(row[0])
 
 

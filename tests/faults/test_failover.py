@@ -178,8 +178,10 @@ def test_failover_to_a_synchronous_standby_loses_no_acknowledged_job(tmp_path: P
             with psycopg.connect(standby.dsn(), autocommit=True) as conn:
                 snap = Db(standby.dsn(), SCHEMA, conn)
                 running = {r[0] for r in snap.rows("SELECT id FROM {jobs} WHERE state = 'running'")}
-                done = {r[0] for r in snap.rows("SELECT id FROM {jobs} WHERE state = 'completed'")}
-                present = snap.one("SELECT count(*) FROM {jobs} WHERE id = ANY(%s)", [acked_at_crash])
+                done = {r[0] for r in snap.rows("SELECT id FROM {finished} WHERE state = 'completed'")}
+                present = snap.one(
+                    "SELECT count(*) FROM {all_jobs} AS j WHERE id = ANY(%s)", [acked_at_crash]
+                )
             time.sleep(max(0.0, crashed + 3 - time.time()))
             standby.promote()
             writable = time.time()
@@ -188,7 +190,7 @@ def test_failover_to_a_synchronous_standby_loses_no_acknowledged_job(tmp_path: P
                 db = Db(standby.dsn(), SCHEMA, conn)
                 first_start = wait_until(
                     lambda: db.one(
-                        "SELECT extract(epoch FROM min(started_at))::float8 FROM {jobs}"
+                        "SELECT extract(epoch FROM min(started_at))::float8 FROM {all_jobs} AS j"
                         " WHERE started_at > to_timestamp(%s)",
                         [writable],
                     ),
@@ -202,7 +204,8 @@ def test_failover_to_a_synchronous_standby_loses_no_acknowledged_job(tmp_path: P
                 wait_until(
                     lambda: (
                         db.one(
-                            "SELECT count(*) FROM {jobs} WHERE id = ANY(%s) AND state = 'completed'", [acked]
+                            "SELECT count(*) FROM {finished} WHERE id = ANY(%s) AND state = 'completed'",
+                            [acked],
                         )
                         == len(acked)
                     ),
@@ -215,7 +218,7 @@ def test_failover_to_a_synchronous_standby_loses_no_acknowledged_job(tmp_path: P
                 stored = {
                     r[0]
                     for r in db.rows(
-                        "SELECT id FROM {jobs} WHERE id = ANY(%s) UNION SELECT id FROM {dead_letter}"
+                        "SELECT id FROM {all_jobs} AS j WHERE id = ANY(%s) UNION SELECT id FROM {dead_letter}"
                         " WHERE id = ANY(%s)",
                         [acked, acked],
                     )

@@ -93,11 +93,11 @@ def app(server: PgServer, schema: str) -> Iterator[worker_app.App]:
 
 
 def job_count(db: Db, ids: list[int]) -> int:
-    return int(db.one("SELECT count(*) FROM {jobs} WHERE id = ANY(%s)", [ids]))
+    return int(db.one("SELECT count(*) FROM {all_jobs} AS j WHERE id = ANY(%s)", [ids]))
 
 
 def completed_count(db: Db, ids: list[int]) -> int:
-    return int(db.one("SELECT count(*) FROM {jobs} WHERE id = ANY(%s) AND state = 'completed'", [ids]))
+    return int(db.one("SELECT count(*) FROM {finished} WHERE id = ANY(%s) AND state = 'completed'", [ids]))
 
 
 def logged_count(db: Db, ids: list[int]) -> int:
@@ -256,7 +256,7 @@ def start_latencies(app: worker_app.App, db: Db, count: int) -> list[float]:
             float(
                 db.one(
                     "SELECT extract(epoch FROM l.started_at - j.created_at)::float8"
-                    " FROM {log} AS l JOIN {jobs} AS j ON j.id = l.job_id WHERE l.job_id = %s",
+                    " FROM {log} AS l JOIN {all_jobs} AS j ON j.id = l.job_id WHERE l.job_id = %s",
                     [job_id],
                 )
             )
@@ -276,7 +276,7 @@ def test_two_workers_drain_2000_jobs_each_exactly_once(
         ids = app.queue.enqueue_many([JobSpec("record", {"note": f"n{i}"}) for i in range(2000)])
         started = time.monotonic()
         wait_until(
-            lambda: db.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == 2000,
+            lambda: db.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == 2000,
             30,
             lambda: f"states {db.states()}\n{workers.logs()}",
             interval=0.1,
@@ -364,7 +364,8 @@ def test_a_scheduler_through_the_pooler_enqueues_its_fires(
 
         def fires() -> int:
             assert proc.poll() is None, log_path.read_text(errors="replace")
-            return int(db.one("SELECT count(DISTINCT scheduled_for) FROM {jobs} WHERE task = 'tick'"))
+            return int(db.one("SELECT count(DISTINCT scheduled_for) FROM {all_jobs} AS j"
+                              " WHERE task = 'tick'"))
 
         wait_until(lambda: fires() >= 4, 15, lambda: log_path.read_text(errors="replace"))
         clients = [
@@ -387,7 +388,7 @@ def test_a_scheduler_through_the_pooler_enqueues_its_fires(
 
 
 def fires_seen(db: Db) -> int:
-    return int(db.one("SELECT count(*) FROM {jobs} WHERE task = 'tick'"))
+    return int(db.one("SELECT count(*) FROM {all_jobs} AS j WHERE task = 'tick'"))
 
 
 # ---------------------------------------------------------------------------- session pooling

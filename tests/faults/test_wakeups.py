@@ -61,7 +61,8 @@ class Rig:
     def waits_ms(self, ids: list[int]) -> list[float]:
         """Enqueue (commit) to start, per job, by the database's clock."""
         rows = self.db.rows(
-            "SELECT extract(epoch FROM started_at - created_at) * 1000 FROM {jobs} WHERE id = ANY(%s)",
+            "SELECT extract(epoch FROM started_at - created_at) * 1000 FROM {all_jobs} AS j"
+            " WHERE id = ANY(%s)",
             [ids],
         )
         return [float(r[0]) for r in rows]
@@ -89,7 +90,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 
 def _all_completed(rig: Rig, n: int, timeout: float = 30) -> None:
     wait_until(
-        lambda: rig.db.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == n,
+        lambda: rig.db.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == n,
         timeout,
         lambda: f"states {rig.db.states()}\n{rig.workers.logs()}",
     )
@@ -127,7 +128,9 @@ def test_a_burst_spreads_over_every_idle_worker(rig: Rig) -> None:
     ids = rig.app.queue.enqueue_many([JobSpec("record", {"sleep": 0.05}) for _ in range(400)])
     _all_completed(rig, 400)
     took = time.monotonic() - begin
-    used = {r[0] for r in rig.db.rows("SELECT DISTINCT worker_id FROM {jobs} WHERE id = ANY(%s)", [ids])}
+    used = {r[0] for r in rig.db.rows(
+        "SELECT DISTINCT worker_id FROM {all_jobs} AS j WHERE id = ANY(%s)", [ids]
+    )}
     print(
         f"\n400 jobs of 50 ms on {len(used)} of {len(procs)} workers in {took:.2f} s, {rig.claims()} claims"
     )
@@ -142,7 +145,7 @@ def test_an_enqueue_in_a_long_transaction_reaches_a_worker_that_began_waiting_me
     an enqueue inside the caller's transaction is announced at its commit, to whoever waits then."""
     (worker,) = rig.start_waiting_workers(1, "--concurrency", "1")
     busy = rig.app.queue.enqueue("record", {"sleep": 0.5})
-    state = "SELECT state FROM {jobs} WHERE id = %s"
+    state = "SELECT state FROM {all_jobs} AS j WHERE id = %s"
     wait_until(lambda: rig.db.one(state, [busy]) == "running", 10, worker.log_tail)
     with psycopg.connect(rig.db.dsn) as conn:
         job = rig.app.queue.enqueue("record", conn=conn)

@@ -89,7 +89,7 @@ class JobRow:
 
 def job_rows(db: Db, ids: Sequence[int]) -> dict[int, JobRow]:
     rows = db.rows(
-        "SELECT id, task, state::text, attempts, result, errors FROM {jobs} WHERE id = ANY(%s)"
+        "SELECT id, task, state::text, attempts, result, errors FROM {all_jobs} AS j WHERE id = ANY(%s)"
         " UNION ALL"
         " SELECT id, task, 'dead', attempts, NULL, errors FROM {dead_letter} WHERE id = ANY(%s)",
         [list(ids), list(ids)],
@@ -180,7 +180,7 @@ def assert_completed(rows: dict[int, JobRow], ids: Sequence[int], what: str = "o
 def assert_runs_match_attempts(db: Db) -> None:
     """No job ran more often than its attempts say (a finished job run twice shows up here)."""
     attempts = dict(
-        db.rows("SELECT id, attempts FROM {jobs} UNION ALL SELECT id, attempts FROM {dead_letter}")
+        db.rows("SELECT id, attempts FROM {all_jobs} AS j UNION ALL SELECT id, attempts FROM {dead_letter}")
     )
     counts = run_counts(db)
     wrong = {i: (n, attempts.get(i)) for i, n in counts.items() if n != attempts.get(i)}
@@ -347,7 +347,7 @@ def test_unstorable_progress_is_refused_at_the_call(
 
     def progress_40_while_running() -> bool:
         found = wdb.rows(
-            "SELECT j.progress, l.finished_at FROM {jobs} AS j LEFT JOIN {log} AS l ON l.job_id = j.id"
+            "SELECT j.progress, l.finished_at FROM {all_jobs} AS j LEFT JOIN {log} AS l ON l.job_id = j.id"
             " WHERE j.id = %s",
             [job_id],
         )
@@ -697,8 +697,8 @@ def test_a_job_started_from_the_prefetch_buffer_pays_when_its_worker_dies(
         lambda: f"the second job did not start from the buffer\n{wprocs.logs()}",
     )
     time.sleep(0.5)  # more than a flush: its start is on record
-    assert wdb.one("SELECT attempts FROM {jobs} WHERE id = %s", [second]) == 1
-    assert wdb.one("SELECT attempts FROM {jobs} WHERE id = %s", [third]) == 0
+    assert wdb.one("SELECT attempts FROM {all_jobs} AS j WHERE id = %s", [second]) == 1
+    assert wdb.one("SELECT attempts FROM {all_jobs} AS j WHERE id = %s", [third]) == 0
     killed.proc.kill()
     killed.wait(5)
     wdb.set_flag(FAST_FLAG)

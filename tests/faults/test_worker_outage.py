@@ -148,7 +148,7 @@ def wait_all_completed(r: Rig, ids: list[int], timeout: float, *alive: WorkerPro
         for w in alive:
             if not w.alive():
                 raise AssertionError(f"worker {w.pid} died ({w.proc.returncode})\n{w.log_tail()}")
-        query = "SELECT count(*) FROM {jobs} WHERE id = ANY(%s) AND state = 'completed'"
+        query = "SELECT count(*) FROM {finished} WHERE id = ANY(%s) AND state = 'completed'"
         return bool(r.db.one(query, [ids]) == len(ids))
 
     wait_until(done, timeout, lambda: f"not all completed: {r.db.states()}\n{r.workers.logs()}", interval=0.2)
@@ -156,7 +156,7 @@ def wait_all_completed(r: Rig, ids: list[int], timeout: float, *alive: WorkerPro
 
 
 def completed(r: Rig) -> int:
-    return int(r.db.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'"))
+    return int(r.db.one("SELECT count(*) FROM {finished} WHERE state = 'completed'"))
 
 
 def db_now(r: Rig) -> float:
@@ -191,7 +191,9 @@ def test_worker_started_while_the_database_is_down_claims_within_seconds_of_it_c
         server.start()
         up = time.time()  # same clock as the database's: one machine
         wait_all_completed(r, ids, 15, worker)
-        first_claim = float(r.db.one("SELECT extract(epoch FROM min(started_at))::float8 FROM {jobs}"))
+        first_claim = float(r.db.one(
+            "SELECT extract(epoch FROM min(started_at))::float8 FROM {all_jobs} AS j"
+        ))
         latency = first_claim - up
         print(
             f"\n[down at start] {len(down_warnings)} warnings in 10 s down; first claim "

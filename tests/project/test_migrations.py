@@ -214,6 +214,37 @@ def test_migrate_keeps_existing_jobs(queue: Queue, count: Any) -> None:
     assert queue.get_job(job_id).args == {"n": 1}
 
 
+def test_0005_moves_finished_jobs_out_of_jobs_and_back(postgres_dsn: str, new_schema: str) -> None:
+    """A schema with history upgrades in place: its completed and cancelled rows (results,
+    errors, ids) move to finished_jobs, the live ones stay; downgrade puts them back."""
+    upgrade(postgres_dsn, schema=new_schema, revision="0004")
+    jobs = sql.SQL("{}.jobs").format(sql.Identifier(new_schema))
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} (id, queue, task, state, result, errors, started_at, finished_at)"
+                " VALUES (1, 'q', 'done', 'completed', '{{\"ok\": 1}}', '[{{\"attempt\": 1}}]',"
+                " now(), now()),"
+                " (2, 'q', 'stopped', 'cancelled', NULL, '[]', NULL, now()),"
+                " (3, 'q', 'waiting', 'queued', NULL, '[]', NULL, NULL)"
+            ).format(jobs)
+        )
+    with pgqueue.Queue(postgres_dsn, schema=new_schema) as queue:
+        queue.migrate()
+        done, stopped, waiting = (queue.get_job(i) for i in (1, 2, 3))
+        assert (done.state, done.result, len(done.errors)) == (pgqueue.JobState.COMPLETED, {"ok": 1}, 1)
+        assert stopped.state is pgqueue.JobState.CANCELLED
+        assert waiting.state is pgqueue.JobState.QUEUED
+        with psycopg.connect(postgres_dsn) as conn:
+            assert conn.execute(sql.SQL("SELECT array_agg(id) FROM {}").format(jobs)).fetchone() == ([3],)
+            with pytest.raises(psycopg.errors.CheckViolation):  # jobs holds live jobs only
+                conn.execute(sql.SQL("UPDATE {} SET state = 'completed'").format(jobs))
+    downgrade(postgres_dsn, schema=new_schema, revision="0004")
+    with psycopg.connect(postgres_dsn) as conn:
+        rows = conn.execute(sql.SQL("SELECT id, state::text, result FROM {} ORDER BY id").format(jobs))
+        assert rows.fetchall() == [(1, "completed", {"ok": 1}), (2, "cancelled", None), (3, "queued", None)]
+
+
 async def test_async_queue_migrates(postgres_dsn: str, new_schema: str) -> None:
     async with pgqueue.AsyncQueue(postgres_dsn, schema=new_schema) as queue:
         await queue.migrate()

@@ -371,8 +371,11 @@ def app_env(dsn: str, schema: str, app_dir: Path) -> dict[str, str]:
 def job_state(dsn: str, schema: str, job_id: int) -> tuple[str, object] | None:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
-            sql.SQL("SELECT state::text, result FROM {}.jobs WHERE id = %s").format(sql.Identifier(schema)),
-            [job_id],
+            sql.SQL(
+                "SELECT state::text, result FROM {s}.jobs WHERE id = %s"
+                " UNION ALL SELECT state::text, result FROM {s}.finished_jobs WHERE id = %s"
+            ).format(s=sql.Identifier(schema)),
+            [job_id, job_id],
         ).fetchone()
     return (row[0], row[1]) if row else None
 

@@ -169,9 +169,9 @@ def test_cancel_by_id_or_by_key_keeps_its_index_under_a_generic_plan(queue: Queu
 
 
 def test_pruning_and_cleaning_read_finished_jobs_through_their_index(queue: Queue) -> None:
-    """Retention and the admin's clean share one delete; a backlog of queued jobs must not be
-    read to find the finished ones."""
-    ids = queue.enqueue_many([{"task": "t", "queue": "q"}] * 20000)
+    """Retention and the admin's clean share one delete: it must read the expired rows through
+    an index of finished_jobs, not the kept history nor the live backlog."""
+    queue.enqueue_many([{"task": "t", "queue": "q"}] * 5000)  # a live backlog, never read
     types = {
         "states": "text[]",
         "queue": "text",
@@ -180,12 +180,18 @@ def test_pruning_and_cleaning_read_finished_jobs_through_their_index(queue: Queu
         "limit": "int",
     }
     with psycopg.connect(queue.dsn, autocommit=True) as conn:
+        # 20,000 kept rows of three queues, 3,000 of them of queue q past the cut-off.
         conn.execute(
-            f"UPDATE \"{queue.schema}\".jobs SET state = 'completed', finished_at = now() - interval '2 days'"
-            " WHERE id = ANY(%s)",
-            (ids[:3000],),
+            f'INSERT INTO "{queue.schema}".finished_jobs (id, queue, task, args, priority, state,'
+            " run_at, attempts, max_attempts, errors, created_at, finished_at)"
+            " SELECT 10000000 + i, CASE WHEN i <= 3000 THEN 'q' ELSE 'q' || i % 3 END, 't', '{}', 5,"
+            " 'completed', now(), 1, 3, '[]', now(),"
+            " CASE WHEN i <= 3000 THEN now() - interval '2 days' ELSE now() - interval '1 hour' END"
+            " FROM generate_series(1, 20000) AS i"
         )
-        conn.execute(f'ANALYZE "{queue.schema}".jobs')
+        conn.execute(f'ANALYZE "{queue.schema}".finished_jobs')
+        conn.execute(f"""INSERT INTO "{queue.schema}".queues (name, keep_completed)
+                         VALUES ('q1', interval '3 days')""")
         for params in (
             {"states": ["completed", "cancelled"], "queue": None, "queue_retention": True},  # the pruner
             {"states": ["completed"], "queue": "q", "queue_retention": False},  # the admin's clean
@@ -196,7 +202,9 @@ def test_pruning_and_cleaning_read_finished_jobs_through_their_index(queue: Queu
                 types,
                 {**params, "older_than": 86400.0, "limit": 500},
             )
-            assert "jobs_finished_idx" in _index_names(plan), (params, plan)
+            assert "finished_jobs_age_idx" in _index_names(plan), (params, plan)
+            assert ("Seq Scan", "finished_jobs") not in _node_types(plan), (params, plan)
+            assert not {"jobs_pkey", "jobs_claim_idx"} & _index_names(plan), (params, plan)
             assert plan[0]["Plan"]["Plans"][0]["Actual Rows"] == 500, params  # the DELETE got its batch
 
 

@@ -24,8 +24,8 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 from scheduler_app import BAD_CRON_VARIABLE, TICK, TICK_QUEUE
+from worker_helpers import HISTORY_COLUMNS, percentile, wait_until
 from worker_helpers import PgqueueProcess as Proc
-from worker_helpers import percentile, wait_until
 
 from pgqueue import Queue
 from pgqueue._schedules import fire_key
@@ -75,11 +75,13 @@ def run_cli(env: dict[str, str], *args: str, timeout: float = 30) -> subprocess.
 
 
 def tick_jobs(dsn: str, schema: str) -> list[dict[str, Any]]:
-    query = sql.SQL("SELECT * FROM {}.jobs WHERE task = %s ORDER BY scheduled_for, id").format(
-        sql.Identifier(schema)
-    )
+    """The tick jobs, live or finished."""
+    query = sql.SQL(
+        "SELECT {c} FROM {s}.jobs WHERE task = %(t)s UNION ALL SELECT {c} FROM {s}.finished_jobs"
+        " WHERE task = %(t)s ORDER BY scheduled_for, id"
+    ).format(c=sql.SQL(HISTORY_COLUMNS), s=sql.Identifier(schema))
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
-        return conn.execute(query, [TICK]).fetchall()
+        return conn.execute(query, {"t": TICK}).fetchall()
 
 
 # ---------------------------------------------------------------------------- exactly once

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
-from worker_helpers import wait_until
+from worker_helpers import HISTORY_COLUMNS, wait_until
 
 from pgqueue import ConfigurationError, JobContext, JobState, Queue, ScheduleNotFoundError
 from pgqueue._schedules import fire_key
@@ -54,9 +54,14 @@ class Jobs:
         self.dsn, self.schema = dsn, schema
 
     def rows(self, where: str = "true", params: Any = None, table: str = "jobs") -> list[dict[str, Any]]:
-        query = sql.SQL("SELECT * FROM {}.{} WHERE {} ORDER BY 1").format(
-            sql.Identifier(self.schema),
-            sql.Identifier(table),
+        """Rows of ``table``; for "jobs", live and finished jobs alike (their common columns)."""
+        source = sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(table))
+        if table == "jobs":
+            source = sql.SQL(
+                "(SELECT {c} FROM {s}.jobs UNION ALL SELECT {c} FROM {s}.finished_jobs) AS j"
+            ).format(c=sql.SQL(HISTORY_COLUMNS), s=sql.Identifier(self.schema))
+        query = sql.SQL("SELECT * FROM {} WHERE {} ORDER BY 1").format(
+            source,
             sql.SQL(where),  # type: ignore[arg-type]
         )
         with psycopg.connect(self.dsn, autocommit=True, row_factory=dict_row) as conn:

@@ -59,20 +59,29 @@ def insert_job(
     finished_ago: float = 1.0,
     unique_key: str | None = None,
 ) -> int:
-    """One row of ``jobs`` in any state, with consistent timestamps."""
+    """One job in any state, with consistent timestamps: a row of ``jobs`` while it is live, of
+    ``finished_jobs`` (with an id from the jobs' sequence, as a real finish keeps) once done."""
     finished = state in ("completed", "cancelled")
     started = finished or state == "running"
+    columns = (
+        "queue, task, args, priority, state, run_at, attempts, max_attempts, errors, created_at,"
+        " result, worker_id, started_at, finished_at, unique_key"
+    )
+    values = f"""%(queue)s, %(task)s, %(args)s::jsonb, 5, %(state)s::text::"{schema}".job_state,
+        now() + make_interval(secs => %(run_in)s), %(attempts)s, 3, %(errors)s::jsonb, now(),
+        %(result)s::jsonb, %(worker)s,
+        CASE WHEN %(started)s THEN now() - make_interval(secs => %(ago)s + %(ran)s) END,
+        CASE WHEN %(finished)s THEN now() - make_interval(secs => %(ago)s) END, %(unique_key)s"""
+    if finished:
+        table = "finished_jobs"
+        columns = f"id, {columns}"
+        values = f"""nextval(pg_get_serial_sequence('"{schema}".jobs', 'id')), {values}"""
+    else:
+        table = "jobs"
+        columns = f"{columns}, lease_expires_at"
+        values = f"{values}, CASE WHEN %(state)s::text = 'running' THEN now() + interval '30 seconds' END"
     row = conn.execute(
-        f"""INSERT INTO "{schema}".jobs (queue, task, args, state, run_at, attempts, errors,
-                result, worker_id, started_at, finished_at, lease_expires_at, unique_key)
-            VALUES (%(queue)s, %(task)s, %(args)s::jsonb, %(state)s::text::"{schema}".job_state,
-                    now() + make_interval(secs => %(run_in)s), %(attempts)s, %(errors)s::jsonb,
-                    %(result)s::jsonb, %(worker)s,
-                    CASE WHEN %(started)s THEN now() - make_interval(secs => %(ago)s + %(ran)s) END,
-                    CASE WHEN %(finished)s THEN now() - make_interval(secs => %(ago)s) END,
-                    CASE WHEN %(state)s::text = 'running' THEN now() + interval '30 seconds' END,
-                    %(unique_key)s)
-            RETURNING id""",
+        f'INSERT INTO "{schema}".{table} ({columns}) VALUES ({values}) RETURNING id',
         {
             "queue": queue,
             "task": task,

@@ -117,6 +117,13 @@ class PgqueueProcess:
 # ---------------------------------------------------------------------------- the database
 
 
+HISTORY_COLUMNS = (
+    "id, queue, task, args, priority, state, run_at, attempts, max_attempts, timeout, unique_key,"
+    " scheduled_for, worker_id, progress, result, errors, created_at, started_at, finished_at"
+)
+"""The columns a job keeps once it has finished (finished_jobs), which jobs has too."""
+
+
 @dataclass
 class Db:
     """The test's own autocommit connection, with shorthands on the test schema."""
@@ -129,10 +136,16 @@ class Db:
         return sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(table))
 
     def rows(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
-        """``query`` with ``{jobs}``, ``{dead_letter}``, ``{log}``, ``{flags}``, ``{queues}``,
-        ``{workers}``, ``{schedules}`` standing for the schema's tables."""
+        """``query`` with ``{jobs}`` (live jobs), ``{finished}`` (completed and cancelled ones),
+        ``{all_jobs}`` (both, a subquery: give it a name), ``{dead_letter}``, ``{log}``,
+        ``{flags}``, ``{queues}``, ``{workers}``, ``{schedules}`` standing for the schema's
+        tables."""
         q = sql.SQL(query).format(  # type: ignore[arg-type]
             jobs=self.t("jobs"),
+            finished=self.t("finished_jobs"),
+            all_jobs=sql.SQL("(SELECT {c} FROM {j} UNION ALL SELECT {c} FROM {f})").format(
+                c=sql.SQL(HISTORY_COLUMNS), j=self.t("jobs"), f=self.t("finished_jobs")
+            ),
             dead_letter=self.t("dead_letter"),
             log=self.t("test_log"),
             flags=self.t("test_flags"),
@@ -151,7 +164,7 @@ class Db:
         self.rows("INSERT INTO {flags} VALUES (%s) ON CONFLICT DO NOTHING RETURNING name", [name])
 
     def states(self) -> dict[str, int]:
-        return dict(self.rows("SELECT state::text, count(*) FROM {jobs} GROUP BY 1"))
+        return dict(self.rows("SELECT state::text, count(*) FROM {all_jobs} AS j GROUP BY 1"))
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ async def test_stop_drains_the_worker_then_stops_services_and_the_scheduler(
             await asyncio.gather(task, return_exceptions=True)
         await wapp.aclose()
     # The jobs in hand were finished before the rest stopped; the worker deregistered.
-    assert wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed' AND id = ANY(%s)", [ids]) == 4
+    assert wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed' AND id = ANY(%s)", [ids]) == 4
     assert wdb.one("SELECT count(*) FROM {workers}") == 0
     assert events == ["service started", "service ended"]
     assert not [t for t in threading.enumerate() if t.name == "APScheduler"]  # its thread ended

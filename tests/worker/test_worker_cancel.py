@@ -19,11 +19,11 @@ def test_cancelling_a_running_async_job_stops_it_promptly(wapp: worker_app.App, 
         # Progress reaches the jobs table while the job runs.
         wait_until(
             lambda: (
-                wdb.one("SELECT progress FROM {jobs} WHERE id = %s", [job_id])
+                wdb.one("SELECT progress FROM {all_jobs} AS j WHERE id = %s", [job_id])
                 == {"step": "halfway", "percent": 50}
             ),
             5,
-            lambda: f"progress is {wdb.one('SELECT progress FROM {jobs} WHERE id = %s', [job_id])!r}",
+            lambda: f"progress is {wdb.one('SELECT progress FROM {all_jobs} AS j WHERE id = %s', [job_id])}",
         )
         asked = time.monotonic()
         assert wapp.queue.cancel(job_id)
@@ -53,7 +53,7 @@ def test_the_last_progress_a_handler_reports_is_kept(wapp: worker_app.App, wdb: 
     with thread_worker(wapp, wdb, queues=("default",), concurrency=2):
         job_id = wapp.queue.enqueue("progress_to_end")
         wait_until(
-            lambda: wdb.one("SELECT progress FROM {jobs} WHERE id = %s", [job_id]) == 40,
+            lambda: wdb.one("SELECT progress FROM {all_jobs} AS j WHERE id = %s", [job_id]) == 40,
             5,
             "progress 40 never written while the job ran",
         )

@@ -57,7 +57,7 @@ def test_a_refused_outcome_is_recorded_as_a_failure_and_the_rest_are_written(
     asyncio.run(flush())
     assert sorted(o.job.id for o in written) == sorted(j.id for j in jobs)
     db = tables
-    states = dict(db.rows("SELECT id, state::text FROM {jobs}"))
+    states = dict(db.rows("SELECT id, state::text FROM {all_jobs} AS j"))
     dead = {r[0]: r[1] for r in db.rows("SELECT id, errors -> -1 ->> 'type' FROM {dead_letter}")}
     for job in jobs:
         if job.id == jobs[4].id:  # no attempts left: dead-lettered with the reason
@@ -65,9 +65,9 @@ def test_a_refused_outcome_is_recorded_as_a_failure_and_the_rest_are_written(
         elif job.id == jobs[9].id:  # attempts left: retried, the reason on record
             assert states[job.id] == "queued"
             assert (
-                db.one("SELECT errors -> -1 ->> 'type' FROM {jobs} WHERE id = %s", [job.id])
+                db.one("SELECT errors -> -1 ->> 'type' FROM {all_jobs} AS j WHERE id = %s", [job.id])
                 == "UnstorableResult"
             )
         else:
             assert states[job.id] == "completed"
-            assert db.one("SELECT result ->> 'n' FROM {jobs} WHERE id = %s", [job.id]) == str(job.id)
+            assert db.one("SELECT result ->> 'n' FROM {all_jobs} AS j WHERE id = %s", [job.id]) == str(job.id)

@@ -32,7 +32,7 @@ def test_backoff_schedules_are_followed(wapp: worker_app.App, wdb: Db) -> None:
         fixed_id = wapp.queue.enqueue("flaky_fixed", {"fails": 3})
         exp_id = wapp.queue.enqueue("flaky_exp", {"fails": 3})
         wait_until(
-            lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == 2,
+            lambda: wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == 2,
             15,
             lambda: f"states {wdb.states()}",
         )
@@ -59,7 +59,7 @@ def test_last_failed_attempt_dead_letters_and_retry_dead_runs_it_again(wapp: wor
             10,
             lambda: f"states {wdb.states()}",
         )
-        assert wdb.one("SELECT count(*) FROM {jobs} WHERE id = %s", [job_id]) == 0
+        assert wdb.one("SELECT count(*) FROM {all_jobs} AS j WHERE id = %s", [job_id]) == 0
         attempts, errors = wdb.one("SELECT attempts, errors FROM {dead_letter} WHERE id = %s", [job_id])
         assert attempts == 2
         assert [e["attempt"] for e in errors] == [1, 2]
@@ -117,11 +117,12 @@ def test_cli_retry_of_a_queue_puts_its_dead_jobs_back(wapp: worker_app.App, wdb:
         assert done.returncode == 0, done.stderr
         assert "3 dead jobs re-queued" in done.stdout
         wait_until(
-            lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == 3,
+            lambda: wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == 3,
             10,
             lambda: f"states {wdb.states()}",
         )
-    assert sorted(r[0] for r in wdb.rows("SELECT id FROM {jobs} WHERE state = 'completed'")) == sorted(mail)
+    finished = wdb.rows("SELECT id FROM {finished} WHERE state = 'completed'")
+    assert sorted(r[0] for r in finished) == sorted(mail)
     assert [r[0] for r in wdb.rows("SELECT id FROM {dead_letter}")] == [other]
 
 
@@ -227,7 +228,7 @@ def test_unknown_task_is_dead_lettered_and_the_worker_goes_on(wapp: worker_app.A
         wait_until(
             lambda: (
                 wdb.one("SELECT count(*) FROM {dead_letter}") == 1
-                and wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == 1
+                and wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == 1
             ),
             10,
             lambda: f"states {wdb.states()}",

@@ -27,7 +27,7 @@ def test_a_backlog_in_one_queue_does_not_delay_another_queues_job(wapp: worker_a
         waited = wait_until(
             lambda: wdb.rows(
                 "SELECT extract(epoch FROM l.started_at - j.created_at) FROM {log} AS l"
-                " JOIN {jobs} AS j ON j.id = l.job_id WHERE l.job_id = %s",
+                " JOIN {all_jobs} AS j ON j.id = l.job_id WHERE l.job_id = %s",
                 [email],
             ),
             10,

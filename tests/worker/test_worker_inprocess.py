@@ -22,7 +22,7 @@ async def test_async_worker_runs_jobs_in_the_apps_loop_and_stops_cleanly(
     try:
         await wait_for_db(wdb, f"SELECT count(*) FROM {{workers}} WHERE id = '{w.id}'", 1, 15)
         ids = wapp.queue.enqueue_many([JobSpec("record", {"sleep": 0.05}) for _ in range(8)])
-        await wait_for_db(wdb, "SELECT count(*) FROM {jobs} WHERE state = 'completed'", len(ids), 10)
+        await wait_for_db(wdb, "SELECT count(*) FROM {finished} WHERE state = 'completed'", len(ids), 10)
         w.stop()
         await asyncio.wait_for(task, 10)
     finally:

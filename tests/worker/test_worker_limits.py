@@ -57,7 +57,7 @@ def max_overlap(db: Db, queue: str) -> int:
     events: list[tuple[float, int]] = []
     for start, end in db.rows(
         "SELECT extract(epoch FROM l.started_at)::float8, extract(epoch FROM l.finished_at)::float8"
-        " FROM {log} AS l JOIN {jobs} AS j ON j.id = l.job_id WHERE j.queue = %s",
+        " FROM {log} AS l JOIN {all_jobs} AS j ON j.id = l.job_id WHERE j.queue = %s",
         [queue],
     ):
         assert end is not None
@@ -79,7 +79,7 @@ def test_global_concurrency_cap_holds_across_three_workers(
     with sampling(wdb, "reports") as sampler:
         wapp.queue.enqueue_many([JobSpec("record", {"sleep": 0.2}, queue="reports") for _ in range(jobs)])
         wait_until(
-            lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == jobs,
+            lambda: wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == jobs,
             30,
             lambda: f"states {wdb.states()}\n{wprocs.logs()}",
         )
@@ -103,7 +103,7 @@ def test_global_cap_set_while_workers_run_holds_at_once(
     with sampling(wdb, "reports") as sampler:
         wapp.queue.enqueue_many([JobSpec("record", {"sleep": 0.2}, queue="reports") for _ in range(jobs)])
         wait_until(
-            lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == jobs,
+            lambda: wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == jobs,
             30,
             lambda: f"states {wdb.states()}\n{wprocs.logs()}",
         )
@@ -119,7 +119,7 @@ def test_rate_limit_holds_across_two_workers(wapp: worker_app.App, wdb: Db, wpro
     jobs = 210  # about 4 s at 50/s
     wapp.queue.enqueue_many([JobSpec("record", {}, queue="push") for _ in range(jobs)])
     wait_until(
-        lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == jobs,
+        lambda: wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == jobs,
         20,
         lambda: f"states {wdb.states()}\n{wprocs.logs()}",
     )
@@ -144,7 +144,7 @@ def test_per_queue_local_cap_of_a_process(wapp: worker_app.App, wdb: Db) -> None
             [JobSpec("record", {"sleep": 0.1}, queue=q) for _ in range(5) for q in ("a", "b")]
         )
         wait_until(
-            lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == 10,
+            lambda: wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == 10,
             10,
             lambda: f"states {wdb.states()}",
         )

@@ -37,7 +37,7 @@ def test_three_workers_run_every_job_exactly_once(wapp: worker_app.App, wdb: Db,
     assert len(set(ids)) == TOTAL
 
     wait_until(
-        lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == TOTAL,
+        lambda: wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == TOTAL,
         60,
         lambda: f"states {wdb.states()}, logged {wdb.one('SELECT count(*) FROM {log}')}\n" + wprocs.logs(),
     )
@@ -48,7 +48,7 @@ def test_three_workers_run_every_job_exactly_once(wapp: worker_app.App, wdb: Db,
     assert not twice, f"jobs run more than once: {dict(list(twice.items())[:10])}"
     assert counts.keys() == set(ids)
     # Each job ran on its first attempt, and each process took a share of the work.
-    assert wdb.one("SELECT count(*) FROM {jobs} WHERE attempts <> 1 OR errors <> '[]'") == 0
+    assert wdb.one("SELECT count(*) FROM {all_jobs} AS j WHERE attempts <> 1 OR errors <> '[]'") == 0
     assert wdb.one("SELECT count(DISTINCT pid) FROM {log}") == WORKERS
     assert wdb.one("SELECT count(*) FROM {dead_letter}") == 0
     assert all(p.alive() for p in procs), wprocs.logs()
@@ -85,7 +85,7 @@ def test_kill_9_and_sigterm_mid_run_lose_nothing(wapp: worker_app.App, wdb: Db, 
 
     wait_until(
         lambda: (
-            wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") >= TOTAL // 4
+            wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") >= TOTAL // 4
             and running_on(killed) > 0
         ),
         60,
@@ -99,20 +99,21 @@ def test_kill_9_and_sigterm_mid_run_lose_nothing(wapp: worker_app.App, wdb: Db, 
     assert survivor.alive(), survivor.log_tail()
 
     wait_until(
-        lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == TOTAL,
+        lambda: wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == TOTAL,
         60,
         lambda: f"states {wdb.states()}\n{wprocs.logs()}",
     )
     counts = log_counts(wdb)
     assert set(ids) - counts.keys() == set(), "some jobs never ran"
-    assert wdb.one("SELECT count(*) FROM {jobs}") == TOTAL
+    assert wdb.one("SELECT count(*) FROM {all_jobs} AS j") == TOTAL
+    assert wdb.one("SELECT count(*) FROM {jobs}") == 0  # finished jobs have left the hot table
     assert wdb.one("SELECT count(*) FROM {dead_letter}") == 0
 
     # Rescued jobs: the lost attempt is counted and recorded as LeaseExpired, naming the killed
     # worker; the worker stopped by SIGTERM finished or handed back its jobs, so none of them
     # needed rescue.
     rescued = wdb.rows(
-        'SELECT id, attempts, errors FROM {jobs} WHERE errors @> \'[{{"type": "LeaseExpired"}}]\''
+        'SELECT id, attempts, errors FROM {all_jobs} AS j WHERE errors @> \'[{{"type": "LeaseExpired"}}]\''
     )
     assert rescued, "the killed worker's running jobs were not rescued"
     for job_id, attempts, errors in rescued:
@@ -123,7 +124,7 @@ def test_kill_9_and_sigterm_mid_run_lose_nothing(wapp: worker_app.App, wdb: Db, 
     # No other job carries an error or an extra attempt.
     assert (
         wdb.one(
-            'SELECT count(*) FROM {jobs} WHERE NOT errors @> \'[{{"type": "LeaseExpired"}}]\''
+            'SELECT count(*) FROM {all_jobs} AS j WHERE NOT errors @> \'[{{"type": "LeaseExpired"}}]\''
             " AND (attempts <> 1 OR errors <> '[]')"
         )
         == 0

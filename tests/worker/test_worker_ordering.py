@@ -21,8 +21,8 @@ def test_one_worker_with_concurrency_1_runs_jobs_in_priority_order(wapp: worker_
         wapp.queue.enqueue_many(
             [JobSpec("record", {"note": "p"}, queue="prio", priority=rng.randint(1, 10)) for _ in range(20)]
         )
-    expected = [r[0] for r in wdb.rows("SELECT id FROM {jobs} ORDER BY priority, run_at, id")]
-    assert len({r[0] for r in wdb.rows("SELECT run_at FROM {jobs}")}) == 2
+    expected = [r[0] for r in wdb.rows("SELECT id FROM {all_jobs} AS j ORDER BY priority, run_at, id")]
+    assert len({r[0] for r in wdb.rows("SELECT run_at FROM {all_jobs} AS j")}) == 2
 
     with thread_worker(wapp, wdb, queues=("prio",), concurrency=1):
         wait_until(
@@ -53,7 +53,7 @@ def test_delayed_jobs_never_start_early_and_start_soon_after_run_at(wapp: worker
     rows = wdb.rows(
         "SELECT j.id, extract(epoch FROM j.started_at - j.run_at)::float8,"
         "       extract(epoch FROM l.started_at - j.run_at)::float8"
-        " FROM {jobs} AS j JOIN {log} AS l ON l.job_id = j.id ORDER BY j.id"
+        " FROM {all_jobs} AS j JOIN {log} AS l ON l.job_id = j.id ORDER BY j.id"
     )
     assert [r[0] for r in rows] == sorted(ids)
     claim_lateness = [r[1] for r in rows]

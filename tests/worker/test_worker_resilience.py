@@ -34,7 +34,7 @@ def test_worker_survives_pg_terminate_backend_of_all_its_connections(
     assert worker.alive(), worker.log_tail()
 
     wait_until(
-        lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE state = 'completed'") == len(ids),
+        lambda: wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == len(ids),
         30,
         lambda: f"states {wdb.states()}\n{worker.log_tail()}",
     )
@@ -145,7 +145,7 @@ def test_a_job_lost_before_its_start_was_recorded_costs_no_attempt_until_it_keep
         )
     job = wapp.queue.get_job(spared)
     assert job.attempts == 1 and job.errors == []  # its one attempt is the run that completed it
-    assert wdb.one("SELECT unrecorded_losses FROM {jobs} WHERE id = %s", [spared]) == 1
+    assert wdb.one("SELECT unrecorded_losses FROM {finished} WHERE id = %s", [spared]) == 1
     dead = wapp.queue.get_job(poison)
     assert dead.attempts == 0
     assert [e["type"] for e in dead.errors] == ["LeaseExpired"]

@@ -33,13 +33,13 @@ def test_worker_prunes_finished_jobs_past_keep_completed_seconds(
     waiting = wapp.queue.enqueue("record", {}, delay=3600)
     wait_until(lambda: wdb.one("SELECT count(*) FROM {log}") == len(done), 10, lambda: str(wdb.states()))
     wait_until(
-        lambda: wdb.one("SELECT count(*) FROM {jobs}") == 1,
+        lambda: wdb.one("SELECT count(*) FROM {all_jobs} AS j") == 1,
         5,
         lambda: f"finished rows not pruned: {wdb.states()}\n{worker.log_tail()}",
     )
     assert worker.alive()
     # Only the job that has not run yet is left.
-    assert [r[0] for r in wdb.rows("SELECT id FROM {jobs}")] == [waiting]
+    assert [r[0] for r in wdb.rows("SELECT id FROM {all_jobs} AS j")] == [waiting]
 
 
 def test_per_queue_keep_completed_overrides_the_worker_default(wapp: worker_app.App, wdb: Db) -> None:
@@ -48,12 +48,12 @@ def test_per_queue_keep_completed_overrides_the_worker_default(wapp: worker_app.
         wapp.queue.enqueue_many([JobSpec("record", {}, queue=q) for q in ("short", "long") for _ in range(5)])
         wait_until(lambda: wdb.one("SELECT count(*) FROM {log}") == 10, 10, lambda: str(wdb.states()))
         wait_until(
-            lambda: wdb.one("SELECT count(*) FROM {jobs} WHERE queue = 'short'") == 0,
+            lambda: wdb.one("SELECT count(*) FROM {all_jobs} AS j WHERE queue = 'short'") == 0,
             5,
             lambda: f"short queue not pruned: {wdb.states()}",
         )
     # The worker's default (a day) keeps the other queue's rows.
-    assert wdb.one("SELECT count(*) FROM {jobs} WHERE queue = 'long' AND state = 'completed'") == 5
+    assert wdb.one("SELECT count(*) FROM {finished} WHERE queue = 'long' AND state = 'completed'") == 5
 
 
 def test_per_queue_keep_completed_count_keeps_the_newest(wapp: worker_app.App, wdb: Db) -> None:
@@ -64,8 +64,8 @@ def test_per_queue_keep_completed_count_keeps_the_newest(wapp: worker_app.App, w
         newest = wapp.queue.enqueue_many([JobSpec("record", {}, queue="capped") for _ in range(3)])
         wait_until(lambda: wdb.one("SELECT count(*) FROM {log}") == 10, 10, lambda: str(wdb.states()))
         wait_until(
-            lambda: wdb.one("SELECT count(*) FROM {jobs}") == 3,
+            lambda: wdb.one("SELECT count(*) FROM {all_jobs} AS j") == 3,
             5,
             lambda: f"not pruned to 3: {wdb.states()}",
         )
-    assert sorted(r[0] for r in wdb.rows("SELECT id FROM {jobs}")) == newest
+    assert sorted(r[0] for r in wdb.rows("SELECT id FROM {all_jobs} AS j")) == newest
