@@ -290,3 +290,37 @@ def test_a_claim_never_reads_the_delayed_jobs(queue: Queue) -> None:
             assert ("Seq Scan", "jobs") not in _node_types(plan), mode
             assert _claimed(plan) == 0, mode
             assert _pages_read(plan) < 40, (mode, _pages_read(plan))
+
+
+def test_a_claim_keeps_its_indexes_when_the_statistics_say_the_table_is_empty(queue: Queue) -> None:
+    """The jobs table holds only live jobs, so it is often empty when autovacuum analyses it (a
+    drained queue, its pages still allocated). A backlog that arrives before the next analyse
+    must still be claimed through the indexes: with "no rows" in the statistics a plan may read
+    the whole table per claim, which turns a drain of N jobs into N²/batch reads."""
+    schema = queue.schema
+    with psycopg.connect(queue.dsn, autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO \"{schema}\".jobs (queue, task) SELECT 'q', 't' FROM generate_series(1, 50000)"
+        )
+        conn.execute(f'DELETE FROM "{schema}".jobs')
+        conn.execute(f'VACUUM ANALYZE "{schema}".jobs')  # statistics: 0 rows in many pages
+        conn.execute(
+            f"INSERT INTO \"{schema}\".jobs (queue, task) SELECT 'q', 't' FROM generate_series(1, 50000)"
+        )
+        common = {
+            "worker_id": "w",
+            "lease": 30.0,
+            "token": uuid.uuid4(),
+            "start": 10,
+            "burst": 1.0,
+            "weights": [1.0],
+            "vtimes": [0.0],
+            "queues": ["q"],
+            "limit": 50,
+            "queue": None,
+        }
+        for mode in ("force_generic_plan", "force_custom_plan"):
+            plan = _generic_plan(conn, queue.queries.claim, CLAIM_TYPES, common, cache_mode=mode)
+            assert ("Seq Scan", "jobs") not in _node_types(plan), (mode, plan)
+            assert _claimed(plan) == 50, mode
+            assert _pages_read(plan) < 80, (mode, _pages_read(plan))
