@@ -220,6 +220,8 @@ CLAIM_TYPES = {
     "queue": "text",
     "burst": "float8",
 }
+CLAIM_COMMON = {"worker_id": "w", "lease": 30.0, "start": 10, "burst": 1.0, "weights": [1.0], "vtimes": [0.0]}
+"""The claim parameters every plan test uses alike (a one-queue worker with ten free slots)."""
 DELAYED = 100_000
 
 
@@ -263,15 +265,7 @@ def test_a_claim_never_reads_the_delayed_jobs(queue: Queue) -> None:
         )
         queue.enqueue_many([{"task": "t", "queue": "capped", "priority": 5}] * 3)
         conn.execute(f'VACUUM ANALYZE "{schema}".jobs')
-        common = {
-            "worker_id": "w",
-            "lease": 30.0,
-            "token": uuid.uuid4(),
-            "start": 10,
-            "burst": 1.0,
-            "weights": [1.0],
-            "vtimes": [0.0],
-        }
+        common = {**CLAIM_COMMON, "token": uuid.uuid4()}
         for mode in ("force_generic_plan", "force_custom_plan"):
             for query, params, expected in (
                 (queue.queries.claim, {"queues": ["q"], "limit": 10, "queue": None}, 10),
@@ -307,18 +301,7 @@ def test_a_claim_keeps_its_indexes_when_the_statistics_say_the_table_is_empty(qu
         conn.execute(
             f"INSERT INTO \"{schema}\".jobs (queue, task) SELECT 'q', 't' FROM generate_series(1, 50000)"
         )
-        common = {
-            "worker_id": "w",
-            "lease": 30.0,
-            "token": uuid.uuid4(),
-            "start": 10,
-            "burst": 1.0,
-            "weights": [1.0],
-            "vtimes": [0.0],
-            "queues": ["q"],
-            "limit": 50,
-            "queue": None,
-        }
+        common = {**CLAIM_COMMON, "token": uuid.uuid4(), "queues": ["q"], "limit": 50, "queue": None}
         for mode in ("force_generic_plan", "force_custom_plan"):
             plan = _generic_plan(conn, queue.queries.claim, CLAIM_TYPES, common, cache_mode=mode)
             assert ("Seq Scan", "jobs") not in _node_types(plan), (mode, plan)
