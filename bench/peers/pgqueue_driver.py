@@ -161,8 +161,8 @@ class PgQueue:
     async def count(self, command: dict[str, Any]) -> dict[str, Any]:
         return await d.psycopg_count(
             self.dsn,
-            "SELECT count(*) FILTER (WHERE state IN ('queued', 'running')),"
-            " count(*) FILTER (WHERE state = 'completed') FROM pgqueue.jobs",
+            "SELECT (SELECT count(*) FROM pgqueue.jobs),"
+            " (SELECT count(*) FROM pgqueue.finished_jobs WHERE state = 'completed')",
         )
 
 
