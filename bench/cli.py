@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             "snapshot": lambda: scenarios.snapshot(ctx, systems),
             "bloat": lambda: scenarios.bloat(ctx, [s for s in systems if s.name == "pgqueue"]),
             "io": lambda: scenarios.io(ctx, systems),
+            "fairness": lambda: scenarios.fairness(ctx, systems),
+            "delayed": lambda: scenarios.delayed(ctx, systems),
         }
         for name in SCENARIOS:
             if name in wanted:

@@ -44,6 +44,10 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "snapshot_held_pct": ("10 held snapshot: held / offered", "%", True),
     "snapshot_p99": ("10 held snapshot: latency p99", "ms", False),
     "snapshot_dead_rows": ("10 held snapshot: dead rows left", "rows", False),
+    "fairness_p50": ("11 fairness: other queue's wait p50, one queue backlogged", "ms", False),
+    "fairness_max": ("11 fairness: other queue's wait max", "ms", False),
+    "delayed_drain": ("12 delayed backlog: drain of the ready jobs", "jobs/s", True),
+    "delayed_vs_drain_pct": ("12 delayed backlog: / drain with none delayed", "%", True),
 }
 # Ratios pgqueue / best peer make sense for these (same work, same units).
 RATIO_METRICS = {
@@ -67,6 +71,9 @@ RATIO_METRICS = {
     "wakeups_max",
     "snapshot_held_pct",
     "snapshot_p99",
+    "fairness_p50",
+    "fairness_max",
+    "delayed_drain",
 }
 
 
@@ -174,6 +181,9 @@ TARGETS: list[tuple[str, str, Any]] = [
     ("8 idle workers: fewest transactions per enqueue", "wakeups_tx_per_enqueue", ("peers", 1.0)),
     ("held snapshot: ≥ 90 % of the offered rate", "snapshot_held_pct", lambda v: v >= 90),
     ("after bloat, drain ≤ 10 % slower than fresh", "bloat_after_pct", lambda v: v >= 90),
+    # "never delayed by more than a claim round": well under a second, as a BullMQ user expects.
+    ("fairness: other queue's jobs wait < 1 s (max)", "fairness_max", lambda v: v < 1000),
+    ("delayed backlog: drain ≥ 90 % of the plain drain", "delayed_vs_drain_pct", lambda v: v >= 90),
 ]
 
 

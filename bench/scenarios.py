@@ -1,4 +1,4 @@
-"""The ten scenarios, each written once against the driver protocol and run for every system.
+"""The twelve scenarios, each written once against the driver protocol and run for every system.
 
 Every measurement runs in a database of its own (``fresh_database``). Timing rules:
 
@@ -45,15 +45,31 @@ class Profile:
     snapshot_seconds: float = 5.0  # steady load while a REPEATABLE READ snapshot is held
     producers: int = 16  # producer processes enqueueing at once
     idle_workers: int = 8  # worker processes waiting for the wake-up scenario's jobs
+    fair_backlog: int = 10_000  # 2 ms jobs queued in one queue while another queue's jobs arrive
+    delayed_jobs: int = 100_000  # delayed at the first-running priority, in front of the drain
 
 
 PROFILES = {
-    "smoke": Profile("smoke", 1, 50, 500, 500, 10, 0.5, 0.5, 300, 1_000, 200, 20, 1.0, 3, 2),
+    "smoke": Profile("smoke", 1, 50, 500, 500, 10, 0.5, 0.5, 300, 1_000, 200, 20, 1.0, 3, 2, 300, 1_000),
     "quick": Profile(
         "quick", 3, 2_000, 20_000, 20_000, 250, 10.0, 10.0, 20_000, 100_000, 10_000, 1_000, 30.0
     ),
     "full": Profile(
-        "full", 5, 10_000, 200_000, 200_000, 1_500, 60.0, 30.0, 200_000, 1_000_000, 50_000, 5_000, 300.0
+        "full",
+        5,
+        10_000,
+        200_000,
+        200_000,
+        1_500,
+        60.0,
+        30.0,
+        200_000,
+        1_000_000,
+        50_000,
+        5_000,
+        300.0,
+        fair_backlog=30_000,
+        delayed_jobs=200_000,
     ),
 }
 SCENARIOS = (
@@ -67,6 +83,8 @@ SCENARIOS = (
     "producers",
     "wakeups",
     "snapshot",
+    "fairness",
+    "delayed",
 )
 BATCH = 1_000
 
@@ -127,8 +145,11 @@ class Bench:
     def setup(self) -> None:
         self.op("setup", timeout=300)
 
-    def seed(self, n: int, task: str = "noop") -> dict[str, Any]:
-        return self.op("enqueue", mode="bulk", n=n, batch=BATCH, task=task, timeout=max(600, n / 200))
+    def seed(self, n: int, task: str = "noop", **options: Any) -> dict[str, Any]:
+        """Queue ``n`` jobs in bulk (``options``: the enqueue op's queue, delay, priority, ...)."""
+        return self.op(
+            "enqueue", mode="bulk", n=n, batch=BATCH, task=task, timeout=max(600, n / 200), **options
+        )
 
     def remaining(self) -> int:
         return int(self.op("count", timeout=120)["remaining"])
@@ -140,18 +161,31 @@ class Bench:
         task: str = "noop",
         concurrency: int | None = None,
         timeout: float | None = None,
+        not_due: int = 0,
+        budget: float | None = None,
     ) -> dict[str, Any]:
-        """Start the workers on a full queue, stop them once every job ran, return the rate."""
+        """Start the workers on a full queue, stop them once every job ran, return the rate.
+
+        ``not_due``: delayed jobs that must still be queued afterwards (not counted as left).
+        ``budget``: stop after this many seconds even if jobs are left (``partial`` then says
+        so); the rate is that of the jobs run meanwhile. For a system too slow to finish in a
+        bench's time, where the rate, not the finish, is the figure.
+        """
         limit = timeout or (expected / 40 + 120)
+        partial = False
         workers = [self.start("worker", task=task, concurrency=concurrency) for _ in range(processes)]
         try:
             for w in workers:
                 w.wait_for("ready", 120)
-            deadline = time.monotonic() + limit
+            started = time.monotonic()
+            deadline = started + limit
             while sum(w.done for w in workers) < expected:
                 for w in workers:
                     if w.proc.poll() is not None:
                         w.wait_for("result", 5)  # surfaces the driver's error
+                if budget is not None and time.monotonic() > started + budget:
+                    partial = True
+                    break
                 if time.monotonic() > deadline:
                     raise DriverError(
                         f"{self.system.name}: {sum(w.done for w in workers)}/{expected} jobs"
@@ -165,9 +199,14 @@ class Bench:
         first = min(r["first_start"] for r in results if r["first_start"] is not None)
         last = max(r["last_end"] for r in results if r["last_end"] is not None)
         count = sum(r["count"] for r in results)
-        left = self.remaining()
+        left = self.remaining() - not_due
         warnings = _worker_warnings(workers)
-        if left or count > expected or warnings:
+        if partial:
+            self.ctx.notes.append(
+                f"{self.system.name} drain of {expected} jobs stopped after its {budget:.0f}s budget"
+                f" with {count} run: the rate is theirs"
+            )
+        elif left or count > expected or warnings:
             # Jobs left unfinished, or handlers run more often than there were jobs (a job run
             # again after its lease expired, e.g. because its outcome was never written).
             self.ctx.notes.append(
@@ -180,6 +219,7 @@ class Bench:
             "expected": expected,
             "extra_runs": max(0, count - expected),
             "remaining": left,
+            "partial": partial,
             "seconds": last - first,
             "per_process": [r["count"] for r in results],
             "config": results[0].get("config"),
@@ -678,3 +718,98 @@ def snapshot(ctx: Context, systems: list[System]) -> None:
         body,
         reps=min(ctx.profile.reps, 2),
     )
+
+
+# ---------------------------------------------------------------- 11. fairness
+
+FAIR_SLEEP = 0.002  # each backlog job's length
+FAIR_CONCURRENCY = 10
+FAIR_JOBS = 20  # enqueued on the other queue, 50 ms apart, while the backlog runs
+BACKLOG_QUEUE = "imports"  # as bench/peers/_driver.py names it
+OTHER_QUEUE = "bench"
+
+
+def fairness(ctx: Context, systems: list[System]) -> None:
+    """One worker process serves two queues: one holds a backlog of 2 ms jobs (10,000 by profile),
+    the other gets 20 jobs, 50 ms apart, while the backlog runs: how long those 20 wait. A worker
+    that claims in queue order makes them wait for the backlog; a fair one, for one claim round."""
+    p = ctx.profile
+
+    def body(b: Bench, rep: int) -> None:
+        b.seed(p.fair_backlog, task="sleep", sleep=FAIR_SLEEP, warm=True, queue=BACKLOG_QUEUE)
+        worker = b.start(
+            "worker", queues=[BACKLOG_QUEUE, OTHER_QUEUE], concurrency=FAIR_CONCURRENCY, latency=True
+        )
+        try:
+            worker.wait_for("ready", 120)
+            deadline = time.monotonic() + 120
+            while worker.done < min(200, p.fair_backlog // 10):  # the backlog is being worked
+                if time.monotonic() > deadline or worker.proc.poll() is not None:
+                    worker.wait_for("result", 5)
+                    raise DriverError(f"{b.system.name}: the backlog did not start within 120s")
+                time.sleep(0.02)
+            producer = b.start("produce", queue=OTHER_QUEUE, rate=20, duration=FAIR_JOBS * 0.05, tick=0.05)
+            produced = producer.finish(120)
+            time.sleep(0.3)
+            backlog_left = p.fair_backlog + produced["enqueued"] - _done_at(worker, produced["end"])
+            expected = p.fair_backlog + produced["enqueued"]
+            deadline = time.monotonic() + p.fair_backlog * FAIR_SLEEP * 10 + 120
+            while worker.done < expected and time.monotonic() < deadline:
+                time.sleep(0.05)
+            worker.stop()
+            result = worker.finish(120)
+        except BaseException:
+            worker.kill()
+            raise
+        lat = result["latency"] or {}
+        if lat.get("count", 0) < produced["enqueued"]:
+            ctx.notes.append(
+                f"fairness {b.system.name} rep {rep + 1}: {lat.get('count', 0)} of"
+                f" {produced['enqueued']} jobs on the other queue ran before the worker was stopped"
+            )
+        detail = {"latency": lat, "backlog_left_when_sent": round(backlog_left), "jobs": produced["enqueued"]}
+        ctx.record("fairness", "fairness_p50", b.system.name, rep, lat.get("p50_ms"), **detail)
+        ctx.record("fairness", "fairness_max", b.system.name, rep, lat.get("max_ms"), **detail)
+        ctx.say(
+            f"  other queue's jobs waited p50 {lat.get('p50_ms', float('nan')):.1f} ms ·"
+            f" max {lat.get('max_ms', float('nan')):.1f} ms ({lat.get('count', 0)} jobs;"
+            f" backlog still queued when the last was sent: {backlog_left:,.0f})"
+        )
+
+    label = (
+        f"11 fairness: {p.fair_backlog:,} x {FAIR_SLEEP * 1000:.0f} ms jobs in one queue,"
+        f" {FAIR_JOBS} jobs in another, concurrency {FAIR_CONCURRENCY}"
+    )
+    each_system(ctx, systems, "fairness", label, body)
+
+
+# ---------------------------------------------------------------- 12. delayed backlog
+
+DELAY_SECONDS = 3600.0
+DELAYED_BUDGET = 60.0  # seconds of draining; a system this slow is measured over what it ran
+
+
+def delayed(ctx: Context, systems: list[System]) -> None:
+    """100,000 jobs (by profile) delayed an hour at the priority that runs first, then the drain's
+    20,000 ready jobs at the default priority: the drain rate, against the plain drain's in the
+    same run. A claim that walks the delayed jobs to reach the ready ones shows here."""
+    p = ctx.profile
+
+    def body(b: Bench, rep: int) -> None:
+        b.seed(p.delayed_jobs, delay=DELAY_SECONDS, priority="high", warm=True)
+        not_due = b.remaining()  # what the driver queued (a driver may add a warm-up job)
+        b.seed(p.drain)
+        r = b.drain(1, b.remaining() - not_due, not_due=not_due, budget=DELAYED_BUDGET)
+        ctx.record("delayed", "delayed_drain", b.system.name, rep, r["rate"], **r)
+        plain = ctx.median("drain_1p", b.system.name)
+        share = f" = {100 * r['rate'] / plain:.0f} % of the plain drain" if plain else ""
+        if plain:
+            ctx.record("delayed", "delayed_vs_drain_pct", b.system.name, rep, 100 * r["rate"] / plain)
+        if r["partial"]:
+            lost = f" · stopped after {DELAYED_BUDGET:.0f}s with {r['jobs']:,} run"
+        else:
+            lost = f" · {r['remaining']} LEFT UNFINISHED" if r["remaining"] else ""
+        ctx.say(f"  {r['rate']:,.0f} jobs/s{share}{lost}")
+
+    label = f"12 delayed backlog: {p.delayed_jobs:,} delayed at high priority, drain {p.drain:,}"
+    each_system(ctx, systems, "delayed", label, body)

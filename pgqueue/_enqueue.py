@@ -114,6 +114,8 @@ def make_request(registry: Registry, spec: JobSpec) -> JobRequest:
 
 def _options_key(spec: JobSpec) -> tuple[Any, ...]:
     """Every field but args and unique key, with types (so ``True`` never passes for ``1``)."""
+    if not spec.options:  # the usual bulk job: the task's defaults
+        return (spec.task, spec.scheduled_for)
     return (
         spec.task,
         spec.scheduled_for,
@@ -204,14 +206,19 @@ def copy_chunks(requests: Sequence[JobRequest], ids: Sequence[int], now: datetim
     Written by hand rather than row by row through the driver: it is the hot loop of a bulk
     enqueue. Queue and task names are already restricted to characters that need no escaping;
     JSON text holds no raw tabs or newlines, so doubling backslashes is all it needs. Delays
-    resolve against the transaction's clock, as single enqueues do.
+    resolve against the transaction's clock, as single enqueues do. A batch shares a few run
+    times (usually one), so each is formatted once.
     """
     lines: list[str] = []
+    run_at_text: dict[tuple[datetime | None, float], str] = {}
     for job_id, r in zip(ids, requests, strict=True):
-        run_at = r.run_at if r.run_at is not None else now + timedelta(seconds=r.delay_seconds)
+        when = run_at_text.get((r.run_at, r.delay_seconds))
+        if when is None:
+            run_at = r.run_at if r.run_at is not None else now + timedelta(seconds=r.delay_seconds)
+            when = run_at_text[(r.run_at, r.delay_seconds)] = run_at.isoformat()
         args = r.args_json.replace("\\", "\\\\") if "\\" in r.args_json else r.args_json
         lines.append(
-            f"{job_id}\t{r.queue}\t{r.task}\t{args}\t{r.priority}\t{run_at.isoformat()}\t"
+            f"{job_id}\t{r.queue}\t{r.task}\t{args}\t{r.priority}\t{when}\t"
             f"{r.max_attempts}\t{_copy_value(r.timeout)}\t{_copy_value(r.scheduled_for)}\n"
         )
         if len(lines) >= COPY_CHUNK_ROWS:

@@ -16,13 +16,20 @@ to stderr instead) and reads control lines from stdin:
 
 Operations every driver implements (the ``System`` methods below):
 
-    setup                         install the system's schema and its "bench" queue
-    enqueue   mode, n, batch      insert n no-op jobs one by one or in batches; seconds taken
+    setup                         install the system's schema and its queues
+    enqueue   mode, n, batch      insert n jobs (``task``: "noop" or "sleep") one by one or in
+                                  batches; seconds taken
               [notify]            (False: without NOTIFY, for the systems that can)
+              [queue]             the queue they go to (default "bench")
+              [delay]             seconds until they may run (a delayed backlog)
+              [priority]          "high": the system's level that runs before its default one
+              [sleep]             a "sleep" job's length in seconds (default 0.02; args ``s``)
     worker    concurrency, task, latency, warmup   run jobs until "stop"; count, first start,
                                   last end and (optionally) enqueue->start latency percentiles
+              [queues]            the queues this one worker process serves (default ["bench"]),
+                                  configured as the system's docs say one process serves several
     produce   rate, duration      enqueue at a fixed rate for a duration (every job carries the
-                                  time taken just before its enqueue call: ``t``)
+              [queue]             time taken just before its enqueue call: ``t``)
     app       connections, duration, notify, rows   write-heavy app: per transaction insert
                                   ``rows`` app rows and enqueue one job; committed transactions
     count                         jobs not yet finished (to check nothing was lost)
@@ -31,7 +38,9 @@ Any op may carry ``start_at`` (unix time): the driver waits until then before ru
 that producers started one after another run their loops at the same time.
 
 Job arguments are ``{"t": float}`` (enqueue time, seconds since the epoch) or ``{"w": 1}`` for a
-warm-up job whose latency is not recorded.
+warm-up or backlog job whose latency is not recorded, plus ``"s"`` (seconds) for a sleep job
+whose length is not the default. ``job_args`` builds them from the command; a bulk enqueue uses
+one set per batch, taken as the batch starts.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 QUEUE = "bench"
+BACKLOG_QUEUE = "imports"  # the fairness scenario's backlogged queue, served beside QUEUE
 APP_TABLE = "bench_app_rows"
 
 # Keep the protocol channel clean: the real stdout is ours, Python-level prints go to stderr.
@@ -111,8 +121,17 @@ RECORDER = Recorder()
 
 
 def job_args(command: dict[str, Any]) -> dict[str, Any]:
-    """A job's arguments: its enqueue time, or a warm-up marker (``warm``) never counted as latency."""
-    return {"w": 1} if command.get("warm") else {"t": time.time()}
+    """A job's arguments: its enqueue time, or a warm-up marker (``warm``) never counted as
+    latency; and a sleep job's length when the command gives one (``sleep``)."""
+    args: dict[str, Any] = {"w": 1} if command.get("warm") else {"t": time.time()}
+    if command.get("sleep") is not None:
+        args["s"] = float(command["sleep"])
+    return args
+
+
+def queues_of(command: dict[str, Any]) -> list[str]:
+    """The queues a worker command serves (default: the one bench queue)."""
+    return list(command.get("queues") or [QUEUE])
 
 
 def noop_handler_body(args: Any) -> None:
@@ -120,9 +139,9 @@ def noop_handler_body(args: Any) -> None:
     RECORDER.finished()
 
 
-async def sleep_handler_body(args: Any, seconds: float = 0.02) -> None:
+async def sleep_handler_body(args: Any) -> None:
     RECORDER.started(args)
-    await asyncio.sleep(seconds)
+    await asyncio.sleep(float(args.get("s", 0.02)) if isinstance(args, dict) else 0.02)
     RECORDER.finished()
 
 

@@ -12,13 +12,31 @@ single queue: ``max_workers`` well above the handlers' own needs (no-op handlers
 until the completion is durably acknowledged, and 1024 permits select four completion shards),
 ``claim_batch_size`` at its default of 512 (one claimer: extra ``claimers`` are advised only when
 one leaves permits idle), LISTEN/NOTIFY wake-ups with the default 200 ms ``poll_interval_ms``
-fallback, and ``priority_aging_interval_ms=0`` (every job has the same priority). The client pool
-(``max_connections``) is raised above the default 10 for the runtime's claim, completion and
-maintenance loops. ``enqueue_shards``/``PartitionedQueue`` stay off: they weaken FIFO and every
-other system runs one strict queue. The I/O scenario's ``concurrency`` becomes ``max_workers``.
+fallback, and ``priority_aging_interval_ms=0`` (claim-time priority aging off: strict
+priority order). The client pool (``max_connections``) is raised above the default 10 for the
+runtime's claim, completion and maintenance loops. ``enqueue_shards``/``PartitionedQueue`` stay
+off: they weaken FIFO and every other system runs one strict queue. The I/O scenario's
+``concurrency`` becomes ``max_workers``.
+
+Several queues (``queues``): one runtime, one queue dict per queue in ``start()`` (the
+configuration guide's hard-reserved mode: each queue has its own claimer and its own
+``max_workers`` permits). A given ``concurrency`` is the process's total, split evenly across the
+queues (at least 1 each; 10 over two queues = 5 + 5), so a backlog in one queue cannot take the
+other's permits; without it every queue gets the drain's ``MAX_WORKERS``. (awa's weighted mode,
+``global_max_workers`` with per-queue ``min_workers``, would share overflow instead; not used.)
+The handlers are registered once, by kind: awa dispatches Python handlers by kind on every queue
+the runtime serves, the decorator's queue being the declared one ``start()`` validates.
+
+Queue, delay, priority on enqueue: ``queue=``; ``delay`` becomes ``run_at`` (now + delay, taken
+per batch), which awa keeps in its ``deferred_jobs`` table, apart from the ready lanes, until the
+maintenance leader promotes it; priority "high" = 1: awa has levels 1 (runs first) to 4, claims
+``priority ASC`` and inserts at 2 by default (absent = 2, as before).
 
 Enqueue: ``AsyncClient.insert`` one by one and, in bulk, ``enqueue_many_copy`` (the direct
-queue-storage COPY the README recommends for high-volume producers), one call per batch.
+queue-storage COPY the README recommends for high-volume producers), one call per batch, the
+batch's args from ``job_args`` (so ``warm`` and ``sleep`` apply to bulk jobs). The pool is opened
+outside the timing with a ``SELECT 1`` (it used to be a warm-up job, which left one job more than
+``n`` in the queue: a delayed enqueue must leave exactly ``n`` jobs).
 App: the job is inserted on the app's own psycopg connection, inside its transaction, with
 ``awa.bridge.insert_job`` (the bridge the README points to for application tables). awa always
 notifies on enqueue (``pg_notify`` in its insert paths), so the app scenario runs with NOTIFY on
@@ -35,6 +53,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -49,6 +68,7 @@ from awa.bridge import insert_job
 MAX_WORKERS = 1024
 CLAIM_BATCH_SIZE = 512
 MAX_CONNECTIONS = 20
+HIGH_PRIORITY = 1  # awa's levels run 1 (first) to 4 (last); inserts default to 2
 
 
 # Jobs not finished, from awa's queue-storage tables, one short statement each (the ``awa.jobs``
@@ -90,15 +110,39 @@ FINISHED = """SELECT (SELECT COALESCE(sum(completed_count), 0) FROM awa.receipt_
 
 @dataclass
 class BenchArgs:
-    """A job's arguments: ``t`` (enqueue time) or ``w`` (a warm-up job)."""
+    """A job's arguments: ``t`` (enqueue time) or ``w`` (a warm-up or backlog job), and ``s``
+    (a sleep job's length, when not the default)."""
 
     t: float | None = None
     w: int | None = None
+    s: float | None = None
 
 
 def _args(job: awa.Job[BenchArgs]) -> dict[str, Any]:
     a = job.args
-    return {"t": a.t} if a.t is not None else {"w": a.w}
+    args: dict[str, Any] = {"t": a.t} if a.t is not None else {"w": a.w}
+    if a.s is not None:
+        args["s"] = a.s
+    return args
+
+
+def job_options(command: dict[str, Any]) -> dict[str, Any]:
+    """The protocol's queue, delay and priority as awa insert options, taken now (``run_at`` is
+    the delay from this moment): ``queue``; ``run_at`` (a timezone-aware datetime); priority
+    ``HIGH_PRIORITY`` for "high", else awa's default (2) by leaving it out."""
+    options: dict[str, Any] = {"queue": command.get("queue") or d.QUEUE}
+    if command.get("delay"):
+        options["run_at"] = datetime.now(UTC) + timedelta(seconds=float(command["delay"]))
+    if command.get("priority") == "high":
+        options["priority"] = HIGH_PRIORITY
+    return options
+
+
+def split_workers(total: int, queues: list[str]) -> list[int]:
+    """``total`` permits split evenly over the queues (the first ones take the remainder), at
+    least 1 each."""
+    base, extra = divmod(total, len(queues))
+    return [max(1, base + (1 if i < extra else 0)) for i in range(len(queues))]
 
 
 def sqlx_url(url: str) -> str:
@@ -108,6 +152,13 @@ def sqlx_url(url: str) -> str:
         return url
     netloc = parts.netloc + "localhost"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+async def _connect(client: awa.AsyncClient) -> None:
+    """Open the client's pool with a read, so no warm-up job is left behind."""
+    tx = await client.transaction()
+    async with tx:
+        await tx.fetch_one("SELECT 1 AS ok")
 
 
 class AwaSystem:
@@ -136,43 +187,53 @@ class AwaSystem:
     async def enqueue(self, command: dict[str, Any]) -> dict[str, Any]:
         n, batch = int(command["n"]), int(command.get("batch", 1000))
         async with self._client() as client:
-            await client.insert(BenchArgs(w=1), kind=self.kind, queue=d.QUEUE)  # connect outside the timing
+            await _connect(client)  # outside the timing
             begin = time.perf_counter()
             if command["mode"] == "single":
                 for _ in range(n):
-                    await client.insert(self._job(d.job_args(command)), kind=self.kind, queue=d.QUEUE)
+                    job = self._job(d.job_args(command))
+                    await client.insert(job, kind=self.kind, **job_options(command))
             else:
                 for start in range(0, n, batch):
-                    now = time.time()
-                    jobs = [BenchArgs(t=now) for _ in range(min(batch, n - start))]
-                    await client.enqueue_many_copy(jobs, kind=self.kind, queue=d.QUEUE)
+                    args = d.job_args(command)
+                    jobs = [self._job(args) for _ in range(min(batch, n - start))]
+                    await client.enqueue_many_copy(jobs, kind=self.kind, **job_options(command))
             seconds = time.perf_counter() - begin
         return {"jobs": n, "seconds": seconds, "rate": n / seconds}
 
     async def worker(self, command: dict[str, Any]) -> dict[str, Any]:
-        max_workers = int(command.get("concurrency") or MAX_WORKERS)
+        queues = d.queues_of(command)
+        if command.get("concurrency"):
+            per_queue = split_workers(int(command["concurrency"]), queues)
+        else:
+            per_queue = [MAX_WORKERS] * len(queues)
         claim_batch = int(command.get("batch_size") or CLAIM_BATCH_SIZE)
         pool = int(command.get("pool_size") or MAX_CONNECTIONS)
         client = self._client(pool)
 
-        @client.task(BenchArgs, kind="noop", queue=d.QUEUE)
+        # Handlers are dispatched by kind on every queue start() runs; the decorator's queue is the
+        # declared one start() validates (the README's partitioned-queue pattern).
+        @client.task(BenchArgs, kind="noop", queue=queues[0])
         async def noop(job: awa.Job[BenchArgs]) -> None:
             d.noop_handler_body(_args(job))
 
-        @client.task(BenchArgs, kind="sleep", queue=d.QUEUE)
+        @client.task(BenchArgs, kind="sleep", queue=queues[0])
         async def sleep(job: awa.Job[BenchArgs]) -> None:
             await d.sleep_handler_body(_args(job))
 
         stopped = asyncio.Event()
-        config = {
-            "name": d.QUEUE,
-            "max_workers": max_workers,
-            "claim_batch_size": claim_batch,
-            "priority_aging_interval_ms": 0,
-        }
+        configs = [
+            {
+                "name": queue,
+                "max_workers": workers,
+                "claim_batch_size": claim_batch,
+                "priority_aging_interval_ms": 0,
+            }
+            for queue, workers in zip(queues, per_queue, strict=True)
+        ]
 
         async def start() -> None:
-            await client.start([config])
+            await client.start(configs)
             await stopped.wait()
 
         async def stop() -> None:
@@ -183,16 +244,18 @@ class AwaSystem:
             result = await d.run_worker(start, stop, command)
         finally:
             await client.close()
+        config = configs[0] if len(configs) == 1 else {"queues": configs}
         return {**result, "config": {**config, "max_connections": pool}}
 
     async def produce(self, command: dict[str, Any]) -> dict[str, Any]:
+        queue = command.get("queue") or d.QUEUE
         async with self._client() as client:
 
             async def one(args: dict[str, Any]) -> None:
-                await client.insert(self._job(args), kind=self.kind, queue=d.QUEUE)
+                await client.insert(self._job(args), kind=self.kind, queue=queue)
 
             async def many(items: list[dict[str, Any]]) -> None:
-                await client.enqueue_many_copy([self._job(a) for a in items], kind=self.kind, queue=d.QUEUE)
+                await client.enqueue_many_copy([self._job(a) for a in items], kind=self.kind, queue=queue)
 
             return await d.run_producer(one, many, command)
 

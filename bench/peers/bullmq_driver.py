@@ -30,6 +30,25 @@ Configured for throughput as the docs recommend:
   are the defaults (the backend writes its event stream on every transition; no option skips it).
 - NOTIFY cannot be turned off: ``add_job`` always notifies ``bullmq_jobs``.
 
+Queues, delay, priority (the protocol's optional parameters):
+
+- ``queue``: the ``Queue`` instance's name (BullMQ has no per-job queue option: one ``Queue``
+  object per queue). ``count`` sums ``getJobCounts`` over every queue that has rows in the schema.
+- ``delay``: the job option ``delay`` in milliseconds (``opts={"delay": ms}``, on ``add`` and on
+  each ``addBulk`` entry); such a job sits in the ``delayed`` state until then.
+- ``priority`` "high": no option at all. In BullMQ "jobs without a priority assigned get the
+  highest priority, being processed before jobs with priorities assigned to them" (the prioritized
+  guide); the PostgreSQL backend claims ``ORDER BY priority, seq`` with 0 = no priority, so every
+  documented priority value (1 .. 2^21, lower first) runs AFTER the default. There is no level
+  above the default: the first-running level is the default itself, so "high" jobs are added
+  exactly like default ones (priority 0, FIFO by ``seq`` with the default jobs).
+- ``queues`` (worker): in BullMQ one ``Worker`` object serves one queue, so one process serving
+  several queues runs its own Workers for each queue (the same processor, so ``noop`` and
+  ``sleep`` run on every queue): ``WORKERS`` Worker instances x ``CONCURRENCY`` slots per queue.
+  A ``concurrency`` cap is the process's total: split evenly across the queues (at least 1 each),
+  then each queue's share across its Workers as above. The queues' Workers claim independently
+  (each on its own connections), so a backlog in one queue does not hold back another's jobs.
+
 Write-heavy app: the Python backend opens its own connections and has no way to enqueue on the
 caller's connection or inside the caller's transaction. Each app connection commits its rows,
 then adds the job with its own ``Queue`` (its own connection, autocommit): two commits per
@@ -50,6 +69,7 @@ import _driver as d
 import psycopg
 from bullmq import Queue, Worker
 from bullmq.backends.postgres_connection import DEFAULT_SCHEMA, run_migrations
+from psycopg import sql
 
 # Tried 1-8 Workers x 1-50 slots each on this (shared, 2-core) machine: 2-4 Workers beat one, more
 # slots per Worker barely matter (they share its connection); 4 x 25 = 100 slots per process.
@@ -60,6 +80,18 @@ CONCURRENCY = 25  # slots per Worker
 SMALL_BATCH = 16
 
 
+def job_options(command: dict[str, Any]) -> dict[str, Any]:
+    """The protocol's delay and priority as BullMQ job options (see the module docstring)."""
+    opts: dict[str, Any] = {}
+    if command.get("delay"):
+        opts["delay"] = round(float(command["delay"]) * 1000)  # ms (the SQL casts to bigint)
+    priority = command.get("priority")
+    if priority not in (None, "high"):
+        raise ValueError(f"unknown priority {priority!r}")
+    # "high": BullMQ's first-running level is "no priority" (0), the default: nothing to set.
+    return opts
+
+
 class BullMQSystem:
     def __init__(self, command: dict[str, Any]) -> None:
         self.dsn = command["dsn"]
@@ -68,8 +100,8 @@ class BullMQSystem:
     def _opts(self, **extra: Any) -> dict[str, Any]:
         return {"backend": "postgres", "connection": self.dsn, "schema": DEFAULT_SCHEMA, **extra}
 
-    def _queue(self) -> Queue:
-        return Queue(d.QUEUE, self._opts())
+    def _queue(self, name: str = d.QUEUE) -> Queue:
+        return Queue(name, self._opts())
 
     async def setup(self, command: dict[str, Any]) -> dict[str, Any]:
         async with await psycopg.AsyncConnection.connect(self.dsn) as c:
@@ -80,18 +112,22 @@ class BullMQSystem:
         if not command.get("notify", True):
             raise NotImplementedError("BullMQ's PostgreSQL backend always notifies (add_job)")
         n, batch = int(command["n"]), int(command.get("batch", 1000))
-        queue = self._queue()
+        queue = self._queue(command.get("queue") or d.QUEUE)
+        opts = job_options(command)
         try:
             await queue.backend.waitUntilReady()  # connect (and check the schema) outside the timing
             begin = time.perf_counter()
             if command["mode"] == "single":
                 for _ in range(n):
-                    await queue.add(self.task, d.job_args(command))
+                    await queue.add(self.task, d.job_args(command), opts)
             else:
                 for start in range(0, n, batch):
-                    now = time.time()
+                    args = d.job_args(command)
                     await queue.addBulk(
-                        [{"name": self.task, "data": {"t": now}} for _ in range(min(batch, n - start))]
+                        [
+                            {"name": self.task, "data": args, "opts": opts}
+                            for _ in range(min(batch, n - start))
+                        ]
                     )
             seconds = time.perf_counter() - begin
         finally:
@@ -99,13 +135,17 @@ class BullMQSystem:
         return {"jobs": n, "seconds": seconds, "rate": n / seconds}
 
     async def worker(self, command: dict[str, Any]) -> dict[str, Any]:
+        queues = d.queues_of(command)
         workers = int(command.get("workers") or WORKERS)
         total = int(command.get("concurrency") or 0)
-        if total:  # a per-process cap (the I/O scenario): split between the workers
-            workers = min(workers, total)
-            slots = [total // workers + (1 if i < total % workers else 0) for i in range(workers)]
-        else:
-            slots = [int(command.get("worker_concurrency") or CONCURRENCY)] * workers
+        slots: dict[str, list[int]] = {}  # per queue: its Workers' slots
+        for i, name in enumerate(queues):
+            if total:  # a per-process cap: split evenly across the queues, then their workers
+                share = max(1, total // len(queues) + (1 if i < total % len(queues) else 0))
+                n = min(workers, share)
+                slots[name] = [share // n + (1 if j < share % n else 0) for j in range(n)]
+            else:
+                slots[name] = [int(command.get("worker_concurrency") or CONCURRENCY)] * workers
 
         async def process(job: Any, token: str) -> None:
             if job.name == "sleep":
@@ -113,13 +153,14 @@ class BullMQSystem:
             else:
                 d.noop_handler_body(job.data)
 
-        pool = [
+        pool = [  # one Worker serves one queue: each queue gets its own
             Worker(
-                d.QUEUE,
+                name,
                 process,
                 self._opts(concurrency=c, autorun=False, removeOnComplete=True),
             )
-            for c in slots
+            for name in queues
+            for c in slots[name]
         ]
         for w in pool:
             await w.backend.waitUntilReady()
@@ -131,24 +172,27 @@ class BullMQSystem:
             await asyncio.gather(*(w.close() for w in pool))
 
         result = await d.run_worker(start, stop, command)
-        return {
-            **result,
-            "config": {"workers": workers, "concurrency": slots, "removeOnComplete": True},
-        }
+        config: dict[str, Any]
+        if queues == [d.QUEUE]:
+            config = {"workers": len(pool), "concurrency": slots[d.QUEUE], "removeOnComplete": True}
+        else:
+            config = {"queues": slots, "workers": len(pool), "removeOnComplete": True}
+        return {**result, "config": config}
 
     async def produce(self, command: dict[str, Any]) -> dict[str, Any]:
-        queue = self._queue()
+        queue = self._queue(command.get("queue") or d.QUEUE)
+        opts = job_options(command)
         await queue.backend.waitUntilReady()
 
         async def one(args: dict[str, Any]) -> None:
-            await queue.add(self.task, args)
+            await queue.add(self.task, args, opts)
 
         async def many(items: list[dict[str, Any]]) -> None:
             if len(items) < SMALL_BATCH:  # addBulk's fixed cost outweighs a few single adds
                 for a in items:
-                    await queue.add(self.task, a)
+                    await queue.add(self.task, a, opts)
             else:
-                await queue.addBulk([{"name": self.task, "data": a} for a in items])
+                await queue.addBulk([{"name": self.task, "data": a, "opts": opts} for a in items])
 
         try:
             return await d.run_producer(one, many, command)
@@ -189,15 +233,32 @@ class BullMQSystem:
         return await d.run_app(transaction, connect, command)
 
     async def count(self, command: dict[str, Any]) -> dict[str, Any]:
-        queue = self._queue()
-        try:
-            counts = await queue.getJobCounts(
-                "waiting", "active", "delayed", "prioritized", "waiting-children", "paused", "completed"
-            )
-        finally:
-            await queue.close()
+        # Every queue with rows in the schema (BullMQ has no "list queues" call), counted through
+        # the library's getJobCounts, one Queue each.
+        async with await psycopg.AsyncConnection.connect(self.dsn) as c:
+            query = sql.SQL("SELECT DISTINCT queue FROM {}.job").format(sql.Identifier(DEFAULT_SCHEMA))
+            cur = await c.execute(query)
+            names = sorted({d.QUEUE, *(row[0] for row in await cur.fetchall())})
+        counts: dict[str, int] = {}
+        per_queue: dict[str, int] = {}
+        for name in names:
+            queue = self._queue(name)
+            try:
+                q = await queue.getJobCounts(
+                    "waiting", "active", "delayed", "prioritized", "waiting-children", "paused", "completed"
+                )
+            finally:
+                await queue.close()
+            for k, v in q.items():
+                counts[k] = counts.get(k, 0) + int(v)
+            per_queue[name] = sum(int(v) for k, v in q.items() if k != "completed")
         finished = int(counts.pop("completed", 0))
-        return {"remaining": sum(int(v) for v in counts.values()), "finished": finished, "counts": counts}
+        return {
+            "remaining": sum(counts.values()),
+            "finished": finished,
+            "counts": counts,
+            "queues": per_queue,
+        }
 
 
 if __name__ == "__main__":

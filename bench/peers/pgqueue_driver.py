@@ -53,6 +53,19 @@ def make_queue(dsn: str, notify: bool = True) -> AsyncQueue:
     return queue
 
 
+def job_options(command: dict[str, Any]) -> dict[str, Any]:
+    """The protocol's queue, delay and priority as pgqueue job options (priority 1 runs first;
+    the default is 5)."""
+    options: dict[str, Any] = {}
+    if command.get("queue"):
+        options["queue"] = command["queue"]
+    if command.get("delay"):
+        options["delay"] = float(command["delay"])
+    if command.get("priority") == "high":
+        options["priority"] = 1
+    return options
+
+
 class PgQueue:
     def __init__(self, command: dict[str, Any]) -> None:
         self.dsn = command["dsn"]
@@ -68,17 +81,18 @@ class PgQueue:
         n, batch = int(command["n"]), int(command.get("batch", 1000))
         if command.get("bare"):
             return await self._bare_enqueue(command, n, batch)
+        options = job_options(command)
         async with make_queue(self.dsn, notify=bool(command.get("notify", True))) as q:
-            await q.enqueue(self.task, {"w": 1})  # open the pool outside the timing
+            await q.enqueue(self.task, {"w": 1}, **options)  # open the pool outside the timing
             begin = time.perf_counter()
             if command["mode"] == "single":
                 for _ in range(n):
-                    await q.enqueue(self.task, d.job_args(command))
+                    await q.enqueue(self.task, d.job_args(command), **options)
             else:
                 for start in range(0, n, batch):
-                    now = time.time()
+                    args = d.job_args(command)
                     await q.enqueue_many(
-                        [JobSpec(self.task, {"t": now}) for _ in range(min(batch, n - start))]
+                        [JobSpec(self.task, args, **options) for _ in range(min(batch, n - start))]
                     )
             seconds = time.perf_counter() - begin
         return {"jobs": n, "seconds": seconds, "rate": n / seconds}
@@ -128,7 +142,9 @@ class PgQueue:
             return await self._bare_worker(command)
         queue = make_queue(self.dsn)
         concurrency = int(command.get("concurrency") or DRAIN_CONCURRENCY)
-        worker = AsyncWorker(queue, queues=(d.QUEUE,), concurrency=concurrency, install_signal_handlers=False)
+        worker = AsyncWorker(
+            queue, queues=tuple(d.queues_of(command)), concurrency=concurrency, install_signal_handlers=False
+        )
 
         async def stop() -> None:
             worker.stop()
@@ -138,13 +154,14 @@ class PgQueue:
         return {**result, "config": {"concurrency": concurrency}}
 
     async def produce(self, command: dict[str, Any]) -> dict[str, Any]:
+        options = job_options(command)
         async with make_queue(self.dsn) as q:
 
             async def one(args: dict[str, Any]) -> None:
-                await q.enqueue(self.task, args)
+                await q.enqueue(self.task, args, **options)
 
             async def many(items: list[dict[str, Any]]) -> None:
-                await q.enqueue_many([JobSpec(self.task, a) for a in items])
+                await q.enqueue_many([JobSpec(self.task, a, **options) for a in items])
 
             return await d.run_producer(one, many, command)
 

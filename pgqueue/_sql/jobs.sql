@@ -28,9 +28,13 @@ SELECT id FROM {schema}.jobs WHERE queue = %(queue)s AND unique_key = %(unique_k
 
 -- name: reserve_ids
 -- Ids for a bulk COPY, handed out by the table's own identity sequence, and the transaction's clock.
+-- The sequence is looked up once (MATERIALIZED): as nextval's argument the lookup ran per id, a
+-- catalog scan each time, and cost 3-4 ms per 1,000 ids; the ids alone cost under 0.5 ms.
+WITH seq AS MATERIALIZED (
+    SELECT pg_get_serial_sequence('{schema}.jobs', 'id')::regclass AS name
+)
 SELECT now() AS now,
-       array(SELECT nextval(pg_get_serial_sequence('{schema}.jobs', 'id'))
-             FROM generate_series(1, %(count)s)) AS ids
+       array(SELECT nextval(seq.name) FROM seq, generate_series(1, %(count)s)) AS ids
 
 -- name: copy_jobs
 COPY {schema}.jobs (id, queue, task, args, priority, run_at, max_attempts, timeout, scheduled_for)

@@ -25,6 +25,8 @@ PGQUEUE_SCENARIOS = {
     "producers": {"producers_notify_on", "producers_notify_off"},
     "wakeups": {"wakeups_tx_per_enqueue", "wakeups_p50"},
     "snapshot": {"snapshot_held_pct", "snapshot_dead_rows"},
+    "fairness": {"fairness_p50", "fairness_max"},
+    "delayed": {"delayed_drain", "delayed_vs_drain_pct"},
 }
 
 
@@ -49,6 +51,11 @@ def test_smoke_run_covers_every_scenario(postgres_dsn: str, tmp_path: Path) -> N
         for metric in metrics:
             assert "pgqueue" in summary.get(metric, {}), f"{scenario}: no pgqueue figure for {metric}"
     # Every drained job was accounted for: the database had none left unfinished.
-    drains = [s for s in data["samples"] if s["metric"] in ("drain_1p", "drain_2p", "io_rate")]
+    drains = [
+        s for s in data["samples"] if s["metric"] in ("drain_1p", "drain_2p", "io_rate", "delayed_drain")
+    ]
     assert drains and all(s["detail"]["remaining"] == 0 for s in drains)
+    # The fairness scenario's jobs all ran, with the backlog still queued when they were sent.
+    fair = [s for s in data["samples"] if s["metric"] == "fairness_max"]
+    assert fair and all(s["detail"]["latency"]["count"] == s["detail"]["jobs"] for s in fair)
     assert (tmp_path / results[0].with_suffix(".md").name).exists()
