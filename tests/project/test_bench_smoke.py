@@ -1,4 +1,5 @@
-"""The benchmark harness runs end to end (``python -m bench --smoke``): pgqueue alone, tiny sizes.
+"""The benchmark harness runs end to end (``python -m bench --smoke``): pgqueue and the bare-SQL
+yardstick (both in pgqueue's venv), tiny sizes.
 
 It checks that the harness works and that every scenario produced a figure, never how fast
 anything was: timings are not asserted in tests.
@@ -44,12 +45,15 @@ def test_smoke_run_covers_every_scenario(postgres_dsn: str, tmp_path: Path) -> N
     assert len(results) == 1, f"expected one JSON result in {sorted(p.name for p in tmp_path.iterdir())}"
     data = json.loads(results[0].read_text())
 
-    assert data["meta"]["systems"] == ["pgqueue"]
+    assert data["meta"]["systems"] == ["pgqueue", "bare-sql"]
     assert data["notes"] == [], data["notes"]
     summary = data["summary"]
     for scenario, metrics in PGQUEUE_SCENARIOS.items():
         for metric in metrics:
             assert "pgqueue" in summary.get(metric, {}), f"{scenario}: no pgqueue figure for {metric}"
+    # The yardstick runs on pgqueue's own tables, so a schema change that breaks it shows here.
+    for metric in ("enqueue_bulk", "drain_1p", "app_no_queue"):
+        assert "bare-sql" in summary.get(metric, {}), f"no bare-sql figure for {metric}"
     # Every drained job was accounted for: the database had none left unfinished.
     drains = [
         s for s in data["samples"] if s["metric"] in ("drain_1p", "drain_2p", "io_rate", "delayed_drain")
