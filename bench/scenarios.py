@@ -725,8 +725,8 @@ def snapshot(ctx: Context, systems: list[System]) -> None:
 FAIR_SLEEP = 0.002  # each backlog job's length
 FAIR_CONCURRENCY = 10
 FAIR_JOBS = 20  # enqueued on the other queue, 50 ms apart, while the backlog runs
-BACKLOG_QUEUE = "imports"  # as bench/peers/_driver.py names it
-OTHER_QUEUE = "bench"
+BACKLOG_QUEUE = "imports"
+OTHER_QUEUE = "bench"  # the drivers' default queue
 
 
 def fairness(ctx: Context, systems: list[System]) -> None:

@@ -212,10 +212,11 @@ def copy_chunks(requests: Sequence[JobRequest], ids: Sequence[int], now: datetim
     lines: list[str] = []
     run_at_text: dict[tuple[datetime | None, float], str] = {}
     for job_id, r in zip(ids, requests, strict=True):
-        when = run_at_text.get((r.run_at, r.delay_seconds))
+        key = (r.run_at, r.delay_seconds)
+        when = run_at_text.get(key)
         if when is None:
             run_at = r.run_at if r.run_at is not None else now + timedelta(seconds=r.delay_seconds)
-            when = run_at_text[(r.run_at, r.delay_seconds)] = run_at.isoformat()
+            when = run_at_text[key] = run_at.isoformat()
         args = r.args_json.replace("\\", "\\\\") if "\\" in r.args_json else r.args_json
         lines.append(
             f"{job_id}\t{r.queue}\t{r.task}\t{args}\t{r.priority}\t{when}\t"

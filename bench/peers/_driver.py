@@ -58,7 +58,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 QUEUE = "bench"
-BACKLOG_QUEUE = "imports"  # the fairness scenario's backlogged queue, served beside QUEUE
 APP_TABLE = "bench_app_rows"
 
 # Keep the protocol channel clean: the real stdout is ours, Python-level prints go to stderr.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -220,6 +222,54 @@ def test_a_bad_job_in_the_middle_of_a_batch_writes_nothing_of_it(
     with pytest.raises(InvalidJobError, match="#500"):
         refusing_queue.enqueue_many(jobs)
     assert written() == 0
+
+
+def test_a_refused_encoding_leaves_the_next_jobs_intact(queue: Queue) -> None:
+    """The args encoder is reused across calls: one that failed half-way (circular, NaN, an
+    unknown type deep inside) must not make the next job's shared, non-circular parts look
+    circular, nor change what is stored."""
+    looped: dict[str, Any] = {}
+    looped["self"] = [looped]
+    shared: dict[str, Any] = {"k": [1, "é"]}
+    for bad_value in (looped, math.nan, object()):
+        shared["bad"] = bad_value  # fails while inside shared, which is then mended and sent again
+        with pytest.raises(InvalidJobError):
+            queue.enqueue("t", {"x": [shared]})
+        del shared["bad"]
+        args = {"a": shared, "b": [shared, shared]}
+        assert queue.get_job(queue.enqueue("t", args)).args == args
+        [job_id] = queue.enqueue_many([JobSpec("t", args)])
+        assert queue.get_job(job_id).args == args
+
+
+def test_threads_encoding_the_same_args_at_once_store_them_all(queue: Queue) -> None:
+    """Each thread has its own encoder: threads enqueueing the same (shared) args together, one of
+    them failing on purpose in between, store every job exactly."""
+    shared = {"k": list(range(50)), "nested": {"a": [{"b": "c"}] * 5}}
+    args = {"one": shared, "two": shared}
+    failures: list[Exception] = []
+
+    def enqueue_some(fail: bool) -> list[int]:
+        ids = []
+        for _ in range(20):
+            if fail:
+                try:
+                    queue.enqueue("t", {"x": [shared, math.inf]})
+                except InvalidJobError as exc:
+                    failures.append(exc)
+            ids += queue.enqueue_many([JobSpec("t", args)] * 50)
+        return ids
+
+    with ThreadPoolExecutor(4) as pool:
+        batches = list(pool.map(enqueue_some, [True, False, True, False]))
+    ids = [i for batch in batches for i in batch]
+    assert len(failures) == 40 and len(ids) == 4000
+    with psycopg.connect(queue.dsn) as conn:
+        stored = conn.execute(
+            f'SELECT count(*) FROM "{queue.schema}".jobs WHERE id = ANY(%s) AND args = %s::jsonb',
+            (ids, json.dumps(args)),
+        ).fetchone()
+    assert stored == (4000,)
 
 
 def test_a_batch_refuses_a_job_it_cannot_read(refusing_queue: Queue, written: Callable[[], int]) -> None:
