@@ -304,27 +304,32 @@ class Queue(QueueBase[int]):
     ) -> list[int]:
         """Insert many jobs in one transaction (COPY) and return their ids in order.
 
-        Every job is validated first: one bad job refuses the batch and nothing is written.
+        One bad job refuses the batch and nothing is written (:class:`~pgqueue._enqueue.Batch`
+        says when each job is checked).
         """
-        requests = ops.make_requests(self.registry, jobs)
-        if not requests:
-            return []
         alone = commits_alone(conn)
-        return self._run(conn, lambda c: self._insert_many(c, requests, alone), "transaction")
+        batch = ops.Batch(self.registry, jobs, stream=alone)
+        if not batch:
+            return []
+        return self._run(conn, lambda c: self._insert_many(c, batch, alone), "transaction")
 
     def _insert_many(
-        self, c: psycopg.Connection[Any], requests: list[JobRequest], commits_alone: bool
+        self, c: psycopg.Connection[Any], batch: ops.Batch, commits_alone: bool
     ) -> list[int]:
-        cur = c.execute(self.queries.reserve_ids, {"count": len(requests)})
+        cur = c.execute(self.queries.reserve_ids, {"count": len(batch)})
         now, ids = cur.fetchone()  # type: ignore[misc]
-        if any(r.unique_key is not None for r in requests):
-            ids = self._insert_unique(c, requests, ids, commits_alone)
+        if batch.unique:
+            ids = self._insert_unique(c, batch.requests, ids, commits_alone)
         else:
-            with c.cursor().copy(self.queries.copy_jobs) as copy:
-                for chunk in ops.copy_chunks(requests, ids, now):
-                    copy.write(chunk)
+            copy_jobs = self.queries.copy_jobs_due_now if batch.due_now else self.queries.copy_jobs
+            try:
+                with c.cursor().copy(copy_jobs) as copy:
+                    for chunk in batch.copy_text(ids, now):
+                        copy.write(chunk)
+            except ops.Refused as refused:
+                raise refused.error from refused.error.__cause__  # the job's own error, not the COPY's
         if self.notify:
-            queues = ops.distinct_queues(requests)
+            queues = ops.distinct_queues(batch.requests)
             c.execute(
                 self.queries.wake_queues,
                 ops.wake_params(self.queries, queues, commits_alone=commits_alone),

@@ -39,6 +39,7 @@ class Queries:
     find_unique: str
     reserve_ids: str
     copy_jobs: str
+    copy_jobs_due_now: str
     enqueue_many_unique: str
     find_unique_many: str
     get_job: str

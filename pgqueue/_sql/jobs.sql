@@ -40,6 +40,12 @@ SELECT now() AS now,
 COPY {schema}.jobs (id, queue, task, args, priority, run_at, max_attempts, timeout, scheduled_for)
 FROM STDIN
 
+-- name: copy_jobs_due_now
+-- A batch whose every job runs at once: run_at takes its default, now(), the transaction's clock
+-- (the one delays resolve against), instead of a timestamp the server parses per row.
+COPY {schema}.jobs (id, queue, task, args, priority, max_attempts, timeout, scheduled_for)
+FROM STDIN
+
 -- name: enqueue_many_unique
 -- Bulk enqueue when some jobs carry a unique key: rows that conflict are skipped (ids come from
 -- reserve_ids, so the caller knows which were inserted) and the holders are looked up.

@@ -18,9 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from pgqueue import AsyncQueue, ConfigurationError, JobNotFoundError, JobState, PgQueueError, Queue
+from pgqueue._enqueue import COPY_CHUNK_ROWS
 
 SYNC_KINDS = ["psycopg", "sqlalchemy-session", "sqlalchemy-connection"]
 ASYNC_KINDS = ["psycopg-async", "sqlalchemy-async-session", "sqlalchemy-async-connection"]
+DEEP = COPY_CHUNK_ROWS * 2 + 5  # a bulk job checked while its batch's COPY streams
 
 
 class Listener:
@@ -201,6 +203,8 @@ def test_a_refused_enqueue_leaves_the_callers_transaction_usable(
             queue.enqueue("bad", {"x": object()}, conn=tx.handle)
         with pytest.raises(PgQueueError):
             queue.enqueue_many([{"task": "good"}, {"task": "bad", "priority": 0}], conn=tx.handle)
+        with pytest.raises(PgQueueError, match=f"job #{DEEP}"):  # refused while its COPY streams
+            queue.enqueue_many([{"task": "good"}] * DEEP + [{"task": "bad", "priority": 0}], conn=tx.handle)
         queue.enqueue("also_good", conn=tx.handle)
         tx.commit()
     assert [t for t, _ in visible_jobs(db, pgqueue_schema)] == ["good", "also_good"]
@@ -381,6 +385,10 @@ async def test_async_refused_enqueue_leaves_the_transaction_usable(
             await async_queue.enqueue("bad", {"x": {1, 2}}, conn=tx.handle)
         with pytest.raises(PgQueueError):
             await async_queue.enqueue_many([{"task": "good"}, {"task": "bad", "delay": -1}], conn=tx.handle)
+        with pytest.raises(PgQueueError, match=f"job #{DEEP}"):  # refused while its COPY streams
+            await async_queue.enqueue_many(
+                [{"task": "good"}] * DEEP + [{"task": "bad", "delay": -1}], conn=tx.handle
+            )
         await async_queue.enqueue("also_good", conn=tx.handle)
         await tx.commit()
     assert [t for t, _ in visible_jobs(db, pgqueue_schema)] == ["good", "also_good"]

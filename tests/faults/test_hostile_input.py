@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 from psycopg import sql
 
 from pgqueue import AsyncQueue, InvalidJobError, JobSpec, JobState, Queue
+from pgqueue._enqueue import COPY_CHUNK_ROWS
 from pgqueue._jobs import (
     LATEST_DELAYED_RUN_AT,
     MAX_ARGS_DEPTH,
@@ -34,6 +35,7 @@ from pgqueue._jobs import (
 from pgqueue.cli import main as cli_main
 
 REFUSAL_SECONDS = 2.0
+STREAMED = COPY_CHUNK_ROWS * 2 + 5  # a bulk job checked while its batch streams into COPY
 LATEST = datetime.max.replace(tzinfo=UTC)
 EARLIEST = datetime.min.replace(tzinfo=UTC)
 NEW_YORK = ZoneInfo("America/New_York")
@@ -162,6 +164,9 @@ def test_hostile_enqueue_is_refused_by_name(queue: Queue, count: Callable[..., i
         queue.enqueue(case.task, args, **options)
     with refused(rf"job #1: .*{case.message}"):
         queue.enqueue_many([JobSpec("fine"), JobSpec(case.task, args, **options), JobSpec("fine")])
+    # Deep in a batch, the job is checked while the COPY streams: refused all the same, by name.
+    with refused(rf"job #{STREAMED}: .*{case.message}"):
+        queue.enqueue_many([JobSpec("fine")] * STREAMED + [JobSpec(case.task, args, **options)] * 2)
     if set(options) <= {"unique_key"} and case.task == "t":
         # Bulk enqueue checks an option set once, then only each job's args and key: the job
         # that repeats the options of earlier ones must be refused all the same.
@@ -189,6 +194,8 @@ async def test_hostile_async_enqueue_is_refused_by_name(
         await async_queue.enqueue(case.task, args, **options)
     with refused(rf"job #1: .*{case.message}"):
         await async_queue.enqueue_many([JobSpec("fine"), JobSpec(case.task, args, **options)])
+    with refused(rf"job #{STREAMED}: .*{case.message}"):
+        await async_queue.enqueue_many([JobSpec("fine")] * STREAMED + [JobSpec(case.task, args, **options)])
     if case.via_task and all(isinstance(key, str) for key in args):
 
         @async_queue.task(name="anything")
