@@ -87,6 +87,8 @@ class Claimer:
         self._blocked = False  # the last claim skipped a queue at its local cap
         self._grace_due: float | None = None
         self._wakes = 0  # wake-ups received: one arriving mid sign-up voids the sign-up
+        self._signing_up = False
+        self._freed_while_signing = False  # a slot freed while the sign-up was in flight
         # Stride scheduling across claims (which are often one or two rows: a slot frees, a
         # claim fills it): each queue's virtual time advances by 1/weight per job it got, and
         # the queues furthest behind go first. A queue that sat idle is brought to within one
@@ -126,8 +128,14 @@ class Claimer:
 
     def capacity_freed(self) -> None:
         """A slot freed: look again unless this worker waits for a wake-up (nothing is known to
-        be ready that its last claim did not already find)."""
-        if not self.waiting or self._blocked:
+        be ready that its last claim did not already find). While the sign-up is in flight the
+        answer decides: a look then would also use up the look once more that WAKE_GRACE times
+        for the race it closes."""
+        if self._blocked:
+            self.wake.set()
+        elif self._signing_up:
+            self._freed_while_signing = True
+        elif not self.waiting:
             self.wake.set()
 
     def settings_changed(self) -> None:
@@ -200,17 +208,23 @@ class Claimer:
             await self._leave_waiting_list()
         elif not self.waiting:
             wakes = self._wakes
-            async with self._conn.use() as c:
-                cur = await c.execute(
-                    self._queries.start_waiting,
-                    {"worker_id": self._worker_id, "lease": self._settings.lease_seconds},
-                )
-                signed = await cur.fetchone() is not None
+            self._signing_up, self._freed_while_signing = True, False
+            try:
+                async with self._conn.use() as c:
+                    cur = await c.execute(
+                        self._queries.start_waiting,
+                        {"worker_id": self._worker_id, "lease": self._settings.lease_seconds},
+                    )
+                    signed = await cur.fetchone() is not None
+            finally:
+                self._signing_up = False
             # A producer that woke us while the sign-up was in flight took us off the list
             # again: believing we wait then would leave us off it, claiming only at polls.
             self.waiting = signed and self._wakes == wakes
             if self.waiting:
                 self._grace_due = time.monotonic() + WAKE_GRACE
+            elif self._freed_while_signing:
+                self.wake.set()
 
     async def _leave_waiting_list(self) -> None:
         if self.waiting:

@@ -21,6 +21,7 @@ from worker_helpers import Db, WorkerProcess, Workers, percentile, wait_until
 
 from pgqueue import JobSpec
 from pgqueue.migrate import upgrade
+from pgqueue.worker.claimer import WAKE_GRACE
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_worker_environment")]
 
@@ -56,6 +57,7 @@ class Rig:
             20,
             lambda: f"workers not waiting: {self.db.rows('SELECT id, waiting_until FROM {workers}')}",
         )
+        time.sleep(WAKE_GRACE * 4)  # each worker's look once more after signing up is behind it
         return procs
 
     def waits_ms(self, ids: list[int]) -> list[float]:
@@ -128,9 +130,9 @@ def test_a_burst_spreads_over_every_idle_worker(rig: Rig) -> None:
     ids = rig.app.queue.enqueue_many([JobSpec("record", {"sleep": 0.05}) for _ in range(400)])
     _all_completed(rig, 400)
     took = time.monotonic() - begin
-    used = {r[0] for r in rig.db.rows(
-        "SELECT DISTINCT worker_id FROM {all_jobs} AS j WHERE id = ANY(%s)", [ids]
-    )}
+    used = {
+        r[0] for r in rig.db.rows("SELECT DISTINCT worker_id FROM {all_jobs} AS j WHERE id = ANY(%s)", [ids])
+    }
     print(
         f"\n400 jobs of 50 ms on {len(used)} of {len(procs)} workers in {took:.2f} s, {rig.claims()} claims"
     )
