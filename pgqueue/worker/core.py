@@ -113,7 +113,9 @@ class AsyncWorker:
             self._add_signal_handlers()
         run = self._build(self._loop, self._stopping)
         try:
-            await self._open(run)
+            if not await self._open(run):
+                log.info("worker %s stopped before it reached the database", self.id)
+                return
             if run.processes is not None:
                 await run.processes.start()
             run.lease_keeper.start()
@@ -263,8 +265,9 @@ class AsyncWorker:
             asyncio.create_task(self._watchdog_loop(run), name="pgqueue-watchdog"),
         ]
 
-    async def _open(self, run: WorkerRun) -> None:
-        """Wait for the database (logging each failure) and check the schema is migrated."""
+    async def _open(self, run: WorkerRun) -> bool:
+        """Wait for the database (logging each failure) and check the schema is migrated;
+        False when the worker was told to stop before the database answered."""
         failures = 0
         conn = run.connections[0]
         while True:
@@ -273,7 +276,7 @@ class AsyncWorker:
                 if failures:
                     log.info("database reachable after %d failed attempts", failures)
                     run.rescuer.recovered()
-                return
+                return True
             except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
                 raise SchemaNotReadyError(
                     f"schema {self.queries.schema!r} is not migrated to this version: run `pgqueue migrate`"
@@ -286,7 +289,7 @@ class AsyncWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(run.stopping.wait(), timeout=reconnect_delay(failures))
                 if run.stopping.is_set():
-                    raise
+                    return False
 
     async def _register(self, conn: ServiceConnection) -> None:
         """Check the schema and write this worker's row."""

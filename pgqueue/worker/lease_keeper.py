@@ -101,7 +101,8 @@ class LeaseKeeper:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:  # not started when the worker never got its database
+            self._thread.join(timeout=10)
 
     # ------------------------------------------------------------------ the thread
 

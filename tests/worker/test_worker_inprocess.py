@@ -8,7 +8,7 @@ import pytest
 import worker_app
 from worker_helpers import Db, wait_for_db
 
-from pgqueue import JobSpec
+from pgqueue import AsyncQueue, JobSpec, SchemaNotReadyError
 from pgqueue.worker import AsyncWorker
 
 pytestmark = pytest.mark.slow
@@ -54,3 +54,24 @@ async def test_stop_right_after_starting_run_is_not_lost(wapp: worker_app.App, w
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await wapp.aclose()
+
+
+async def test_a_worker_on_an_unmigrated_schema_says_run_migrate(postgres_dsn: str, new_schema: str) -> None:
+    """Refused by name (SchemaNotReadyError), not by a failure of its own shutdown."""
+    queue = AsyncQueue(postgres_dsn, schema=new_schema)
+    w = AsyncWorker(queue, install_signal_handlers=False, queues=("default",))
+    with pytest.raises(SchemaNotReadyError, match="run `pgqueue migrate`"):
+        await asyncio.wait_for(w.run(), 30)
+    await queue.close()
+
+
+async def test_a_worker_stopped_before_it_reached_the_database_returns_cleanly() -> None:
+    """Started while nothing listens (it retries), then stopped: run() returns, nothing raised."""
+    queue = AsyncQueue("postgresql://nobody@127.0.0.1:9/none")
+    w = AsyncWorker(queue, install_signal_handlers=False, queues=("default",))
+    running = asyncio.create_task(w.run())
+    await asyncio.sleep(0.5)  # a failed attempt or two
+    assert not running.done()
+    w.stop()
+    await asyncio.wait_for(running, 10)
+    await queue.close()
