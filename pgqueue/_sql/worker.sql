@@ -151,28 +151,39 @@ CROSS JOIN LATERAL (
 -- Every outcome buffered since the last flush, in one statement. Each row names the claim it
 -- finished (its token): a worker that lost its lease (and so its job) cannot overwrite a later
 -- run, even one that restarted the attempt count after a retry from the dead letter.
--- `state::text` keeps the planner off the partial index of running jobs: statistics taken while
--- the jobs were queued say "almost none running", and a plan built on that scans every running
--- row for each outcome. Joined through the primary key instead, a flush costs one lookup a job.
+-- Rows are matched by id and token alone: every way back to the queue clears the token, so a
+-- row holding it is running. (A state condition once let the planner use the partial index of
+-- running jobs and scan all of them for each outcome, with statistics taken while the jobs were
+-- queued.)
 -- Kinds: completed, cancelled, retry, dead; requeue (a started attempt handed back at shutdown:
 -- it does not count) and release (a prefetched job that never started).
 -- `charge` is 1 for a job that started from the prefetch buffer and whose start this statement
 -- records along with its outcome (idempotent: a start already written is not charged again).
 -- The same statement records the starts (start_*) of prefetched jobs still running, so a job
 -- that crashes its worker has, in all likelihood, paid for it.
+-- jobs holds only live jobs, so autovacuum often analyses it while it is empty; planned from
+-- that, a join of jobs with the outcomes scanned jobs and, for each of its rows, the whole
+-- outcome list (100 outcomes on 400 rows: 40 ms, not 2). So finished jobs, the usual outcome,
+-- are looked up outcome by outcome through the primary key (LATERAL fixes that order), locked,
+-- then deleted by id, with no join for the planner to choose; the rarer parts (retries, dead
+-- jobs, starts) keep their join and run only when the flush holds some.
 WITH outcome AS (
     SELECT * FROM unnest(%(id)b::bigint[], %(token)b::uuid[], %(kind)b::text[],
                          %(result)b::jsonb[], %(error)b::jsonb[], %(delay)b::float8[],
                          %(charge)b::int[], %(started_at)b::timestamptz[])
         AS o(id, token, kind, result, error, delay, charge, started_at)
+), finished AS MATERIALIZED (
+    -- Locked: nothing changes these rows before the delete below (a row the lease keeper
+    -- renewed meanwhile is found at its newest version, and still holds the token).
+    SELECT j.*, o.kind, o.result AS outcome_result, o.error, o.charge, o.started_at AS run_started_at
+    FROM outcome AS o
+    CROSS JOIN LATERAL (
+        SELECT * FROM {schema}.jobs WHERE id = o.id AND claim_token = o.token FOR UPDATE
+    ) AS j
+    WHERE o.kind IN ('completed', 'cancelled')
 ), finishing AS (
     -- A finished job leaves jobs (a delete writes no index entry) for finished_jobs.
-    DELETE FROM {schema}.jobs AS j
-    USING outcome AS o
-    WHERE o.kind IN ('completed', 'cancelled') AND j.id = o.id AND j.claim_token = o.token
-      AND j.state::text = 'running'
-    RETURNING j.*, o.kind, o.result AS outcome_result, o.error, o.charge,
-              o.started_at AS run_started_at
+    DELETE FROM {schema}.jobs WHERE id = ANY(ARRAY(SELECT id FROM finished))
 ), done AS (
     INSERT INTO {schema}.finished_jobs
         (id, queue, task, args, priority, state, run_at, attempts, max_attempts, timeout,
@@ -183,7 +194,7 @@ WITH outcome AS (
            scheduled_for, worker_id, progress, outcome_result,
            CASE WHEN error IS NULL THEN errors ELSE errors || error END, created_at,
            coalesce(started_at, run_started_at), now(), unrecorded_losses
-    FROM finishing
+    FROM finished
     RETURNING id
 ), retried AS (
     UPDATE {schema}.jobs AS j
@@ -193,14 +204,14 @@ WITH outcome AS (
         errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || o.error END,
         attempts = j.attempts + o.charge * (j.started_at IS NULL)::int - (o.kind = 'requeue')::int
     FROM outcome AS o
-    WHERE o.kind IN ('retry', 'requeue', 'release') AND j.id = o.id AND j.claim_token = o.token
-      AND j.state::text = 'running'
+    WHERE %(kind)b::text[] && ARRAY['retry', 'requeue', 'release']
+      AND o.kind IN ('retry', 'requeue', 'release') AND j.id = o.id AND j.claim_token = o.token
     RETURNING j.id
 ), dead AS (
     DELETE FROM {schema}.jobs AS j
     USING outcome AS o
-    WHERE o.kind = 'dead' AND j.id = o.id AND j.claim_token = o.token
-      AND j.state::text = 'running'
+    WHERE %(kind)b::text[] && ARRAY['dead'] AND o.kind = 'dead' AND j.id = o.id
+      AND j.claim_token = o.token
     RETURNING j.*, o.error AS last_error, o.charge, o.started_at AS run_started_at
 ), buried AS (
     {bury_dead}
@@ -209,8 +220,8 @@ WITH outcome AS (
     SET attempts = j.attempts + 1, started_at = s.started_at
     FROM unnest(%(start_id)b::bigint[], %(start_token)b::uuid[], %(start_at)b::timestamptz[])
         AS s(id, token, started_at)
-    WHERE j.id = s.id AND j.claim_token = s.token AND j.state::text = 'running'
-      AND j.started_at IS NULL
+    WHERE cardinality(%(start_id)b::bigint[]) > 0
+      AND j.id = s.id AND j.claim_token = s.token AND j.started_at IS NULL
     RETURNING j.id
 )
 SELECT (SELECT count(*) FROM done) + (SELECT count(*) FROM retried) + (SELECT count(*) FROM buried)
