@@ -22,19 +22,8 @@ import psycopg
 
 from pgqueue._sql import Queries
 
-TYPES = {
-    "id": "bigint[]",
-    "token": "uuid[]",
-    "kind": "text[]",
-    "result": "jsonb[]",
-    "error": "jsonb[]",
-    "delay": "float8[]",
-    "charge": "int[]",
-    "started_at": "timestamptz[]",
-    "start_id": "bigint[]",
-    "start_token": "uuid[]",
-    "start_at": "timestamptz[]",
-}
+# Every placeholder of the ack carries its cast: the PREPARE's parameter types come from them.
+CAST = re.compile(r"%\((\w+)\)[sb]::([\w\[\]]+)")
 
 
 def as_prepared(query: str) -> tuple[str, list[str]]:
@@ -84,10 +73,12 @@ def measure(
         "error": [None] * n, "delay": [0.0] * n, "charge": [0] * n, "started_at": [None] * n,
         "start_id": [], "start_token": [], "start_at": [],
     }  # fmt: skip
-    text, names = as_prepared(Queries(schema).ack)
+    query = Queries(schema).ack
+    types = dict(CAST.findall(query))
+    text, names = as_prepared(query)
     conn.execute("DEALLOCATE ALL")
-    conn.execute(f"PREPARE ack_plan({', '.join(TYPES[name] for name in names)}) AS {text}")
-    placeholders = ", ".join(f"%s::{TYPES[name]}" for name in names)
+    conn.execute(f"PREPARE ack_plan({', '.join(types[name] for name in names)}) AS {text}")
+    placeholders = ", ".join(f"%s::{types[name]}" for name in names)
     label = "analysed empty" if analysed_empty else "fresh"
     for mode in ("force_custom_plan", "force_generic_plan"):
         conn.execute(f"SET plan_cache_mode = {mode}")
