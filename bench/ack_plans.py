@@ -20,21 +20,10 @@ from typing import Any
 
 import psycopg
 
-from pgqueue._sql import Queries
+from pgqueue._sql import Queries, numbered
 
 # Every placeholder of the ack carries its cast: the PREPARE's parameter types come from them.
 CAST = re.compile(r"%\((\w+)\)[sb]::([\w\[\]]+)")
-
-
-def as_prepared(query: str) -> tuple[str, list[str]]:
-    names: list[str] = []
-
-    def number(match: re.Match[str]) -> str:
-        if match.group(1) not in names:
-            names.append(match.group(1))
-        return f"${names.index(match.group(1)) + 1}"
-
-    return re.sub(r"%\((\w+)\)[sb]", number, query), names
 
 
 def findings(plan: Any, out: list[str]) -> list[str]:
@@ -75,7 +64,7 @@ def measure(
     }  # fmt: skip
     query = Queries(schema).ack
     types = dict(CAST.findall(query))
-    text, names = as_prepared(query)
+    text, names = numbered(query)
     conn.execute("DEALLOCATE ALL")
     conn.execute(f"PREPARE ack_plan({', '.join(types[name] for name in names)}) AS {text}")
     placeholders = ", ".join(f"%s::{types[name]}" for name in names)

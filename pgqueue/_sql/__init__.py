@@ -187,3 +187,20 @@ def packaged_statements() -> dict[str, str]:
 @cache
 def queries_for(schema: str) -> Queries:
     return Queries(schema)
+
+
+_PLACEHOLDER = re.compile(r"%\((\w+)\)[sb]")
+
+
+def numbered(query: str) -> tuple[str, list[str]]:
+    """``query`` with its psycopg placeholders (``%(name)s``, binary ``%(name)b``) as ``$n``, in
+    order of first use, and those names: the form ``PREPARE`` takes, for reading a statement's
+    plan as the server plans it for a worker (the plan tests, ``bench.ack_plans``)."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    return _PLACEHOLDER.sub(number, query), names

@@ -163,16 +163,17 @@ CROSS JOIN LATERAL (
 -- that crashes its worker has, in all likelihood, paid for it.
 -- jobs holds only live jobs, so autovacuum often analyses it while it is empty; planned from
 -- that, a join of jobs with the outcomes scanned jobs and, for each of its rows, the whole
--- outcome list (100 outcomes on 400 rows: 40 ms, not 2). So finished jobs, the usual outcome,
--- are looked up outcome by outcome through the primary key (LATERAL fixes that order), locked,
--- then deleted by id, with no join for the planner to choose; the rarer parts (retries, dead
--- jobs, starts) keep their join and run only when the flush holds some.
+-- outcome list (100 outcomes on 400 rows: 40 ms, not 2). So the jobs that leave (finished or
+-- dead, nearly every outcome) are looked up outcome by outcome through the primary key (LATERAL
+-- fixes that order), locked, then deleted by id, with no join for the planner to choose;
+-- retries and starts, which update rows in place, keep their join and run only when the flush
+-- holds some.
 WITH outcome AS (
     SELECT * FROM unnest(%(id)b::bigint[], %(token)b::uuid[], %(kind)b::text[],
                          %(result)b::jsonb[], %(error)b::jsonb[], %(delay)b::float8[],
                          %(charge)b::int[], %(started_at)b::timestamptz[])
         AS o(id, token, kind, result, error, delay, charge, started_at)
-), finished AS MATERIALIZED (
+), leaving AS MATERIALIZED (
     -- Locked: nothing changes these rows before the delete below (a row the lease keeper
     -- renewed meanwhile is found at its newest version, and still holds the token).
     SELECT j.*, o.kind, o.result AS outcome_result, o.error, o.charge, o.started_at AS run_started_at
@@ -180,10 +181,11 @@ WITH outcome AS (
     CROSS JOIN LATERAL (
         SELECT * FROM {schema}.jobs WHERE id = o.id AND claim_token = o.token FOR UPDATE
     ) AS j
-    WHERE o.kind IN ('completed', 'cancelled')
-), finishing AS (
-    -- A finished job leaves jobs (a delete writes no index entry) for finished_jobs.
-    DELETE FROM {schema}.jobs WHERE id = ANY(ARRAY(SELECT id FROM finished))
+    WHERE o.kind IN ('completed', 'cancelled', 'dead')
+), deleted AS (
+    -- A finished job leaves jobs (a delete writes no index entry) for finished_jobs, a dead one
+    -- for the dead letter.
+    DELETE FROM {schema}.jobs WHERE id = ANY(ARRAY(SELECT id FROM leaving))
 ), done AS (
     INSERT INTO {schema}.finished_jobs
         (id, queue, task, args, priority, state, run_at, attempts, max_attempts, timeout,
@@ -194,7 +196,7 @@ WITH outcome AS (
            scheduled_for, worker_id, progress, outcome_result,
            CASE WHEN error IS NULL THEN errors ELSE errors || error END, created_at,
            coalesce(started_at, run_started_at), now(), unrecorded_losses
-    FROM finished
+    FROM leaving WHERE kind IN ('completed', 'cancelled')
     RETURNING id
 ), retried AS (
     UPDATE {schema}.jobs AS j
@@ -208,11 +210,7 @@ WITH outcome AS (
       AND o.kind IN ('retry', 'requeue', 'release') AND j.id = o.id AND j.claim_token = o.token
     RETURNING j.id
 ), dead AS (
-    DELETE FROM {schema}.jobs AS j
-    USING outcome AS o
-    WHERE %(kind)b::text[] && ARRAY['dead'] AND o.kind = 'dead' AND j.id = o.id
-      AND j.claim_token = o.token
-    RETURNING j.*, o.error AS last_error, o.charge, o.started_at AS run_started_at
+    SELECT *, error AS last_error FROM leaving WHERE kind = 'dead'
 ), buried AS (
     {bury_dead}
 ), started AS (

@@ -9,7 +9,6 @@ stalled after autovacuum analysed the table.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -17,18 +16,7 @@ from typing import Any
 import psycopg
 
 from pgqueue import Queue
-
-
-def _as_prepared(query: str) -> tuple[str, list[str]]:
-    """psycopg placeholders (%(name)s, binary %(name)b) as $n, in order of first use."""
-    names: list[str] = []
-
-    def number(match: re.Match[str]) -> str:
-        if match.group(1) not in names:
-            names.append(match.group(1))
-        return f"${names.index(match.group(1)) + 1}"
-
-    return re.sub(r"%\((\w+)\)[sb]", number, query), names
+from pgqueue._sql import numbered
 
 
 def _index_names(plan: Any) -> set[str]:
@@ -70,9 +58,6 @@ def test_ack_uses_the_primary_key_even_with_stale_statistics(queue: Queue) -> No
             " claim_token = %s, lease_expires_at = now() + interval '1 minute' WHERE id = ANY(%s)",
             (token, ids[:4000]),
         )
-        text, names = _as_prepared(queue.queries.ack)
-        types = ACK_TYPES
-        conn.execute(f"PREPARE ack_plan({', '.join(types[n] for n in names)}) AS {text}")
         conn.execute("SET plan_cache_mode = force_generic_plan")
         params = {
             "id": ids[:2000],
@@ -88,16 +73,7 @@ def test_ack_uses_the_primary_key_even_with_stale_statistics(queue: Queue) -> No
             "start_token": [token] * 2000,
             "start_at": [datetime.now(UTC)] * 2000,
         }
-        placeholders = ", ".join(f"%s::{types[n]}" for n in names)
-        # A utility statement takes no server-side parameters: bind them client-side.
-        row = (
-            psycopg.ClientCursor(conn)
-            .execute(
-                f"EXPLAIN (FORMAT JSON) EXECUTE ack_plan({placeholders})",
-                [params[n] for n in names],
-            )
-            .fetchone()
-        )
+        row = _execute_prepared(conn, queue.queries.ack, ACK_TYPES, params, "EXPLAIN (FORMAT JSON) ")
     assert row is not None
     plan = row[0] if isinstance(row[0], list) else json.loads(row[0])
     used = _index_names(plan)
@@ -119,6 +95,24 @@ def _node_types(plan: Any) -> set[tuple[str, str | None]]:
     return found
 
 
+def _execute_prepared(
+    conn: psycopg.Connection[Any], query: str, types: dict[str, str], params: dict[str, Any], prefix: str = ""
+) -> Any:
+    """``query`` PREPAREd (as a worker's driver prepares it) and EXECUTEd after ``prefix`` (an
+    EXPLAIN, say) with these parameter values; its first row."""
+    text, names = numbered(query)
+    conn.execute(f"PREPARE under_test({', '.join(types[n] for n in names)}) AS {text}", prepare=False)
+    try:
+        placeholders = ", ".join(f"%s::{types[n]}" for n in names)
+        # A utility statement takes no server-side parameters: bind them client-side.
+        cur = psycopg.ClientCursor(conn).execute(
+            f"{prefix}EXECUTE under_test({placeholders})", [params[n] for n in names]
+        )
+        return cur.fetchone()
+    finally:
+        conn.execute("DEALLOCATE under_test", prepare=False)
+
+
 def _generic_plan(
     conn: psycopg.Connection[Any],
     query: str,
@@ -130,23 +124,12 @@ def _generic_plan(
     """The plan a prepared ``query`` gets once the server settles on a generic plan (as it may
     for a statement a connection runs often), with these parameter values; run and rolled back.
     ``cache_mode="force_custom_plan"``: the plan of its first executions instead."""
-    text, names = _as_prepared(query)
-    conn.execute(f"PREPARE plan_under_test({', '.join(types[n] for n in names)}) AS {text}", prepare=False)
+    conn.execute(f"SET plan_cache_mode = {cache_mode}")
     try:
-        conn.execute(f"SET plan_cache_mode = {cache_mode}")
-        placeholders = ", ".join(f"%s::{types[n]}" for n in names)
         with conn.transaction(force_rollback=True):
-            row = (
-                psycopg.ClientCursor(conn)
-                .execute(
-                    f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE plan_under_test({placeholders})",
-                    [params[n] for n in names],
-                )
-                .fetchone()
-            )
+            row = _execute_prepared(conn, query, types, params, "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) ")
     finally:
         conn.execute("RESET plan_cache_mode")
-        conn.execute("DEALLOCATE plan_under_test", prepare=False)
     assert row is not None
     return row[0] if isinstance(row[0], list) else json.loads(row[0])
 
@@ -363,13 +346,7 @@ def test_an_ack_on_a_small_table_analysed_empty_looks_each_job_up_once(queue: Qu
             assert _join_filtered(plan) == 0, (mode, _join_filtered(plan))
             assert _loops(plan, ("Seq Scan", "jobs")) <= 1, (mode, plan)
         # And it does its work: 98 finished, one back in line, one dead; nothing else touched.
-        text, names = _as_prepared(queue.queries.ack)
-        conn.execute(f"PREPARE ack_now({', '.join(ACK_TYPES[n] for n in names)}) AS {text}", prepare=False)
-        placeholders = ", ".join(f"%s::{ACK_TYPES[n]}" for n in names)
-        cur = psycopg.ClientCursor(conn).execute(
-            f"EXECUTE ack_now({placeholders})", [params[n] for n in names]
-        )
-        assert cur.fetchone() == (100,)
+        assert _execute_prepared(conn, queue.queries.ack, ACK_TYPES, params) == (100,)
         assert conn.execute(f"SELECT count(*) FROM {jobs}").fetchone() == (301,)
         assert conn.execute(f'SELECT count(*) FROM "{schema}".finished_jobs').fetchone() == (98,)
         assert conn.execute(f'SELECT count(*) FROM "{schema}".dead_letter').fetchone() == (1,)
