@@ -19,7 +19,7 @@
 -- worker killed with a full buffer costs those jobs nothing. Every row carries the claim's token.
 -- Both claim statements return the columns of pgqueue.worker.execution.ClaimedJob, by name.
 WITH candidates AS (
-    SELECT c.id, row_number() OVER (ORDER BY c.turn, q.pos) AS rank
+    SELECT c.id, c.ctid, row_number() OVER (ORDER BY c.turn, q.pos) AS rank
     FROM (
         SELECT u.*, %(limit)s::int AS n
         FROM unnest(%(queues)s::text[], %(weights)s::float8[], %(vtimes)s::float8[])
@@ -29,7 +29,7 @@ WITH candidates AS (
                              WHERE paused OR concurrency IS NOT NULL OR rate_limit IS NOT NULL)
     ) AS q
     CROSS JOIN LATERAL (
-        SELECT l.id, q.vtime + row_number() OVER (ORDER BY l.priority, l.run_at, l.id) / q.weight
+        SELECT l.id, l.ctid, q.vtime + row_number() OVER (ORDER BY l.priority, l.run_at, l.id) / q.weight
                    AS turn
         FROM (
             {runnable}
@@ -37,28 +37,41 @@ WITH candidates AS (
     ) AS c
     ORDER BY c.turn, q.pos
     LIMIT %(limit)s
+), started AS (
+    -- The rows are updated where the lock above found them (a locked row cannot move): a join
+    -- by id lets the planner hash the whole jobs table for a batch of a few hundred (a third
+    -- of the claim's time on 8,000 rows, and growing with the table).
+    UPDATE {schema}.jobs AS j
+    SET state = 'running', worker_id = %(worker_id)s, claim_token = %(token)s,
+        attempts = j.attempts + 1, started_at = now(),
+        lease_expires_at = now() + make_interval(secs => %(lease)s)
+    WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM candidates WHERE rank <= %(start)s))
+    RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts AS attempt, j.max_attempts,
+              j.timeout, j.scheduled_for, true AS started
+), buffered AS (
+    UPDATE {schema}.jobs AS j
+    SET state = 'running', worker_id = %(worker_id)s, claim_token = %(token)s, started_at = NULL,
+        lease_expires_at = now() + make_interval(secs => %(lease)s)
+    WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM candidates WHERE rank > %(start)s))
+    RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts AS attempt, j.max_attempts,
+              j.timeout, j.scheduled_for, false AS started
 )
-UPDATE {schema}.jobs AS j
-SET state = 'running', worker_id = %(worker_id)s, claim_token = %(token)s,
-    attempts = j.attempts + (candidates.rank <= %(start)s)::int,
-    started_at = CASE WHEN candidates.rank <= %(start)s THEN now() END,
-    lease_expires_at = now() + make_interval(secs => %(lease)s)
-FROM candidates
-WHERE j.id = candidates.id
-RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts AS attempt, j.max_attempts,
-          j.timeout, j.scheduled_for, candidates.rank <= %(start)s AS started
+SELECT claimed.*
+FROM (SELECT * FROM started UNION ALL SELECT * FROM buffered) AS claimed
+JOIN candidates USING (id)
+ORDER BY candidates.rank
 
 -- fragment: runnable
 -- The best runnable jobs of queue q.name (priority, then run time, then id), at most q.n, locked
--- with SKIP LOCKED. One index range per priority level, each ending where the delayed jobs of
+-- with SKIP LOCKED (with their row addresses, where the claim updates them). One index range per priority level, each ending where the delayed jobs of
 -- that level begin: jobs waiting for a later run time, at any priority, are never read, so a
 -- claim costs ten short index descents however many delayed jobs wait (one range over the whole
 -- queue would walk every delayed job of a better priority to reach the ready ones). The levels
 -- are read in order and the outer LIMIT stops reading (and locking) once it has q.n rows.
-SELECT r.id, r.priority, r.run_at
+SELECT r.id, r.ctid, r.priority, r.run_at
 FROM generate_series(1, 10) AS p(priority)
 CROSS JOIN LATERAL (
-    SELECT id, priority, run_at FROM {schema}.jobs
+    SELECT id, ctid, priority, run_at FROM {schema}.jobs
     WHERE state = 'queued' AND queue = q.name AND priority = p.priority AND run_at <= now()
     ORDER BY run_at, id
     LIMIT q.n
@@ -110,7 +123,7 @@ WITH settings AS (
         coalesce(floor(s.tokens)::int, %(limit)s))) AS n
     FROM settings AS s
 ), candidates AS (
-    SELECT l.id
+    SELECT l.ctid
     -- No budget row (the queue is paused): nothing, where a NULL limit would mean no limit.
     FROM (SELECT %(queue)s::text AS name, coalesce((SELECT n FROM budget), 0) AS n) AS q
     CROSS JOIN LATERAL (
@@ -122,8 +135,7 @@ WITH settings AS (
     SET state = 'running', attempts = j.attempts + 1, started_at = now(),
         worker_id = %(worker_id)s, claim_token = %(token)s,
         lease_expires_at = now() + make_interval(secs => %(lease)s)
-    FROM candidates
-    WHERE j.id = candidates.id
+    WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM candidates))  -- where the lock found them, as claim does
     RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts AS attempt, j.max_attempts,
               j.timeout, j.scheduled_for, true AS started
 ), spent AS (
