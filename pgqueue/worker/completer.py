@@ -91,13 +91,11 @@ class Completer:
         conn: ServiceConnection,
         queries: Queries,
         *,
-        prepare: bool,
         on_written: Callable[[list[Outcome]], None],
         wake_after: Callable[[list[Outcome]], list[str]],
     ) -> None:
         self._conn = conn
         self._queries = queries
-        self._prepare = prepare or None
         self._on_written = on_written
         self._wake_after = wake_after
         self._outcomes: list[Outcome] = []
@@ -197,10 +195,14 @@ class Completer:
                 await c.execute(self._queries.wake_queues, wake_params(self._queries, queues))
 
     async def _write(self, batch: list[Outcome], starts: list[ClaimedJob]) -> list[Outcome]:
-        """One statement for outcomes and starts; if the server refuses a row, split the outcomes."""
+        """One statement for outcomes and starts; if the server refuses a row, split the outcomes.
+
+        Never prepared, as a claim is not (see ``Claimer._take``): a plan cached while the table
+        was nearly empty deletes finished rows by reading the whole table once the backlog grew.
+        """
         async with self._conn.use() as c:
             try:
-                await c.execute(self._queries.ack, ack_params(batch, starts), prepare=self._prepare)
+                await c.execute(self._queries.ack, ack_params(batch, starts), prepare=False)
                 return batch
             except psycopg.Error as exc:
                 if retry_later(c, exc) or not batch:
@@ -213,7 +215,7 @@ class Completer:
         """Write ``batch``, halving it around refused rows (replaced by fallbacks)."""
         async with self._conn.use() as c:
             try:
-                await c.execute(self._queries.ack, ack_params(batch, []), prepare=self._prepare)
+                await c.execute(self._queries.ack, ack_params(batch, []), prepare=False)
                 return batch
             except psycopg.Error as exc:
                 if retry_later(c, exc):

@@ -160,7 +160,6 @@ class AsyncWorker:
         completer = Completer(
             ack_conn,
             q,
-            prepare=prepare,
             on_written=lambda outcomes: ex.written(outcomes),
             wake_after=lambda outcomes: cl.after_written(outcomes),
         )
