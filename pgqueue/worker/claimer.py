@@ -64,7 +64,6 @@ class Claimer:
         executor: Executor,
         worker_id: str,
         *,
-        prepare: bool,
         stopping: asyncio.Event,
     ) -> None:
         self._conn = conn
@@ -72,7 +71,7 @@ class Claimer:
         self._settings = settings
         self._executor = executor
         self._worker_id = worker_id
-        self._prepare = prepare or None
+        self._prepare = conn.prepare or None
         self._stopping = stopping
         self.wake = asyncio.Event()
         self.limits: dict[str, QueueLimits] = {}
@@ -346,11 +345,9 @@ class Claimer:
     ) -> int:
         """Run a claim statement with ``reserve`` slots held for the rows it starts at once.
 
-        Rows become :class:`ClaimedJob` by column name, each with the claim's token. A claim is
-        planned afresh each time, never prepared: a queue table swings from empty to millions of
-        rows, and a plan cached while it was a page or two finds the locked rows again by reading
-        the whole table, once per claim, after the backlog arrives (a worker at 90 % load then
-        falls behind for good). Planning costs a fraction of a millisecond per claim.
+        Rows become :class:`ClaimedJob` by column name, each with the claim's token. The claim
+        is planned afresh at each run (see :class:`ServiceConnection`): its plan depends on the
+        size of ``jobs``.
         """
         ex = self._executor
         ex.reserved += reserve
@@ -360,9 +357,9 @@ class Claimer:
                 if lock:
                     async with c.transaction():
                         await c.execute(self._queries.lock_queue, params)
-                        jobs = await (await cur.execute(query, params, prepare=False)).fetchall()
+                        jobs = await (await cur.execute(query, params, prepare=self._prepare)).fetchall()
                 else:
-                    jobs = await (await cur.execute(query, params, prepare=False)).fetchall()
+                    jobs = await (await cur.execute(query, params, prepare=self._prepare)).fetchall()
         finally:
             ex.reserved -= reserve
         self._served(jobs)

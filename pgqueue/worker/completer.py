@@ -95,6 +95,7 @@ class Completer:
         wake_after: Callable[[list[Outcome]], list[str]],
     ) -> None:
         self._conn = conn
+        self._prepare = conn.prepare or None
         self._queries = queries
         self._on_written = on_written
         self._wake_after = wake_after
@@ -197,12 +198,12 @@ class Completer:
     async def _write(self, batch: list[Outcome], starts: list[ClaimedJob]) -> list[Outcome]:
         """One statement for outcomes and starts; if the server refuses a row, split the outcomes.
 
-        Never prepared, as a claim is not (see ``Claimer._take``): a plan cached while the table
-        was nearly empty deletes finished rows by reading the whole table once the backlog grew.
+        Planned at each run, as the claim is (see :class:`ServiceConnection`): a plan made while
+        the table was nearly empty deletes finished rows by reading the whole table.
         """
         async with self._conn.use() as c:
             try:
-                await c.execute(self._queries.ack, ack_params(batch, starts), prepare=False)
+                await c.execute(self._queries.ack, ack_params(batch, starts), prepare=self._prepare)
                 return batch
             except psycopg.Error as exc:
                 if retry_later(c, exc) or not batch:
@@ -215,7 +216,7 @@ class Completer:
         """Write ``batch``, halving it around refused rows (replaced by fallbacks)."""
         async with self._conn.use() as c:
             try:
-                await c.execute(self._queries.ack, ack_params(batch, []), prepare=False)
+                await c.execute(self._queries.ack, ack_params(batch, []), prepare=self._prepare)
                 return batch
             except psycopg.Error as exc:
                 if retry_later(c, exc):

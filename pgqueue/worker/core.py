@@ -29,7 +29,7 @@ from typing import Any
 import psycopg
 
 from pgqueue._base import QueueBase
-from pgqueue._connections import classify_connection_error, is_transient, prepared_statements_enabled
+from pgqueue._connections import classify_connection_error, is_transient
 from pgqueue.errors import ConfigurationError, SchemaNotReadyError
 from pgqueue.worker.claimer import Claimer
 from pgqueue.worker.completer import Completer
@@ -149,7 +149,6 @@ class AsyncWorker:
     def _build(self, loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -> WorkerRun:
         s, q = self.settings, self.queries
         dsn = self.queue.dsn
-        prepare = prepared_statements_enabled()
         claim_conn = ServiceConnection(dsn, "")
         ack_conn = ServiceConnection(dsn, "ack")
         upkeep_conn = ServiceConnection(dsn, "upkeep")
@@ -180,7 +179,7 @@ class AsyncWorker:
             stats=self.stats,
             on_capacity=lambda: cl.capacity_freed(),
         )
-        cl = Claimer(claim_conn, q, s, ex, self.id, prepare=prepare, stopping=stopping)
+        cl = Claimer(claim_conn, q, s, ex, self.id, stopping=stopping)
         keeper = LeaseKeeper(
             dsn,
             q,
