@@ -36,6 +36,9 @@ def connect_kwargs(role: str, dsn: str) -> dict[str, Any]:
     return connection_kwargs(f"worker{'-' + role if role else ''}", dsn=dsn)
 
 
+# Set on every worker connection that prepares statements: see ServiceConnection.
+PLAN_AT_EVERY_RUN = "SET plan_cache_mode = force_custom_plan"
+
 SLOW_ANSWER = 5.0  # seconds without an answer before a worker says it is waiting
 
 
@@ -67,7 +70,8 @@ class ServiceConnection:
     plan finds the claimed rows again, and deletes finished ones, by reading the whole table at
     every run until autovacuum happens to invalidate it (263 ms a claim at 50,000 queued jobs; a
     worker at 90 % load fell behind for good). Where they are not allowed (a transaction pooler)
-    nothing is prepared and every statement is planned at each run anyway.
+    nothing is prepared and every statement is planned at each run anyway. The lease keeper's
+    connection, the one worker connection not opened here, does the same.
     """
 
     def __init__(self, dsn: str, role: str) -> None:
@@ -86,7 +90,7 @@ class ServiceConnection:
             # A due job with run_at = '-infinity' (written by hand) must not jam the claim.
             register_timestamp_loaders(conn)
             if self.prepare:
-                await conn.execute("SET plan_cache_mode = force_custom_plan")
+                await conn.execute(PLAN_AT_EVERY_RUN)
             self._conn = conn
         return conn
 

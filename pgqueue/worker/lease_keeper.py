@@ -26,9 +26,10 @@ from uuid import UUID
 
 import psycopg
 
+from pgqueue._connections import prepared_statements_enabled
 from pgqueue._rows import dataclass_row
 from pgqueue._sql import Queries
-from pgqueue.worker.db import SLOW_ANSWER, connect_kwargs
+from pgqueue.worker.db import PLAN_AT_EVERY_RUN, SLOW_ANSWER, connect_kwargs
 
 log = logging.getLogger("pgqueue.worker")
 TICK = 0.1  # how often the loop proves it is alive
@@ -169,7 +170,10 @@ class LeaseKeeper:
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed or self._conn.broken:
-            self._conn = psycopg.connect(self._dsn, autocommit=True, **connect_kwargs("lease", self._dsn))
+            conn = psycopg.connect(self._dsn, autocommit=True, **connect_kwargs("lease", self._dsn))
+            if prepared_statements_enabled():  # the heartbeat's plan depends on the table's size too
+                conn.execute(PLAN_AT_EVERY_RUN)
+            self._conn = conn
         return self._conn
 
     def _close(self) -> None:
