@@ -424,43 +424,74 @@ def _drain_rate(ctx: Context, system: System) -> float:
 
 
 def steady(ctx: Context, systems: list[System]) -> None:
+    """Each system at 50 % and 90 % of its own drain rate, then every system that can drain that
+    fast at one rate, 90 % of the fastest peer's: the first two compare systems each at its own
+    load (on two shared cores, twice the rate also costs the producer and the server twice the
+    CPU), the third at the load a user has, whichever system they run."""
     p = ctx.profile
     rates = {s.name: _drain_rate(ctx, s) for s in systems if s.runs("steady")}
     for fraction in (0.5, 0.9):
         pct = int(fraction * 100)
-
-        def body(b: Bench, rep: int, fraction: float = fraction, pct: int = pct) -> None:
-            offered = rates[b.system.name] * fraction
-            worker = b.start("worker", latency=True)
-            try:
-                produced, result, in_window = _produce_and_collect(
-                    b, worker, rate=offered, duration=p.steady_seconds, tick=0.01
-                )
-            except BaseException:
-                worker.kill()
-                raise
-            held = in_window / produced["seconds"]
-            lat = result["latency"] or {}
-            detail = {
-                "offered": offered,
-                "produced_rate": produced["rate"],
-                "in_window": in_window,
-                "enqueued": produced["enqueued"],
-                "latency": lat,
-            }
-            ctx.record("steady", f"steady{pct}_held", b.system.name, rep, held, **detail)
-            ctx.record("steady", f"steady{pct}_held_pct", b.system.name, rep, 100 * held / offered, **detail)
-            ctx.record("steady", f"steady{pct}_p50", b.system.name, rep, lat.get("p50_ms"))
-            ctx.record("steady", f"steady{pct}_p99", b.system.name, rep, lat.get("p99_ms"))
-            ctx.say(
-                f"  offered {offered:,.0f}/s · produced {produced['rate']:,.0f}/s · held {held:,.0f}/s "
-                f"({100 * held / offered:.0f}%) · p50 {lat.get('p50_ms', float('nan')):.1f} ms · "
-                f"p99 {lat.get('p99_ms', float('nan')):.1f} ms"
-            )
-
-        each_system(
-            ctx, systems, "steady", f"4 steady {pct}% of drain rate for {p.steady_seconds:.0f}s", body
+        _steady_pass(
+            ctx,
+            systems,
+            f"steady{pct}",
+            f"4 steady {pct}% of drain rate for {p.steady_seconds:.0f}s",
+            {name: rate * fraction for name, rate in rates.items()},
         )
+    peer_rates = [rates[s.name] for s in systems if s.name in rates and s.is_peer and not s.reference]
+    if not peer_rates:
+        return
+    shared = 0.9 * max(peer_rates)
+    able = [s for s in systems if s.name in rates and rates[s.name] >= shared]
+    left_out = sorted(name for name in rates if name not in {s.name for s in able})
+    if left_out:
+        ctx.say(f"4 steady at {shared:,.0f} jobs/s: {', '.join(left_out)} drain slower than that, left out")
+    _steady_pass(
+        ctx,
+        able,
+        "steadyeq",
+        f"4 steady, every system at {shared:,.0f} jobs/s (90% of the fastest peer's drain) "
+        f"for {p.steady_seconds:.0f}s",
+        {s.name: shared for s in able},
+    )
+
+
+def _steady_pass(
+    ctx: Context, systems: list[System], metric: str, label: str, offered_by: dict[str, float]
+) -> None:
+    p = ctx.profile
+
+    def body(b: Bench, rep: int) -> None:
+        offered = offered_by[b.system.name]
+        worker = b.start("worker", latency=True)
+        try:
+            produced, result, in_window = _produce_and_collect(
+                b, worker, rate=offered, duration=p.steady_seconds, tick=0.01
+            )
+        except BaseException:
+            worker.kill()
+            raise
+        held = in_window / produced["seconds"]
+        lat = result["latency"] or {}
+        detail = {
+            "offered": offered,
+            "produced_rate": produced["rate"],
+            "in_window": in_window,
+            "enqueued": produced["enqueued"],
+            "latency": lat,
+        }
+        ctx.record("steady", f"{metric}_held", b.system.name, rep, held, **detail)
+        ctx.record("steady", f"{metric}_held_pct", b.system.name, rep, 100 * held / offered, **detail)
+        ctx.record("steady", f"{metric}_p50", b.system.name, rep, lat.get("p50_ms"))
+        ctx.record("steady", f"{metric}_p99", b.system.name, rep, lat.get("p99_ms"))
+        ctx.say(
+            f"  offered {offered:,.0f}/s · produced {produced['rate']:,.0f}/s · held {held:,.0f}/s "
+            f"({100 * held / offered:.0f}%) · p50 {lat.get('p50_ms', float('nan')):.1f} ms · "
+            f"p99 {lat.get('p99_ms', float('nan')):.1f} ms"
+        )
+
+    each_system(ctx, systems, "steady", label, body)
 
 
 # ---------------------------------------------------------------- 5. write-heavy app
