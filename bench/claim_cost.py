@@ -9,9 +9,9 @@ analyses it (as autovacuum does once a backlog has sat a while), then drains it 
 worker's claim statement (planned at each run as the worker runs it, half of each batch
 starting at once, as a worker with prefetch does), deleting each batch before the next claim.
 Prints the wall time per claimed job (client and server), the rows sequential scans read from
-``jobs`` per claimed job over the drain (the figure machine noise does not move), and the plan
-nodes of the first claim that scan ``jobs`` sequentially. It empties the schema's jobs and
-finished_jobs tables: point it at a scratch database.
+``jobs`` per claimed job over the drain (the figure machine noise does not move), and what
+``bench.ack_plans`` finds in the first claim's plan (sequential scans, rows a join threw away).
+It empties the schema's jobs and finished_jobs tables: point it at a scratch database.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 import psycopg
 
+from bench.ack_plans import findings
 from pgqueue._sql import Queries
 
 
@@ -40,15 +41,6 @@ def claim_params(batch: int) -> dict[str, Any]:
     }
 
 
-def seq_scans(plan: Any) -> int:
-    if isinstance(plan, dict):
-        own = int(plan.get("Node Type") == "Seq Scan" and plan.get("Relation Name") == "jobs")
-        return own + sum(seq_scans(v) for v in plan.values())
-    if isinstance(plan, list):
-        return sum(seq_scans(v) for v in plan)
-    return 0
-
-
 def rows_read(conn: psycopg.Connection[Any], queries: Queries) -> int:
     """Rows sequential scans have read from ``jobs`` so far, as another session sees them: a
     backend reports its counts when it has been idle a second, so wait that long first."""
@@ -63,7 +55,7 @@ def rows_read(conn: psycopg.Connection[Any], queries: Queries) -> int:
 
 def measure(
     conn: psycopg.Connection[Any], queries: Queries, backlog: int, batch: int
-) -> tuple[float, int, float]:
+) -> tuple[float, list[str], float]:
     jobs = f'"{queries.schema}".jobs'
     conn.execute(f'TRUNCATE {jobs}, "{queries.schema}".finished_jobs')
     conn.execute("DEALLOCATE ALL")
@@ -77,7 +69,7 @@ def measure(
         (plan,) = conn.execute(
             "EXPLAIN (ANALYZE, FORMAT JSON) " + queries.claim, claim_params(batch)
         ).fetchone()  # type: ignore[misc]
-    scans = seq_scans(plan)
+    scans = findings(plan, [])
     read_before = rows_read(conn, queries)
     spent, claimed = 0.0, 0
     while True:
@@ -106,9 +98,17 @@ def main() -> None:
                 results = [measure(conn, queries, backlog, batch) for _ in range(args.reps)]
                 per_job = " ".join(f"{r[0] * 1e6:.1f}" for r in results)
                 read = " ".join(f"{r[2]:.1f}" for r in results)
-                row = {"backlog": backlog, "batch": batch, "us_per_job": per_job, "seq_scans": results[0][1]}
-                row["rows_read_per_job"] = read
-                print(json.dumps(row))
+                print(
+                    json.dumps(
+                        {
+                            "backlog": backlog,
+                            "batch": batch,
+                            "us_per_job": per_job,
+                            "rows_read_per_job": read,
+                            "plan": results[0][1],
+                        }
+                    )
+                )
 
 
 if __name__ == "__main__":
