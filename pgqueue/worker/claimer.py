@@ -25,6 +25,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,7 @@ class Claimer:
         worker_id: str,
         *,
         stopping: asyncio.Event,
+        leases_renewable: Callable[[], bool],
     ) -> None:
         self._conn = conn
         self._queries = queries
@@ -73,6 +75,9 @@ class Claimer:
         self._worker_id = worker_id
         self._prepare = conn.prepare or None
         self._stopping = stopping
+        self._leases_renewable = leases_renewable  # see LeaseKeeper.renewable
+        self._renewed_once = False
+        self._paused_since: float | None = None  # claiming paused after renewals fell behind
         self.wake = asyncio.Event()
         self.limits: dict[str, QueueLimits] = {}
         self._limits_read_at = float("-inf")
@@ -166,7 +171,7 @@ class Claimer:
             self.alive_at = time.monotonic()
             self.wake.clear()
             saturated, rate_limited, claimed = False, False, False
-            if self._executor.room() > 0:
+            if self._executor.room() > 0 and self._may_claim():
                 try:
                     saturated, rate_limited = await self.claim()
                     claimed = True
@@ -194,6 +199,28 @@ class Claimer:
             await self._wait_for_work(timeout)
         with contextlib.suppress(Exception):
             await self._leave_waiting_list()  # shutting down: this worker claims no more
+
+    def _may_claim(self) -> bool:
+        """False while this worker's leases are not renewed: what it claimed now would be
+        rescued and run a second time. The lease keeper wakes the claimer when renewals resume.
+
+        At start-up the first renewal is simply awaited (the lease keeper says if it is slow);
+        a pause after that is said, and so is its end.
+        """
+        if self._leases_renewable():
+            if self._paused_since is not None:
+                paused = time.monotonic() - self._paused_since
+                log.info("leases renewed again after %.1f s: claiming resumes", paused)
+                self._paused_since = None
+            self._renewed_once = True
+            return True
+        if self._renewed_once and self._paused_since is None:
+            self._paused_since = time.monotonic()
+            log.warning(
+                "claiming paused: the heartbeat has not renewed this worker's leases on time, and a "
+                "job claimed now could be rescued and run twice"
+            )
+        return False
 
     async def _sign_up(self, saturated: bool) -> None:
         """After a claim: on the waiting list if it found less than there was room for, off it

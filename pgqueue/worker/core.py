@@ -179,7 +179,9 @@ class AsyncWorker:
             stats=self.stats,
             on_capacity=lambda: cl.capacity_freed(),
         )
-        cl = Claimer(claim_conn, q, s, ex, self.id, stopping=stopping)
+        cl = Claimer(
+            claim_conn, q, s, ex, self.id, stopping=stopping, leases_renewable=lambda: keeper.renewable()
+        )
         keeper = LeaseKeeper(
             dsn,
             q,
@@ -190,6 +192,7 @@ class AsyncWorker:
             on_renewed=ex.renewed,
             blocker=lambda: ex.blocker(asyncio.current_task(loop)),
             block_warning=s.block_warning,
+            on_renewable=cl.wake.set,
         )
         return WorkerRun(
             stopping=stopping,

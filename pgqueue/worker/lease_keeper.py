@@ -8,6 +8,12 @@ loop's heartbeat tick and logs the job that blocks it.
 
 What the thread learns (cancel requests, claims lost to a rescue) is handed to the loop with
 ``call_soon_threadsafe``; when the loop is blocked that waits, which is harmless.
+
+The claimer asks :meth:`LeaseKeeper.renewable` before each claim: a job claimed while the
+heartbeat cannot reach the database (a pooler with no server connection to spare, a dropped
+connection) keeps its lease only until the lease runs out, then another worker rescues it and
+runs it a second time while this one still runs it. So claiming starts with the first renewal,
+pauses while renewals are overdue and resumes, woken, with the next one.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ WATCH = 0.25  # how often the thread looks
 REPEAT_WARNING = 10.0  # a long block is reported again this often
 SLOW_HEARTBEAT = (
     "heartbeat: no answer from the database after %.0f s (a pooler with no free server "
-    "connection, or a lock?); still waiting, leases run out %.0f s after the last renewal"
+    "connection, or a lock?); still waiting and claiming nothing meanwhile, leases run out "
+    "%.0f s after the last renewal"
 )
 
 
@@ -72,6 +79,7 @@ class LeaseKeeper:
         on_renewed: Callable[[dict[int, UUID], set[int], set[int]], None],
         blocker: Callable[[], str | None],
         block_warning: float,
+        on_renewable: Callable[[], None],
     ) -> None:
         self._dsn = dsn
         self._queries = queries
@@ -82,11 +90,13 @@ class LeaseKeeper:
         self._on_renewed = on_renewed  # (sent, renewed, cancel requested), called on the loop
         self._blocker = blocker
         self._block_warning = block_warning
+        self._on_renewable = on_renewable  # renewals are on schedule again; called on the loop
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="pgqueue-lease-keeper", daemon=True)
         self._conn: psycopg.Connection[Any] | None = None
         self.alive_at = time.monotonic()
         self.interval = beat.lease_seconds / 3
+        self.renewed_at: float | None = None  # when the last renewal that succeeded was sent
         self._abandoned_sent = 0
 
     # ------------------------------------------------------------------ the loop's side
@@ -100,6 +110,16 @@ class LeaseKeeper:
             self.alive_at = time.monotonic()
             await asyncio.sleep(TICK)
 
+    def renewable(self) -> bool:
+        """Whether leases are renewed on schedule, so a job claimed now keeps its lease.
+
+        A renewal is due every ``interval`` and looked for every ``WATCH``; one that is a whole
+        interval late means the heartbeat is stuck (or failing), well before the leases it
+        renewed last run out (three intervals).
+        """
+        renewed_at = self.renewed_at
+        return renewed_at is not None and time.monotonic() - renewed_at <= 2 * self.interval + WATCH
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread.ident is not None:  # not started when the worker never got its database
@@ -108,7 +128,7 @@ class LeaseKeeper:
     # ------------------------------------------------------------------ the thread
 
     def _main(self) -> None:
-        next_beat = time.monotonic() + self.interval
+        next_beat = time.monotonic()  # the first renewal at once: claiming waits for it
         blocked_since: float | None = None
         warned_at = 0.0
         ok = True
@@ -150,6 +170,7 @@ class LeaseKeeper:
         )
         slow.daemon = True
         slow.start()
+        sent_at = time.monotonic()
         try:
             with self._connection().cursor(row_factory=dataclass_row(Renewed)) as cur:
                 rows = cur.execute(self._queries.heartbeat, params).fetchall()
@@ -160,6 +181,11 @@ class LeaseKeeper:
         finally:
             slow.cancel()
         self._abandoned_sent = abandoned
+        was_renewable = self.renewable()
+        self.renewed_at = sent_at
+        if not was_renewable:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                self._loop.call_soon_threadsafe(self._on_renewable)
         renewed = {row.id for row in rows}
         cancels = {row.id for row in rows if row.cancel_requested}
         sent = dict(held)

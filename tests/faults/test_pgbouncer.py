@@ -460,7 +460,9 @@ def test_session_pooling_a_worker_short_of_some_connections_says_which_wait_and_
     pgbouncer_factory: Callable[..., PgBouncer],
 ) -> None:
     """A worker that got some server connections but not all: it starts, and then its other
-    services wait; waiting that long unsaid hides a worker that cannot renew its leases."""
+    services wait; waiting that long unsaid hides a worker that cannot renew its leases. It
+    claims nothing while its heartbeat cannot renew a lease: the first worker is busy, so a
+    claimed job would sit until its lease ran out and then run twice (rescued, and run on)."""
     env = {"PGQUEUE_LEASE_SECONDS": "3", "PGQUEUE_RESCUE_INTERVAL": "0.5"}
     bouncer = pgbouncer_factory(server, pool_mode="session", default_pool_size=20)
     workers = Workers(bouncer.dsn(), app.schema, tmp_path)
@@ -469,6 +471,8 @@ def test_session_pooling_a_worker_short_of_some_connections_says_which_wait_and_
         workers.wait_registered(db, first)
         warm = app.queue.enqueue_many([JobSpec("record", {"note": "warm"}) for _ in range(5)])
         wait_until(lambda: logged_count(db, warm) == 5, 10, first.log_tail)
+        busy = app.queue.enqueue("record", {"sleep": 12, "note": "busy"})
+        wait_until(lambda: logged_count(db, [busy]) == 1, 10, first.log_tail)
         time.sleep(2)
         held = bouncer.pool()["sv_active"]
         # One server connection spare: the second worker starts, then its other services wait.
@@ -480,6 +484,10 @@ def test_session_pooling_a_worker_short_of_some_connections_says_which_wait_and_
         time.sleep(8)
         assert second.alive(), second.log_tail()
         waiting = bouncer.pool()["cl_waiting"]
+        # Only the second worker could have started one: the first's one slot is busy.
+        started_meanwhile = db.one(
+            "SELECT coalesce(sum(attempts), 0) FROM {all_jobs} AS j WHERE id = ANY(%s)", [jobs]
+        )
         lines = second.log_text().splitlines()
         said = [line for line in lines if " WARNING " in line and "wait" in line.lower()]
 
@@ -498,5 +506,6 @@ def test_session_pooling_a_worker_short_of_some_connections_says_which_wait_and_
         f"after the first worker stopped; runs {sorted(runs[i] for i in jobs)}: {said}"
     )
     assert waiting > 0
+    assert started_meanwhile == 0, "the second worker started jobs while it could not renew their leases"
     assert all(runs.get(i) == 1 for i in jobs), {i: runs.get(i) for i in jobs}
     assert said, f"services waiting for a server connection log nothing\n{second.log_tail()}"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 
+import psycopg
 import pytest
 import worker_app
+from psycopg import sql
 from worker_helpers import Db, Workers, terminate_backends, thread_worker, wait_until
 
 from pgqueue import JobSpec, JobState
@@ -54,6 +56,41 @@ def test_worker_survives_pg_terminate_backend_of_all_its_connections(
     assert "listener connection lost" in log_text  # the loss was logged, not silent
     # The worker still heartbeats (its row is kept fresh).
     assert wdb.one("SELECT count(*) FROM {workers} WHERE pid = %s", [worker.pid]) == 1
+
+
+def test_a_worker_whose_heartbeat_is_stuck_claims_nothing_until_it_renews_again(
+    wapp: worker_app.App, wdb: Db, wprocs: Workers
+) -> None:
+    """A worker that cannot renew its leases must not take on more: a job claimed then keeps
+    its lease only until it runs out, and is rescued and run a second time while this worker
+    runs it. Here a lock on a running job's row holds the heartbeat (a lock, or a pooler with
+    no connection to spare); the worker has a free slot and claims nothing until it renews."""
+    env = {"PGQUEUE_LEASE_SECONDS": "3", "PGQUEUE_RESCUE_INTERVAL": "60"}  # nobody rescues here
+    worker = wprocs.start("--concurrency", "2", env=env)
+    wprocs.wait_registered(wdb, worker)
+    long_job = wapp.queue.enqueue("record", {"sleep": 6, "note": "long"})
+    wait_until(
+        lambda: wdb.one("SELECT count(*) FROM {log} WHERE job_id = %s", [long_job]) == 1, 10, worker.log_tail
+    )
+
+    with psycopg.connect(wdb.dsn) as locker:
+        locker.execute(
+            sql.SQL("SELECT 1 FROM {}.jobs WHERE id = %s FOR UPDATE").format(sql.Identifier(wdb.schema)),
+            [long_job],
+        )
+        wait_until(lambda: "claiming paused" in worker.log_text(), 10, worker.log_tail)
+        late = wapp.queue.enqueue("record", {"note": "late"})
+        time.sleep(2)
+        started_while_stuck = wdb.one("SELECT attempts FROM {all_jobs} AS j WHERE id = %s", [late])
+        locker.rollback()
+
+    wait_until(lambda: wapp.queue.get_job(late).state is JobState.COMPLETED, 10, worker.log_tail)
+    wait_until(lambda: wapp.queue.get_job(long_job).state is JobState.COMPLETED, 15, worker.log_tail)
+    assert started_while_stuck == 0, "a job was claimed while the heartbeat could not renew leases"
+    assert "claiming resumes" in worker.log_text()
+    runs = dict(wdb.rows("SELECT job_id, count(*) FROM {log} GROUP BY job_id"))
+    assert runs == {long_job: 1, late: 1}
+    assert worker.alive(), worker.log_tail()
 
 
 def test_a_claim_the_worker_never_received_is_rescued_by_lease(wapp: worker_app.App, wdb: Db) -> None:
