@@ -197,8 +197,7 @@ class Claimer:
             if not claimed and self.waiting:
                 await self._leave_waiting_list()  # no room: wake-ups should go to others
             await self._wait_for_work(timeout)
-        with contextlib.suppress(Exception):
-            await self._leave_waiting_list()  # shutting down: this worker claims no more
+        await self._leave_waiting_list()  # shutting down: this worker claims no more
 
     def _may_claim(self) -> bool:
         """False while this worker's leases are not renewed: what it claimed now would be
@@ -253,9 +252,16 @@ class Claimer:
                 self.wake.set()
 
     async def _leave_waiting_list(self) -> None:
-        if self.waiting:
-            self.waiting = False
+        """Off the waiting list. A failure (the database is down) is said, not raised: the
+        sign-up lapses with its lease, and until then a producer may wake this worker in vain
+        (the job waits for a poll instead)."""
+        if not self.waiting:
+            return
+        self.waiting = False
+        try:
             await self._execute(self._queries.stop_waiting, {"worker_id": self._worker_id})
+        except Exception as exc:
+            log.warning("leaving the waiting list failed (%s); the sign-up lapses on its own", exc)
 
     async def _execute(self, query: str, params: dict[str, Any]) -> None:
         async with self._conn.use() as c:

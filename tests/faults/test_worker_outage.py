@@ -191,9 +191,9 @@ def test_worker_started_while_the_database_is_down_claims_within_seconds_of_it_c
         server.start()
         up = time.time()  # same clock as the database's: one machine
         wait_all_completed(r, ids, 15, worker)
-        first_claim = float(r.db.one(
-            "SELECT extract(epoch FROM min(started_at))::float8 FROM {all_jobs} AS j"
-        ))
+        first_claim = float(
+            r.db.one("SELECT extract(epoch FROM min(started_at))::float8 FROM {all_jobs} AS j")
+        )
         latency = first_claim - up
         print(
             f"\n[down at start] {len(down_warnings)} warnings in 10 s down; first claim "
@@ -271,6 +271,37 @@ def test_an_outage_longer_than_the_lease_reruns_no_finished_job(pg_server: PgSer
         assert not verdict.finished_then_reran, verdict.describe()
         for w in workers:
             assert "heartbeat failed" in w.log_text(), "the lapse of the leases went unreported"
+
+
+def test_an_idle_worker_rides_out_an_outage_that_pauses_its_claiming(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    """An idle worker sits on the waiting list; an outage longer than a renewal interval pauses
+    its claiming (its leases are not renewed). Leaving the waiting list then fails too: that
+    must be said and lived with, not end the worker; once the server is back, claiming resumes
+    and a job enqueued then runs within a few seconds."""
+    env = {"PGQUEUE_LEASE_SECONDS": "3", "PGQUEUE_RESCUE_INTERVAL": "1"}
+    with rig(pg_server, tmp_path) as r:
+        worker = r.workers.start("--concurrency", "4", env=env)
+        r.workers.wait_registered(r.db, worker)
+        warm = r.ids([JobSpec("record", {"note": "warm"})])
+        wait_all_completed(r, warm, 10, worker)
+        wait_until(
+            lambda: r.db.one("SELECT count(*) FROM {workers} WHERE waiting_until IS NOT NULL") == 1,
+            10,
+            worker.log_tail,
+        )
+        pg_server.stop("fast")
+        wait_until(lambda: "claiming paused" in worker.log_text() or not worker.alive(), 15, worker.log_tail)
+        time.sleep(1)  # the claimer goes round its loop while paused and the server is down
+        pg_server.start()
+
+        wait_until(lambda: "claiming resumes" in worker.log_text() or not worker.alive(), 20, worker.log_tail)
+        assert worker.alive(), worker.log_tail()
+        after = r.ids([JobSpec("record", {"note": "after"})])
+        took = wait_all_completed(r, after, 10, worker)
+        print(f"\n[idle worker, outage] claiming resumed; a job enqueued after it ran in {took:.2f} s")
+        assert "leaving the waiting list failed" in worker.log_text(), worker.log_tail()
 
 
 # ---------------------------------------------------------------------------- (d) backend kills
