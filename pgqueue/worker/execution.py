@@ -143,7 +143,7 @@ async def execute(
                 "cancelled",
                 error_json=exception_entry(job.attempt, JobCancelled("cancelled while running")),
             )
-        raise  # the worker itself is shutting down: it decides what to do with the job
+        raise  # the worker's shutdown, or the handler's own: the executor tells them apart
     except JobCancelled as exc:
         return Outcome(job, "cancelled", error_json=exception_entry(job.attempt, exc))
     except BaseException as exc:  # handler code may raise SystemExit & co: a failed attempt

@@ -22,7 +22,7 @@ from uuid import UUID
 from pgqueue._tasks import Registry, Task
 from pgqueue.worker.completer import Completer
 from pgqueue.worker.context import JobContext
-from pgqueue.worker.execution import ClaimedJob, Outcome, Runners, execute
+from pgqueue.worker.execution import ClaimedJob, Outcome, Runners, decide_exception, execute
 from pgqueue.worker.progress import ProgressWriter
 from pgqueue.worker.stats import WorkerStats
 
@@ -155,8 +155,10 @@ class Executor:
                 self.runners,
                 lambda text: self.progress.report(job.id, job.token, text),
             )
-        except asyncio.CancelledError:
-            outcome = Outcome(job, "requeue")  # shutdown: handed back, the attempt does not count
+        except asyncio.CancelledError as exc:
+            # Shutdown hands the job back uncharged. Otherwise no one here cancelled it: the
+            # handler raised it (or cancelled itself), a failed attempt like any other.
+            outcome = Outcome(job, "requeue") if self.closing else decide_exception(job, running.handler, exc)
         duration = time.monotonic() - running.began
         del self.running[job.id]
         self.fill()

@@ -57,6 +57,8 @@ BASE_EXCEPTIONS: dict[str, Callable[[], BaseException]] = {
     "SystemExit": lambda: SystemExit(7),
     "KeyboardInterrupt": lambda: KeyboardInterrupt(),
     "GeneratorExit": lambda: GeneratorExit(),
+    # Raised by the handler itself, no one cancelled it: not the worker's shutdown.
+    "CancelledError": lambda: asyncio.CancelledError(),
 }
 
 
@@ -136,6 +138,15 @@ async def raise_base(ctx: JobContext, kind: str) -> None:
 def raise_base_sync(ctx: JobContext, kind: str) -> None:
     app.log_finish_sync(app.log_start_sync(ctx, kind))
     raise BASE_EXCEPTIONS[kind]()
+
+
+async def cancel_itself(ctx: JobContext) -> None:
+    """Cancels the task it runs in, as a library misusing ``Task.cancel`` would."""
+    await app.log_done(ctx)
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
+    await asyncio.sleep(0)
 
 
 # ---------------------------------------------------------------------------- progress
@@ -247,6 +258,7 @@ def register_faults(q: pgqueue.Queue) -> bool:
         raise_unprintable_sync,
         raise_base,
         raise_base_sync,
+        cancel_itself,
         progress_refused,
         progress_uncaught,
         progress_40,

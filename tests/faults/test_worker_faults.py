@@ -383,6 +383,20 @@ def test_base_exceptions_from_handlers_are_recorded_and_retried(
     assert_serves(fapp, wdb, wprocs, worker)
 
 
+def test_a_handler_that_cancels_itself_fails_its_attempt_and_is_not_requeued_for_ever(
+    fapp: fault_app.FaultApp, wdb: Db, wprocs: Workers
+) -> None:
+    """Only the worker's shutdown hands a cancelled job back uncharged: a handler cancelling its
+    own task (or raising CancelledError, above) would otherwise run again and again, uncounted."""
+    worker = start_worker(wprocs, wdb, "--concurrency", "4")
+    [job_id] = fapp.queue.enqueue_many([JobSpec("cancel_itself", {}, max_attempts=2)])
+    rows = wait_settled(wdb, wprocs, [job_id], alive=[worker])
+    r = rows[job_id]
+    assert r.state == "dead" and r.attempts == 2 and r.types == ["CancelledError"] * 2, r.describe()
+    assert [run.attempt for run in runs_of(wdb, job_id)] == [1, 2], r.describe()
+    assert_serves(fapp, wdb, wprocs, worker)
+
+
 # ---------------------------------------------------------------------------- 6. runaway threads
 
 
