@@ -44,6 +44,7 @@ BAD_RESULTS: dict[str, Callable[[], Any]] = {
     "set": lambda: {1, 2, 3},
     "datetime": lambda: datetime.now(UTC),
     "nan": lambda: math.nan,
+    "huge": lambda: "x" * (300 << 20),  # past the size a stored value may take
 }
 
 BAD_MESSAGES = {"nul": "bad\x00value", "surrogate": "bad\ud800value"}
@@ -51,6 +52,7 @@ BAD_MESSAGES = {"nul": "bad\x00value", "surrogate": "bad\ud800value"}
 BAD_PROGRESS: dict[str, Callable[[], dict[str, Any]]] = {
     "datetime": lambda: {"at": datetime.now()},
     "nul": lambda: {"s": "a\x00b"},
+    "huge": lambda: {"s": "x" * (20 << 20)},
 }
 
 BASE_EXCEPTIONS: dict[str, Callable[[], BaseException]] = {

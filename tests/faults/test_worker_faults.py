@@ -43,6 +43,7 @@ UNSTORABLE_REASONS: dict[str, tuple[str, ...]] = {
     "set": ("set",),
     "datetime": ("datetime",),
     "nan": ("nan", "out of range float", "finite"),
+    "huge": ("300.0 mb as json, more than the 16 mb",),
 }
 assert UNSTORABLE_REASONS.keys() == BAD_RESULTS.keys()
 
