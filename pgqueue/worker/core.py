@@ -22,6 +22,7 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -351,6 +352,7 @@ class AsyncWorker:
                     r.task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+                ex.hand_back_unstoppable()
         try:
             await asyncio.wait_for(run.completer.drained(), timeout=max(10.0, self.settings.lease_seconds))
         except TimeoutError:
@@ -393,7 +395,29 @@ class Worker:
         return self._worker.stats
 
     def run(self) -> None:
-        asyncio.run(self._worker.run())
+        run_to_the_end(self._worker.run())
 
     def stop(self) -> None:
         self._worker.stop()
+
+
+# How long tasks left on the loop after the worker stopped get to end once cancelled.
+LEFTOVER_WAIT = 1.0
+
+
+def run_to_the_end(main: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run(main)``, except that it returns even when a task left behind ignores its
+    cancellation: asyncio.run waits for every such task, so one handler coroutine that swallows
+    CancelledError (its job already handed back at shutdown) would keep the worker from exiting.
+    Nor does it join the loop's default executor's threads, which a runaway handler may hold."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main)
+    finally:
+        leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in leftovers:
+            t.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.wait(leftovers, timeout=LEFTOVER_WAIT))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

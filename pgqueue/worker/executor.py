@@ -160,6 +160,8 @@ class Executor:
             # handler raised it (or cancelled itself), a failed attempt like any other.
             outcome = Outcome(job, "requeue") if self.closing else decide_exception(job, running.handler, exc)
         duration = time.monotonic() - running.began
+        if self.running.get(job.id) is not running:  # handed back at shutdown, it ignored the cancel
+            return
         del self.running[job.id]
         self.fill()
         if self.progress.pending_for(job.id):  # its last progress lands before its outcome
@@ -225,6 +227,20 @@ class Executor:
                 running.job.task,
             )
             self.cancel(job_id)
+
+    def hand_back_unstoppable(self) -> None:
+        """Shutdown, after the cancels: jobs whose coroutine swallowed its cancellation go back
+        uncharged all the same (their coroutine ends with the process), so the worker can exit."""
+        for job_id, running in list(self.running.items()):
+            if running.task is None or running.task.done():
+                continue
+            del self.running[job_id]
+            self.completer.add(Outcome(running.job, "requeue"))
+            log.error(
+                "job %d (%s) ignored its cancellation; handed back while its handler still runs",
+                job_id,
+                running.job.task,
+            )
 
     def release_buffer(self) -> None:
         """Shutdown: claimed jobs that never started go straight back, uncharged."""

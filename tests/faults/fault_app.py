@@ -17,6 +17,7 @@ record through the module-level :data:`app`, the one the worker process loaded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import signal
@@ -151,6 +152,16 @@ async def cancel_itself(ctx: JobContext) -> None:
     await asyncio.sleep(0)
 
 
+async def ignore_cancel(ctx: JobContext, seconds: float) -> str:
+    """Swallows every cancellation until ``seconds`` have passed: it cannot be stopped."""
+    await app.log_start(ctx)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(deadline - time.monotonic())
+    return "outlived every cancel"
+
+
 # ---------------------------------------------------------------------------- progress
 
 
@@ -261,6 +272,7 @@ def register_faults(q: pgqueue.Queue) -> bool:
         raise_base,
         raise_base_sync,
         cancel_itself,
+        ignore_cancel,
         progress_refused,
         progress_uncaught,
         progress_40,

@@ -398,6 +398,24 @@ def test_a_handler_that_cancels_itself_fails_its_attempt_and_is_not_requeued_for
     assert_serves(fapp, wdb, wprocs, worker)
 
 
+def test_shutdown_ends_with_a_handler_that_swallows_every_cancel(
+    fapp: fault_app.FaultApp, wdb: Db, wprocs: Workers
+) -> None:
+    """A coroutine that catches each CancelledError cannot be stopped: the worker hands its job
+    back at the end of the grace period and exits anyway (the process ends the coroutine)."""
+    worker = start_worker(wprocs, wdb, "--concurrency", "2", "--grace-period", "0.5")
+    job_id = fapp.queue.enqueue("ignore_cancel", {"seconds": 120})
+    wait_until(lambda: runs_of(wdb, job_id), 10, lambda: f"job never started\n{worker.log_tail()}")
+    signalled = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    code = worker.wait(20)
+    took = time.monotonic() - signalled
+    assert code == 0, worker.log_tail()
+    assert took < 8.0, f"exit took {took:.1f}s with a 0.5 s grace period\n{worker.log_tail()}"
+    r = job_row(wdb, job_id)
+    assert r.state == "queued" and r.attempts == 0, r.describe()
+
+
 # ---------------------------------------------------------------------------- 6. runaway threads
 
 
