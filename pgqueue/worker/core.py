@@ -409,10 +409,19 @@ def run_to_the_end(main: Coroutine[Any, Any, None]) -> None:
     """``asyncio.run(main)``, except that it returns even when a task left behind ignores its
     cancellation: asyncio.run waits for every such task, so one handler coroutine that swallows
     CancelledError (its job already handed back at shutdown) would keep the worker from exiting.
-    Nor does it join the loop's default executor's threads, which a runaway handler may hold."""
+    Nor does it join the loop's default executor's threads, which a runaway handler may hold,
+    and a handler calling ``loop.stop()`` only pauses the worker: the loop runs on."""
     loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(main)
+        task = loop.create_task(main)
+        while True:
+            try:
+                loop.run_until_complete(task)
+                break
+            except RuntimeError:
+                if task.done():
+                    raise
+                log.warning("the event loop was stopped by code the worker runs (a handler?); resuming")
     finally:
         leftovers = [t for t in asyncio.all_tasks(loop) if not t.done()]
         for t in leftovers:

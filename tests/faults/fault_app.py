@@ -152,6 +152,14 @@ async def cancel_itself(ctx: JobContext) -> None:
     await asyncio.sleep(0)
 
 
+async def stop_loop(ctx: JobContext) -> str:
+    """Stops the event loop it runs on."""
+    await app.log_done(ctx)
+    asyncio.get_running_loop().stop()
+    await asyncio.sleep(0)
+    return "stopped the loop"
+
+
 async def ignore_cancel(ctx: JobContext, seconds: float) -> str:
     """Swallows every cancellation until ``seconds`` have passed: it cannot be stopped."""
     await app.log_start(ctx)
@@ -273,6 +281,7 @@ def register_faults(q: pgqueue.Queue) -> bool:
         raise_base_sync,
         cancel_itself,
         ignore_cancel,
+        stop_loop,
         progress_refused,
         progress_uncaught,
         progress_40,

@@ -398,6 +398,18 @@ def test_a_handler_that_cancels_itself_fails_its_attempt_and_is_not_requeued_for
     assert_serves(fapp, wdb, wprocs, worker)
 
 
+def test_a_handler_that_stops_the_event_loop_does_not_stop_the_worker(
+    fapp: fault_app.FaultApp, wdb: Db, wprocs: Workers
+) -> None:
+    worker = start_worker(wprocs, wdb, "--concurrency", "4")
+    [job_id] = fapp.queue.enqueue_many([JobSpec("stop_loop", {})])
+    rows = wait_settled(wdb, wprocs, [job_id], alive=[worker])
+    r = rows[job_id]
+    assert r.state == "completed" and r.result == "stopped the loop", r.describe()
+    assert_serves(fapp, wdb, wprocs, worker)
+    assert "event loop was stopped" in worker.log_text(), worker.log_tail()
+
+
 def test_shutdown_ends_with_a_handler_that_swallows_every_cancel(
     fapp: fault_app.FaultApp, wdb: Db, wprocs: Workers
 ) -> None:
