@@ -260,6 +260,9 @@ def dump_args(args: object) -> str:
         problem = _deepest_or_biggest(args, check_ints)
         if problem is not None:
             raise InvalidJobError(problem)
+    too_large = jsonb.oversize(text)
+    if too_large is not None:
+        raise InvalidJobError(f"job args are {too_large}: pass a key to large data, not the data")
     # What JSON allows but PostgreSQL's jsonb refuses: refused here, before anything is written.
     surrogate = jsonb.lone_surrogate(text)
     if surrogate is not None:

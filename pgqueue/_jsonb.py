@@ -15,6 +15,11 @@ _ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _C_ENCODER: Callable[..., Callable[[Any, int], Any]] | None = getattr(json.encoder, "c_make_encoder", None)
 _local = threading.local()
+# The largest JSON value pgqueue stores (job args, a result, progress). jsonb holds 256 MB, but
+# far less already hurts: a 300 MB result held a worker's batched acknowledgements for minutes
+# (the server parsed it ~30 s a try), and a claim of 400 jobs of big args is that many times
+# their size in the worker's memory. Large data belongs in a table or object store, its key here.
+MAX_VALUE_BYTES = 16 << 20
 
 
 def _make_encoder() -> Callable[[Any, int], Any]:
@@ -57,3 +62,12 @@ def lone_surrogate(text: str) -> UnicodeEncodeError | None:
 def holds_nul(text: str) -> bool:
     """Whether the JSON ``text`` holds a NUL character, which jsonb cannot store."""
     return "\\u0000" in text and _NUL_ESCAPE.search(text) is not None
+
+
+def oversize(text: str) -> str | None:
+    """Why ``text`` is too large to store (its size against the limit), or None."""
+    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+    if size <= MAX_VALUE_BYTES:
+        return None
+    limit = MAX_VALUE_BYTES >> 20
+    return f"{size / (1 << 20):.1f} MB as JSON, more than the {limit} MB a stored value may take"

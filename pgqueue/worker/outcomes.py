@@ -20,11 +20,6 @@ from pgqueue.errors import UnstorableResult
 # must not bloat its row or the batch it is written in.
 MAX_MESSAGE_CHARS = 10_000
 MAX_TRACEBACK_CHARS = 50_000
-# A result or progress value larger than this as JSON is refused where the handler hands it
-# over. jsonb holds at most 256 MB, but far less already hurts: a 300 MB result held a worker's
-# batched acknowledgements for minutes (the server parsed it ~30 s a try while the batch was
-# split around it). Large output belongs in a table or object store, its key in the result.
-MAX_VALUE_BYTES = 16 << 20
 
 
 def to_jsonb(value: Any) -> str:
@@ -35,12 +30,9 @@ def to_jsonb(value: Any) -> str:
         raise ValueError("it is nested too deeply") from None
     except (TypeError, ValueError) as exc:
         raise ValueError(f"it is not JSON: {exc}") from None
-    size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-    if size > MAX_VALUE_BYTES:
-        raise ValueError(
-            f"it is {size / (1 << 20):.1f} MB as JSON, more than the {MAX_VALUE_BYTES >> 20} MB a "
-            "stored value may take (keep large output elsewhere and return its key)"
-        )
+    too_large = jsonb.oversize(text)
+    if too_large is not None:
+        raise ValueError(f"it is {too_large} (keep large output elsewhere and return its key)")
     if jsonb.lone_surrogate(text) is not None:
         raise ValueError("it holds a lone surrogate, which is not valid Unicode")
     if jsonb.holds_nul(text):

@@ -88,6 +88,11 @@ HOSTILE: list[Hostile] = [
     Hostile("args-one-level-too-deep", lambda: ({"x": nested_lists(MAX_ARGS_DEPTH)}, {}), DEEP),
     Hostile("args-deep-tuples", lambda: ({"x": nested_tuples(200)}, {}), DEEP),
     Hostile("args-int-5000-digits", lambda: ({"x": [10**5000]}, {}), r"Exceeds the limit \(4300 digits\)"),
+    Hostile(
+        "args-20-mb",
+        lambda: ({"blob": "x" * (20 << 20)}, {}),
+        r"job args are 20\.0 MB as JSON, more than the 16 MB a stored value may take",
+    ),
     Hostile("args-int-key-5000-digits", lambda: ({10**5000: 1}, {}), r"keys must be strings, got <int>"),
     # unique keys beyond the index's reach, or not encodable at all
     Hostile("unique-key-3000-chars", lambda: ({}, {"unique_key": "k" * 3000}), KEY_LIMIT),
