@@ -263,10 +263,12 @@ _CONFIGURATION_PHRASES = (
 )
 # SQLSTATEs of failures after a connection was made. Class 08: connection exceptions; 53:
 # insufficient resources (too many connections, out of memory, disk full); 57P01-57P03, 57P05:
-# administrator or crash shutdown, cannot connect now, idle-session timeout; 40: serialization
-# failure, deadlock.
+# administrator or crash shutdown, cannot connect now, idle-session timeout; 25006: a read-only
+# transaction (a standby behind a moved address, a managed database locked read-only when its
+# storage fills, default_transaction_read_only for maintenance); 40: serialization failure,
+# deadlock.
 _TRANSIENT_CLASSES = frozenset({"08", "53", "40"})
-_TRANSIENT_STATES = frozenset({"57P01", "57P02", "57P03", "57P05"})
+_TRANSIENT_STATES = frozenset({"57P01", "57P02", "57P03", "57P05", "25006"})
 _AUTHENTICATION_STATES = frozenset({"28000", "28P01"})
 _CONFIGURATION_STATES = frozenset({"3D000", "57P04", "42501"})
 # A schema that is missing (3F000), lacks a table (42P01) or a column (42703): not migrated, or

@@ -105,7 +105,9 @@ class ServiceConnection:
             conn = await self.get()
             try:
                 yield conn
-            except (psycopg.OperationalError, psycopg.InterfaceError):
+            except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction):
+                # Read-only: the next connection may reach the primary (a multi-host DSN with
+                # target_session_attrs=read-write, an address moved to the promoted standby).
                 await self.discard()
                 raise
 

@@ -304,6 +304,35 @@ def test_an_idle_worker_rides_out_an_outage_that_pauses_its_claiming(
         assert "leaving the waiting list failed" in worker.log_text(), worker.log_tail()
 
 
+def test_a_database_turned_read_only_loses_no_outcome_and_reruns_nothing(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    """A server that refuses writes for a while (a managed database locked read-only when its
+    storage fills, ``default_transaction_read_only`` for maintenance, a standby behind a moved
+    address) is an outage: outcomes of jobs that finish meanwhile wait and are written once it
+    takes writes again, none dropped to be run a second time after its lease runs out."""
+    with rig(pg_server, tmp_path) as r:
+        worker = r.workers.start("--concurrency", "10")
+        r.workers.wait_registered(r.db, worker)
+        total = 200
+        ids = r.ids([JobSpec("nap", {"seconds": 0.3}) for _ in range(total)])
+        wait_until(lambda: completed(r) >= 20, 20, lambda: f"drain too slow: {r.db.states()}")
+        pg_server.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        pg_server.reload()
+        time.sleep(5)
+        pg_server.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        pg_server.reload()
+
+        took = wait_all_completed(r, ids, 20, worker)  # well inside the 30 s lease
+        print(f"\n[read-only 5 s] all {total} jobs completed {took:.1f} s after writes came back")
+        attempts = r.db.one("SELECT sum(attempts) FROM {finished} WHERE id = ANY(%s)", [ids])
+        assert attempts == total, f"{attempts} attempts for {total} jobs: some ran twice"
+        log_text = worker.log_text()
+        assert "read-only" in log_text, worker.log_tail()  # the cause is said
+        for dropped in ("left to lease rescue", "recorded as failed"):
+            assert dropped not in log_text, worker.log_tail()
+
+
 # ---------------------------------------------------------------------------- (d) backend kills
 
 

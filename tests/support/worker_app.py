@@ -184,6 +184,12 @@ def register(app: App) -> None:
     async def noop() -> None:
         """Nothing at all: for tests that time the queue, not the handler."""
 
+    @q.task(name="nap")
+    async def nap(seconds: float) -> float:
+        """Sleeps and records nothing: for tests where the database refuses the handlers' writes."""
+        await asyncio.sleep(seconds)
+        return seconds
+
     @q.task(name="sleep_async")
     async def sleep_async(ctx: JobContext, seconds: float) -> str:
         """Sleeps; if cancelled (timeout, cancel, shutdown) it records when, then gives way."""
