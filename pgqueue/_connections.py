@@ -594,4 +594,6 @@ def translate_failure(
     if connection_lost(exc, conn):
         note = " (the statement may or may not have taken effect)" if unsure else ""
         return DatabaseUnavailableError(f"lost the database connection: {describe(exc)}{note}")
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):  # refused whole: nothing was written
+        return DatabaseUnavailableError(f"the database takes no writes now: {describe(exc)}")
     return None

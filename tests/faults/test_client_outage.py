@@ -226,6 +226,8 @@ def test_failures_after_connecting_are_sorted_by_sqlstate() -> None:
     assert (
         type(classify_connection_error(psycopg.ProgrammingError('missing "="'))) is DatabaseConfigurationError
     )
+    read_only = psycopg.errors.ReadOnlySqlTransaction("x")
+    assert type(classify_connection_error(read_only)) is DatabaseUnavailableError
     assert not is_transient(psycopg.errors.UniqueViolation("x"))
 
 
@@ -314,6 +316,32 @@ def grow_pool(queue: Queue, size: int) -> set[int]:
         t.join(10)
     assert len(pids) == size
     return pids
+
+
+def test_a_read_only_database_refuses_writes_by_name_and_serves_them_again_after(migrated: PgServer) -> None:
+    with Queue(migrated.dsn(), schema=SCHEMA) as queue:
+        job_id = queue.enqueue("t")
+        migrated.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        migrated.reload()
+        wait_until(lambda: _refuses_writes(queue), 10, "never read-only")
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailableError, match=r"takes no writes now: .*read-only transaction"):
+            queue.enqueue_many([{"task": "t"}, {"task": "t"}])
+        assert time.monotonic() - started < 2.0
+        assert queue.get_job(job_id).state == "queued"  # reads still work
+        migrated.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        migrated.reload()
+        wait_until(lambda: not _refuses_writes(queue), 10, "still read-only")
+        assert queue.enqueue("t") > job_id
+        assert migrated.execute(f"SELECT count(*) FROM {SCHEMA}.jobs")[0][0] == 2  # none of the refused
+
+
+def _refuses_writes(queue: Queue) -> bool:
+    try:
+        queue.cancel(2**62)  # a write that changes nothing
+    except DatabaseUnavailableError:
+        return True
+    return False
 
 
 def test_restart_under_a_running_queue_is_invisible_to_the_next_calls(migrated: PgServer) -> None:
