@@ -66,6 +66,8 @@ def holds_nul(text: str) -> bool:
 
 def oversize(text: str) -> str | None:
     """Why ``text`` is too large to store (its size against the limit), or None."""
+    if len(text) <= MAX_VALUE_BYTES // 4:  # at most 4 bytes a character: the usual value costs no scan
+        return None
     size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
     if size <= MAX_VALUE_BYTES:
         return None

@@ -159,9 +159,9 @@ class Executor:
             # Shutdown hands the job back uncharged. Otherwise no one here cancelled it: the
             # handler raised it (or cancelled itself), a failed attempt like any other.
             outcome = Outcome(job, "requeue") if self.closing else decide_exception(job, running.handler, exc)
-        duration = time.monotonic() - running.began
         if self.running.get(job.id) is not running:  # handed back at shutdown, it ignored the cancel
             return
+        duration = time.monotonic() - running.began
         del self.running[job.id]
         self.fill()
         if self.progress.pending_for(job.id):  # its last progress lands before its outcome
