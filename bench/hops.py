@@ -8,7 +8,9 @@ Prints, p50 and p99:
    that slept, on this machine);
 2. for jobs enqueued 20 ms apart (as scenario 3 does) to one idle worker process: the enqueue
    call, commit to handler start, and the whole latency (call start to handler start);
-3. the server's own time for the statements on that path (pg_stat_statements).
+3. the server's own time for the statements on that path (pg_stat_statements);
+4. inside the worker, per job: the wake-up heard, the claim sent, its rows handed to the executor,
+   the handler started (the worker's own methods timed from this process, nothing changed in them).
 
 It explains scenario 3's figure; nothing here is timed for the results table.
 """
@@ -60,21 +62,69 @@ def make_queue(dsn: str) -> Any:
     return AsyncQueue(dsn)
 
 
+def timed(events: list[tuple[str, float]], cls: Any, method: str, label: str) -> None:
+    """Record when ``cls.method`` is entered (coroutine functions stay coroutine functions)."""
+    original = getattr(cls, method)
+
+    if asyncio.iscoroutinefunction(original):
+
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            events.append((label, time.time()))
+            return await original(*args, **kwargs)
+    else:
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            events.append((label, time.time()))
+            return original(*args, **kwargs)
+
+    setattr(cls, method, wrapper)
+
+
 async def work(dsn: str, out: Path, seconds: float) -> None:
-    """The worker process: writes down when each job's handler started."""
+    """The worker process: writes down when each job's handler started, and the worker's steps."""
     from pgqueue.worker import AsyncWorker
+    from pgqueue.worker.claimer import Claimer
+    from pgqueue.worker.executor import Executor
 
     starts: dict[str, float] = {}
+    events: list[tuple[str, float]] = []
+    timed(events, Claimer, "woken", "woken")
+    timed(events, Claimer, "claim", "claim")
+    timed(events, Executor, "take", "answered")
     queue = make_queue(dsn)
 
     @queue.task(name="hop")
     async def hop(i: int) -> None:
         starts[str(i)] = time.time()
+        events.append(("started", starts[str(i)]))
 
     worker = AsyncWorker(queue, concurrency=10, install_signal_handlers=False)
     asyncio.get_running_loop().call_later(seconds, worker.stop)
     await worker.run()
-    out.write_text(json.dumps(starts))
+    out.write_text(json.dumps({"starts": starts, "events": events}))
+
+
+STEPS = ("woken", "claim", "answered", "started")
+
+
+def worker_steps(calls: dict[int, tuple[float, float]], events: list[tuple[str, float]]) -> None:
+    """Per job, the first of each step after its enqueue call began, in order (the wake-up can
+    arrive before the call returns); jobs whose steps are not all within a gap (a poll, not a
+    wake-up, found them) are left out."""
+    spans: dict[str, list[float]] = {f"{a} -> {b}": [] for a, b in zip(("call", *STEPS), STEPS, strict=False)}
+    for began, _ in calls.values():
+        at, times = began, [began]
+        for step in STEPS:
+            at = next((t for label, t in events if label == step and t >= at), float("inf"))
+            times.append(at)
+        if times[-1] - began > GAP:
+            continue
+        for name, a, b in zip(spans, times, times[1:], strict=False):
+            spans[name].append(b - a)
+    print(f"inside the worker ({len(next(iter(spans.values())))} jobs woken by their own enqueue):")
+    for name, values in spans.items():
+        if values:
+            print(f"  {name:25}  {quantiles(values)}")
 
 
 async def produce(dsn: str, jobs: int) -> dict[int, tuple[float, float]]:
@@ -144,13 +194,15 @@ def main() -> None:
                 c.execute("SELECT pg_stat_statements_reset()")
             calls = asyncio.run(produce(dsn, args.jobs))
             worker.wait(seconds + 30)
-            starts = json.loads(out.read_text())
+            recorded = json.loads(out.read_text())
+            starts, events = recorded["starts"], recorded["events"]
         statements(dsn)
     ran = [i for i in calls if str(i) in starts]
     print(f"{len(ran)} of {len(calls)} jobs, {GAP * 1000:.0f} ms apart, one idle worker:")
     print(f"  enqueue call               {quantiles([calls[i][1] - calls[i][0] for i in ran])}")
     print(f"  call returned -> handler   {quantiles([starts[str(i)] - calls[i][1] for i in ran])}")
     print(f"  latency (call -> handler)  {quantiles([starts[str(i)] - calls[i][0] for i in ran])}")
+    worker_steps({i: calls[i] for i in ran}, [(label, t) for label, t in events])
 
 
 if __name__ == "__main__":

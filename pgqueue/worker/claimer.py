@@ -397,4 +397,9 @@ class Claimer:
             ex.reserved -= reserve
         self._served(jobs)
         ex.take(jobs)
+        if jobs:
+            # The jobs just begun take their first step (their handlers start) before this task
+            # builds and sends its next statement (the waiting-list sign-up): ~0.2 ms sooner on
+            # an idle worker, where that statement went first.
+            await asyncio.sleep(0)
         return len(jobs)
