@@ -35,7 +35,7 @@ from pgqueue.errors import ConfigurationError, SchemaNotReadyError
 from pgqueue.worker.claimer import Claimer
 from pgqueue.worker.completer import Completer
 from pgqueue.worker.db import ServiceConnection, reconnect_delay
-from pgqueue.worker.execution import Runners
+from pgqueue.worker.execution import ClaimedJob, Runners
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.lease_keeper import Beat, LeaseKeeper
 from pgqueue.worker.listener import Handlers, listen
@@ -45,6 +45,7 @@ from pgqueue.worker.pruner import Pruner
 from pgqueue.worker.rescuer import Rescuer
 from pgqueue.worker.sdnotify import SystemdNotifier
 from pgqueue.worker.settings import WorkerSettings
+from pgqueue.worker.signals import StopSignals
 from pgqueue.worker.stats import WorkerStats
 
 log = logging.getLogger("pgqueue.worker")
@@ -94,6 +95,7 @@ class AsyncWorker:
         self._run: WorkerRun | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
+        self._stop_signals: StopSignals | None = None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -111,7 +113,8 @@ class AsyncWorker:
         if self._stop_requested:
             self._stopping.set()
         if self._install_signals:
-            self._add_signal_handlers()
+            signals = StopSignals(self._loop, self._on_signal)
+            self._stop_signals = signals if signals.install() else None
         run = self._build(self._loop, self._stopping)
         try:
             if not await self._open(run):
@@ -138,7 +141,9 @@ class AsyncWorker:
                 await self._shutdown(run)
         finally:
             self._run = None
-            self._remove_signal_handlers()
+            if self._stop_signals is not None:
+                self._stop_signals.remove()
+                self._stop_signals = None
             run.lease_keeper.stop()
             for conn in run.connections:
                 await conn.close()
@@ -179,6 +184,7 @@ class AsyncWorker:
             progress=progress,
             stats=self.stats,
             on_capacity=lambda: cl.capacity_freed(),
+            on_job_end=self._job_ended,
         )
         cl = Claimer(
             claim_conn, q, s, ex, self.id, stopping=stopping, leases_renewable=lambda: keeper.renewable()
@@ -214,6 +220,15 @@ class AsyncWorker:
             ),
             lease_keeper=keeper,
         )
+
+    def _job_ended(self, job: ClaimedJob) -> None:
+        if self._stop_signals is not None:
+            self._stop_signals.restore_if_replaced(lambda: f"job {job.id} ({job.task})")
+
+    def _running_jobs(self) -> str:
+        run = self._run
+        jobs = [r.job for r in run.executor.running.values()] if run is not None else []
+        return ", ".join(f"job {j.id} ({j.task})" for j in jobs) or "code outside any job"
 
     def _process_slots(self) -> ProcessSlots | None:
         """Child processes, if this worker or any of its tasks runs handlers isolated."""
@@ -265,6 +280,11 @@ class AsyncWorker:
             asyncio.create_task(run.pruner.run(), name="pgqueue-pruner"),
             asyncio.create_task(run.progress.run(), name="pgqueue-progress"),
             asyncio.create_task(self._watchdog_loop(run), name="pgqueue-watchdog"),
+            *(
+                [asyncio.create_task(self._stop_signals.guard(self._running_jobs), name="pgqueue-signals")]
+                if self._stop_signals is not None
+                else []
+            ),
         ]
 
     async def _open(self, run: WorkerRun) -> bool:
@@ -311,19 +331,6 @@ class AsyncWorker:
                     "token": [],
                 },
             )
-
-    def _add_signal_handlers(self) -> None:
-        assert self._loop is not None
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._loop.add_signal_handler(sig, self._on_signal, sig)
-        except (RuntimeError, ValueError):  # not the main thread
-            self._install_signals = False
-
-    def _remove_signal_handlers(self) -> None:
-        if self._install_signals and self._loop is not None:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1

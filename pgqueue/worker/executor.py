@@ -55,6 +55,7 @@ class Executor:
         progress: ProgressWriter,
         stats: WorkerStats,
         on_capacity: Callable[[], None],
+        on_job_end: Callable[[ClaimedJob], None],
     ) -> None:
         self.worker_id = worker_id
         self.concurrency = concurrency
@@ -65,6 +66,7 @@ class Executor:
         self.progress = progress
         self.stats = stats
         self._on_capacity = on_capacity
+        self._on_job_end = on_job_end  # the handler returned or raised: what it left behind is checked
         self.buffer: deque[ClaimedJob] = deque()
         self.running: dict[int, Running] = {}
         self.abandoned = 0
@@ -159,6 +161,7 @@ class Executor:
             # Shutdown hands the job back uncharged. Otherwise no one here cancelled it: the
             # handler raised it (or cancelled itself), a failed attempt like any other.
             outcome = Outcome(job, "requeue") if self.closing else decide_exception(job, running.handler, exc)
+        self._on_job_end(job)
         if self.running.get(job.id) is not running:  # handed back at shutdown, it ignored the cancel
             return
         duration = time.monotonic() - running.began

@@ -160,6 +160,22 @@ async def stop_loop(ctx: JobContext) -> str:
     return "stopped the loop"
 
 
+# What ``replace_stop_signal`` installs for SIGTERM in place of the worker's own handler.
+STOP_REPLACEMENTS: dict[str, Any] = {
+    "ignore": signal.SIG_IGN,
+    "default": signal.SIG_DFL,
+    "swallow": lambda signum, frame: None,
+}
+
+
+async def replace_stop_signal(ctx: JobContext, replacement: str, seconds: float = 0) -> str:
+    """Installs its own SIGTERM handler (as some libraries do at import), then runs ``seconds``."""
+    await app.log_start(ctx)
+    signal.signal(signal.SIGTERM, STOP_REPLACEMENTS[replacement])
+    await asyncio.sleep(seconds)
+    return "replaced"
+
+
 async def ignore_cancel(ctx: JobContext, seconds: float) -> str:
     """Swallows every cancellation until ``seconds`` have passed: it cannot be stopped."""
     await app.log_start(ctx)
@@ -281,6 +297,7 @@ def register_faults(q: pgqueue.Queue) -> bool:
         raise_base_sync,
         cancel_itself,
         ignore_cancel,
+        replace_stop_signal,
         stop_loop,
         progress_refused,
         progress_uncaught,

@@ -428,6 +428,47 @@ def test_shutdown_ends_with_a_handler_that_swallows_every_cancel(
     assert r.state == "queued" and r.attempts == 0, r.describe()
 
 
+@pytest.mark.parametrize("replacement", sorted(fault_app.STOP_REPLACEMENTS))
+def test_a_handler_that_replaces_the_sigterm_handler_does_not_take_the_graceful_stop_away(
+    fapp: fault_app.FaultApp, wdb: Db, wprocs: Workers, replacement: str
+) -> None:
+    """SIG_IGN left the worker deaf to systemd's stop (SIGKILL at the unit's timeout), SIG_DFL
+    killed it mid-job, a handler of its own swallowed the stop: after the job, the worker's own
+    handler is back and says who replaced it."""
+    worker = start_worker(wprocs, wdb, "--concurrency", "2")
+    job_id = fapp.queue.enqueue("replace_stop_signal", {"replacement": replacement})
+    rows = wait_settled(wdb, wprocs, [job_id], alive=[worker])
+    assert rows[job_id].state == "completed", rows[job_id].describe()
+    worker.signal(signal.SIGTERM)
+    code = worker.wait(15)
+    assert code == 0, f"exit code {code}\n{worker.log_tail()}"
+    log_text = worker.log_text()
+    replaced = f"SIGTERM handler was replaced (by job {job_id} (replace_stop_signal))"
+    assert replaced in log_text, worker.log_tail()
+    assert "SIGTERM: stop claiming" in log_text, worker.log_tail()
+
+
+def test_a_running_job_that_replaced_the_sigterm_handler_is_stopped_gracefully(
+    fapp: fault_app.FaultApp, wdb: Db, wprocs: Workers
+) -> None:
+    """A job that replaces the handler and runs on: the periodic check restores it, and the stop
+    hands the job back at the end of the grace period, uncharged."""
+    worker = start_worker(wprocs, wdb, "--concurrency", "2", "--grace-period", "0.5")
+    job_id = fapp.queue.enqueue("replace_stop_signal", {"replacement": "ignore", "seconds": 120})
+    wait_until(
+        lambda: "SIGTERM handler was replaced" in worker.log_text(),
+        10,
+        lambda: f"the replaced handler was never noticed\n{worker.log_tail()}",
+    )
+    assert f"job {job_id} (replace_stop_signal)" in worker.log_text(), worker.log_tail()
+    worker.signal(signal.SIGTERM)
+    code = worker.wait(15)
+    assert code == 0, f"exit code {code}\n{worker.log_tail()}"
+    r = job_row(wdb, job_id)
+    assert r.state == "queued" and r.attempts == 0, r.describe()
+    assert len(runs_of(wdb, job_id)) == 1
+
+
 # ---------------------------------------------------------------------------- 6. runaway threads
 
 
