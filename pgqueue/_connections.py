@@ -596,4 +596,7 @@ def translate_failure(
         return DatabaseUnavailableError(f"lost the database connection: {describe(exc)}{note}")
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):  # refused whole: nothing was written
         return DatabaseUnavailableError(f"the database takes no writes now: {describe(exc)}")
+    if isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("53"):
+        # Disk full, out of memory: the statement was refused whole, and a later try may pass.
+        return DatabaseUnavailableError(f"the database is out of resources, nothing written: {describe(exc)}")
     return None

@@ -19,6 +19,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from pgserver import PgServer, temporary_server
 from worker_helpers import REPO_DIR, SUPPORT_DIR, Db, WorkerProcess, Workers, terminate_backends, wait_until
 
 from pgqueue import JobSpec
+from pgqueue.errors import DatabaseUnavailableError
 from pgqueue.migrate import upgrade
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("clean_worker_environment")]
@@ -329,6 +331,80 @@ def test_a_database_turned_read_only_loses_no_outcome_and_reruns_nothing(
         assert attempts == total, f"{attempts} attempts for {total} jobs: some ran twice"
         log_text = worker.log_text()
         assert "read-only" in log_text, worker.log_tail()  # the cause is said
+        for dropped in ("left to lease rescue", "recorded as failed"):
+            assert dropped not in log_text, worker.log_tail()
+
+
+@contextlib.contextmanager
+def small_disk(megabytes: int) -> Iterator[Path]:
+    """A tmpfs of ``megabytes``, owned by the server's system user: a disk that fills. It is
+    mounted outside pytest's temporary directories, which that user cannot enter."""
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a small tmpfs for a tablespace: run the suite as root", pytrace=False)
+    path = Path(tempfile.mkdtemp(prefix="pgqueue-disk-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)], check=True)
+    try:
+        subprocess.run(["chown", "postgres:postgres", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        path.rmdir()
+
+
+def fill(server: PgServer, tablespace: str) -> int:
+    """Write incompressible rows into ``tablespace`` until the server says its disk is full;
+    returns the megabytes written."""
+    server.execute(f"CREATE TABLE public.filler (b text) TABLESPACE {tablespace}")
+    server.execute("ALTER TABLE public.filler ALTER COLUMN b SET STORAGE EXTERNAL")
+    written = 0
+    with psycopg.connect(server.dsn(), autocommit=True) as conn:
+        while True:
+            try:
+                conn.execute(
+                    "INSERT INTO public.filler"
+                    " SELECT string_agg(md5(random()::text), '') FROM generate_series(1, 32768)"
+                )
+            except psycopg.errors.DiskFull:
+                return written
+            written += 1
+
+
+def test_a_database_out_of_disk_space_loses_no_outcome_and_reruns_nothing(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    """The disk under pgqueue's tables fills (a tablespace on a 32 MB tmpfs, topped up): every
+    write that needs a new page fails with SQLSTATE 53100. That is an outage: the worker keeps
+    the outcomes of jobs that finish meanwhile and writes them once space is freed, a bulk
+    enqueue is refused whole with the server's words, and nothing runs twice."""
+    with small_disk(32) as location, rig(pg_server, tmp_path) as r:
+        pg_server.execute(f"CREATE TABLESPACE small LOCATION '{location}'")
+        tables = ("jobs", "finished_jobs", "dead_letter")
+        for table in tables:
+            pg_server.execute(f"ALTER TABLE {SCHEMA}.{table} SET TABLESPACE small")
+        indexes = "SELECT indexname FROM pg_indexes WHERE schemaname = %s AND tablename = ANY(%s)"
+        for (index,) in pg_server.execute(indexes, [SCHEMA, list(tables)]):
+            pg_server.execute(f"ALTER INDEX {SCHEMA}.{index} SET TABLESPACE small")
+        worker = r.workers.start("--concurrency", "10")
+        r.workers.wait_registered(r.db, worker)
+        ids = r.ids([JobSpec("record", {"sleep": 0.1}) for _ in range(1000)])
+        wait_until(lambda: completed(r) >= 20, 20, lambda: f"drain too slow: {r.db.states()}")
+        megabytes = fill(pg_server, "small")
+        bulk = [JobSpec("record", {"note": "x" * 1000}) for _ in range(2000)]  # ~2 MB: new pages
+        with pytest.raises(DatabaseUnavailableError, match="No space left on device"):
+            r.ids(bulk)
+        assert r.db.one("SELECT count(*) FROM {jobs} WHERE args ? 'note'") == 0  # nothing of it
+        time.sleep(5)
+        pg_server.execute("DROP TABLE public.filler")
+        ids += r.ids(bulk)
+
+        took = wait_all_completed(r, ids, 60, worker)
+        print(f"\n[disk full 5 s, {megabytes} MB filled] all {len(ids)} jobs completed {took:.1f} s after")
+        verdict = judge(r.db, ids)
+        assert not verdict.never_ran and not verdict.reran, verdict.describe()
+        attempts = r.db.one("SELECT sum(attempts) FROM {finished} WHERE id = ANY(%s)", [ids])
+        assert attempts == len(ids), f"{attempts} attempts for {len(ids)} jobs: some ran twice"
+        log_text = worker.log_text()
+        assert "No space left on device" in log_text, worker.log_tail()  # the cause is said
         for dropped in ("left to lease rescue", "recorded as failed"):
             assert dropped not in log_text, worker.log_tail()
 
