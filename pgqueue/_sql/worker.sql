@@ -44,14 +44,14 @@ WITH candidates AS (
     UPDATE {schema}.jobs AS j
     SET state = 'running', worker_id = %(worker_id)s, claim_token = %(token)s,
         attempts = j.attempts + 1, started_at = now(),
-        lease_expires_at = now() + make_interval(secs => %(lease)s)
+        lease_expires_at = clock_timestamp() + make_interval(secs => %(lease)s)
     WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM candidates WHERE rank <= %(start)s))
     RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts AS attempt, j.max_attempts,
               j.timeout, j.scheduled_for, true AS started
 ), buffered AS (
     UPDATE {schema}.jobs AS j
     SET state = 'running', worker_id = %(worker_id)s, claim_token = %(token)s, started_at = NULL,
-        lease_expires_at = now() + make_interval(secs => %(lease)s)
+        lease_expires_at = clock_timestamp() + make_interval(secs => %(lease)s)
     WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM candidates WHERE rank > %(start)s))
     RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts AS attempt, j.max_attempts,
               j.timeout, j.scheduled_for, false AS started
@@ -134,7 +134,7 @@ WITH settings AS (
     UPDATE {schema}.jobs AS j
     SET state = 'running', attempts = j.attempts + 1, started_at = now(),
         worker_id = %(worker_id)s, claim_token = %(token)s,
-        lease_expires_at = now() + make_interval(secs => %(lease)s)
+        lease_expires_at = clock_timestamp() + make_interval(secs => %(lease)s)
     WHERE j.ctid = ANY(ARRAY(SELECT ctid FROM candidates))  -- where the lock found them, as claim does
     RETURNING j.id, j.queue, j.task, j.args, j.priority, j.attempts AS attempt, j.max_attempts,
               j.timeout, j.scheduled_for, true AS started
@@ -256,6 +256,10 @@ RETURNING id
 -- name: heartbeat
 -- Renews the leases of the claims this worker holds and reports which were asked to cancel;
 -- a held claim missing from the answer was lost (its lease expired and it was rescued).
+-- Every lease runs from the moment it is written (clock_timestamp()), not from when the
+-- statement was sent (now()): a renewal or a claim that waited behind a lock on jobs longer than
+-- the lease would otherwise write a lease already over, and the next rescue round would hand
+-- jobs still running here to another worker.
 WITH beat AS (
     INSERT INTO {schema}.workers (id, host, pid, queues, concurrency, abandoned_threads)
     VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s, %(abandoned)s)
@@ -265,7 +269,7 @@ WITH beat AS (
                              THEN now() + make_interval(secs => %(lease)s) END
 )
 UPDATE {schema}.jobs AS j
-SET lease_expires_at = now() + make_interval(secs => %(lease)s)
+SET lease_expires_at = clock_timestamp() + make_interval(secs => %(lease)s)
 FROM unnest(%(held)s::bigint[], %(token)s::uuid[]) AS h(id, token)
 WHERE j.id = h.id AND j.claim_token = h.token AND j.state = 'running'
   AND j.worker_id = %(id)s

@@ -409,6 +409,34 @@ def test_a_database_out_of_disk_space_loses_no_outcome_and_reruns_nothing(
             assert dropped not in log_text, worker.log_tail()
 
 
+def test_a_lock_on_the_jobs_table_longer_than_the_lease_reruns_nothing(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    """An exclusive lock on ``jobs`` held past the lease (a VACUUM FULL, a table rewrite, an
+    admin's LOCK TABLE in an open transaction) holds up every claim, renewal and rescue; when it
+    ends they all run at once. A lease computed from the time a statement was sent (``now()``)
+    is already over by then, and a rescue that waited behind the lock judges leases by the
+    moment it began waiting: the jobs still running, and those just claimed, ran a second time."""
+    # Rescue rounds five times as often as renewals: one runs in the second after the lock ends.
+    env = {"PGQUEUE_LEASE_SECONDS": "3", "PGQUEUE_RESCUE_INTERVAL": "0.2"}
+    with rig(pg_server, tmp_path) as r:
+        workers = [r.workers.start("--concurrency", "10", env=env) for _ in range(2)]
+        for worker in workers:
+            r.workers.wait_registered(r.db, worker)
+        ids = r.ids([JobSpec("record", {"sleep": 8.0}) for _ in range(4)])
+        ids += r.ids([JobSpec("record", {"sleep": 0.1}) for _ in range(400)])
+        wait_until(lambda: completed(r) >= 20, 20, lambda: f"drain too slow: {r.db.states()}")
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as admin, admin.transaction():
+            admin.execute(f"LOCK TABLE {SCHEMA}.jobs IN ACCESS EXCLUSIVE MODE")
+            time.sleep(7)  # more than twice the lease
+        took = wait_all_completed(r, ids, 60, *workers)
+        verdict = judge(r.db, ids)
+        print(f"\n[locked 7 s, lease 3 s] {len(ids)} done {took:.1f} s after; reran {len(verdict.reran)}")
+        assert not verdict.never_ran and not verdict.reran, verdict.describe()
+        attempts = r.db.one("SELECT sum(attempts) FROM {finished} WHERE id = ANY(%s)", [ids])
+        assert attempts == len(ids), f"{attempts} attempts for {len(ids)} jobs"
+
+
 # ---------------------------------------------------------------------------- (d) backend kills
 
 
