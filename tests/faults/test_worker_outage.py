@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -432,6 +433,42 @@ def test_a_lock_on_the_jobs_table_longer_than_the_lease_reruns_nothing(
         took = wait_all_completed(r, ids, 60, *workers)
         verdict = judge(r.db, ids)
         print(f"\n[locked 7 s, lease 3 s] {len(ids)} done {took:.1f} s after; reran {len(verdict.reran)}")
+        assert not verdict.never_ran and not verdict.reran, verdict.describe()
+        attempts = r.db.one("SELECT sum(attempts) FROM {finished} WHERE id = ANY(%s)", [ids])
+        assert attempts == len(ids), f"{attempts} attempts for {len(ids)} jobs"
+
+
+def server_processes(server: PgServer) -> list[int]:
+    """The postmaster and every process it started."""
+    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+    children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+    return [postmaster, *map(int, children)]
+
+
+def test_a_server_frozen_longer_than_the_lease_reruns_nothing(pg_server: PgServer, tmp_path: Path) -> None:
+    """Every server process stopped (SIGSTOP) for more than twice the lease, as a VM pause does,
+    then resumed: connections stay up, every statement sent meanwhile begins at the thaw (unlike
+    behind a lock, where it began before the wait), renewals and rescues land together, and each
+    worker pauses claiming until its leases are renewed. No job runs twice, none is lost."""
+    env = {"PGQUEUE_LEASE_SECONDS": "3", "PGQUEUE_RESCUE_INTERVAL": "0.2"}
+    with rig(pg_server, tmp_path) as r:
+        workers = [r.workers.start("--concurrency", "10", env=env) for _ in range(2)]
+        for worker in workers:
+            r.workers.wait_registered(r.db, worker)
+        ids = r.ids([JobSpec("record", {"sleep": 8.0}) for _ in range(4)])
+        ids += r.ids([JobSpec("record", {"sleep": 0.1}) for _ in range(400)])
+        wait_until(lambda: completed(r) >= 20, 20, lambda: f"drain too slow: {r.db.states()}")
+        frozen = server_processes(pg_server)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(7)
+        finally:
+            for pid in frozen:
+                os.kill(pid, signal.SIGCONT)
+        took = wait_all_completed(r, ids, 60, *workers)
+        verdict = judge(r.db, ids)
+        print(f"\n[frozen 7 s, lease 3 s] {len(ids)} done {took:.1f} s after; reran {len(verdict.reran)}")
         assert not verdict.never_ran and not verdict.reran, verdict.describe()
         attempts = r.db.one("SELECT sum(attempts) FROM {finished} WHERE id = ANY(%s)", [ids])
         assert attempts == len(ids), f"{attempts} attempts for {len(ids)} jobs"
