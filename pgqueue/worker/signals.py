@@ -18,12 +18,14 @@ from typing import Any
 
 log = logging.getLogger("pgqueue.worker")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# SIGHUP too: a worker started from a shell that goes away (an ssh session closed) would otherwise
+# die mid-job, its running jobs left to wait out their leases.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 GUARD_INTERVAL = 0.5  # seconds between checks while jobs run (a job can run for hours)
 
 
 class StopSignals:
-    """SIGTERM and SIGINT routed to ``on_signal`` on ``loop``, restored when job code replaces them."""
+    """The stop signals routed to ``on_signal`` on ``loop``, restored when job code replaces them."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, on_signal: Callable[[int], None]) -> None:
         self._loop = loop

@@ -28,13 +28,17 @@ def start_and_wait_running(
     return worker, job_id
 
 
-def test_sigterm_lets_the_running_job_finish_then_exits_0(
-    wapp: worker_app.App, wdb: Db, wprocs: Workers
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_stop_signal_lets_the_running_job_finish_then_exits_0(
+    wapp: worker_app.App, wdb: Db, wprocs: Workers, sig: signal.Signals
 ) -> None:
+    """SIGTERM (systemd), SIGINT (Ctrl-C) and SIGHUP (the shell that started the worker went
+    away) all stop it gracefully."""
     worker, job_id = start_and_wait_running(wapp, wdb, wprocs, "sleep_async", 1.0)
-    queued_later = wapp.queue.enqueue("record", {"note": "not claimed after SIGTERM"}, delay=0.3)
-    worker.signal(signal.SIGTERM)
+    queued_later = wapp.queue.enqueue("record", {"note": "not claimed after the signal"}, delay=0.3)
+    worker.signal(sig)
     assert worker.wait(10) == 0, worker.log_tail()
+    assert f"{sig.name}: stop claiming" in worker.log_text(), worker.log_tail()
 
     job = wapp.queue.get_job(job_id)
     assert job.state is JobState.COMPLETED
