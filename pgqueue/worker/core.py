@@ -223,12 +223,12 @@ class AsyncWorker:
 
     def _job_ended(self, job: ClaimedJob) -> None:
         if self._stop_signals is not None:
-            self._stop_signals.restore_if_replaced(lambda: f"job {job.id} ({job.task})")
+            self._stop_signals.after_job(lambda: f"job {job.id} ({job.task})")
 
     def _running_jobs(self) -> str:
         run = self._run
         jobs = [r.job for r in run.executor.running.values()] if run is not None else []
-        return ", ".join(f"job {j.id} ({j.task})" for j in jobs) or "code outside any job"
+        return ", ".join(f"job {j.id} ({j.task})" for j in jobs) or "no job"
 
     def _process_slots(self) -> ProcessSlots | None:
         """Child processes, if this worker or any of its tasks runs handlers isolated."""

@@ -443,7 +443,7 @@ def test_a_handler_that_replaces_the_sigterm_handler_does_not_take_the_graceful_
     code = worker.wait(15)
     assert code == 0, f"exit code {code}\n{worker.log_tail()}"
     log_text = worker.log_text()
-    replaced = f"SIGTERM handler was replaced (by job {job_id} (replace_stop_signal))"
+    replaced = f"SIGTERM handler was replaced (noticed after job {job_id} (replace_stop_signal) ended)"
     assert replaced in log_text, worker.log_tail()
     assert "SIGTERM: stop claiming" in log_text, worker.log_tail()
 
@@ -460,7 +460,8 @@ def test_a_running_job_that_replaced_the_sigterm_handler_is_stopped_gracefully(
         10,
         lambda: f"the replaced handler was never noticed\n{worker.log_tail()}",
     )
-    assert f"job {job_id} (replace_stop_signal)" in worker.log_text(), worker.log_tail()
+    noticed = f"SIGTERM handler was replaced (noticed while running job {job_id} (replace_stop_signal))"
+    assert noticed in worker.log_text(), worker.log_tail()
     worker.signal(signal.SIGTERM)
     code = worker.wait(15)
     assert code == 0, f"exit code {code}\n{worker.log_tail()}"
