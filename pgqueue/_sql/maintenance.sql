@@ -11,9 +11,14 @@
 -- left it) lost nothing: it goes back uncharged, its loss counted in unrecorded_losses. Only a
 -- job that keeps taking workers down that way, more than max_attempts + 2 times, is
 -- dead-lettered: a poison job ends even when it kills its worker before its start is written.
+-- A statement that began more than %(stall)s seconds after %(probed_at)s (the server's clock at
+-- the rescuer's previous answer) waited in a stalled server (a VM pause, a frozen disk): the
+-- owners' renewals waited with it and run now, at the same moment. It rescues nothing and says
+-- so (stalled), and the rescuer lets the owners renew first.
 WITH expired AS (
     SELECT id FROM {schema}.jobs
     WHERE state = 'running' AND lease_expires_at < now()
+      AND now() < %(probed_at)s::timestamptz + make_interval(secs => %(stall)s)
     ORDER BY lease_expires_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -49,7 +54,9 @@ WITH expired AS (
     {bury_dead}
 )
 SELECT (SELECT array_agg(DISTINCT queue) FROM requeued) AS queues,
-       (SELECT count(*) FROM requeued) AS requeued, (SELECT count(*) FROM buried) AS buried
+       (SELECT count(*) FROM requeued) AS requeued, (SELECT count(*) FROM buried) AS buried,
+       now() >= %(probed_at)s::timestamptz + make_interval(secs => %(stall)s) AS stalled,
+       clock_timestamp() AS answered_at
 
 -- name: forget_dead_workers
 DELETE FROM {schema}.workers

@@ -5,6 +5,9 @@ A rescue right after the database comes back would race the owners: their leases
 nobody could renew them, but the owners are alive and about to renew (and to write the outcomes
 they hold). So a rescuer waits one heartbeat interval plus a margin after its own connection
 recovers (a worker that started during an outage counts as recovering) before it rescues.
+A server that stalls without dropping connections (a VM pause, a frozen disk) is the same race
+with no reconnect to see: a round whose probe or rescue statement waited in the stall rescues
+nothing and settles likewise.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from datetime import datetime
 
 from pgqueue._enqueue import wake_params
 from pgqueue._rows import dataclass_row
@@ -22,6 +26,7 @@ from pgqueue.worker.db import ServiceConnection
 log = logging.getLogger("pgqueue.maintenance")
 BATCH = 500
 MARGIN = 1.5  # seconds on top of a heartbeat interval, for owners to reconnect and renew
+STALL = 1.0  # seconds a round's statement may start late before the server counts as stalled
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +36,8 @@ class Rescued:
     queues: list[str] | None  # NULL when nothing was requeued
     requeued: int
     buried: int
+    stalled: bool  # the statement began late: it rescued nothing
+    answered_at: datetime  # the server's clock as it answered
 
 
 class Rescuer:
@@ -61,17 +68,29 @@ class Rescuer:
     async def run_once(self) -> int:
         """One round; returns how many jobs it rescued (0 while settling after a reconnect)."""
         async with self._conn.use() as c, c.cursor(row_factory=dataclass_row(Rescued)) as cur:
-            await c.execute("SELECT 1")
+            sent = time.monotonic()
+            probe = await (await c.execute("SELECT clock_timestamp()")).fetchone()
+            assert probe is not None
+            probed_at: datetime = probe[0]
             now = time.monotonic()
             if self._healthy_since is None:
+                self._healthy_since = now
+            elif now - sent > STALL:
+                log.info("lease rescue: the database took %.1f s to answer; owners renew first", now - sent)
                 self._healthy_since = now
             if now - self._healthy_since < self.settle:
                 return 0
             total = 0
             while True:
-                await cur.execute(self._queries.rescue_expired, {"limit": BATCH})
+                params = {"limit": BATCH, "probed_at": probed_at, "stall": STALL}
+                await cur.execute(self._queries.rescue_expired, params)
                 row = await cur.fetchone()
                 assert row is not None
+                if row.stalled:
+                    log.info("lease rescue waited in a stalled database: the owners renew first")
+                    self._healthy_since = time.monotonic()
+                    break
+                probed_at = row.answered_at
                 moved = row.requeued + row.buried
                 total += moved
                 if moved:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import psycopg
 import pytest
 import worker_app
 from psycopg import sql
+from psycopg.rows import dict_row
 from worker_helpers import Db, Workers, terminate_backends, thread_worker, wait_until
 
-from pgqueue import JobSpec, JobState
+from pgqueue import JobSpec, JobState, Queue
+from pgqueue.worker.rescuer import STALL
 
 pytestmark = pytest.mark.slow
 
@@ -187,3 +190,32 @@ def test_a_job_lost_before_its_start_was_recorded_costs_no_attempt_until_it_keep
     assert dead.attempts == 0
     assert [e["type"] for e in dead.errors] == ["LeaseExpired"]
     assert "before the job's start was recorded (4 such losses)" in dead.errors[0]["message"]
+
+
+def test_a_rescue_that_began_late_rescues_nothing(queue: Queue) -> None:
+    """A rescue statement judges its own start against the server's clock at the rescuer's
+    previous answer: one that began more than STALL seconds later waited in a stalled server (a
+    VM pause), where the owners' renewals waited too and now run at the same moment. It must not
+    race them: it rescues nothing and says it stalled; on time, the same job is rescued."""
+    jobs = sql.SQL("{}.jobs").format(sql.Identifier(queue.queries.schema))
+    with psycopg.connect(queue.dsn, autocommit=True) as c:
+        job_id = c.execute(
+            sql.SQL(
+                "INSERT INTO {} (queue, task, state, worker_id, claim_token, attempts, started_at,"
+                " lease_expires_at) VALUES ('q', 't', 'running', 'gone', gen_random_uuid(), 1, now(),"
+                " now() - interval '1 minute') RETURNING id"
+            ).format(jobs)
+        ).fetchone()[0]  # type: ignore[index]
+
+        def rescue(probed_late_by: float) -> tuple[bool, int, str]:
+            server_now = c.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
+            probed_at = server_now - timedelta(seconds=probed_late_by)
+            params = {"limit": 10, "probed_at": probed_at, "stall": STALL}
+            row = c.cursor(row_factory=dict_row).execute(queue.queries.rescue_expired, params).fetchone()
+            assert row is not None
+            stalled, requeued = row["stalled"], row["requeued"]
+            state = c.execute(sql.SQL("SELECT state FROM {} WHERE id = %s").format(jobs), [job_id]).fetchone()
+            return stalled, requeued, state[0]  # type: ignore[index]
+
+        assert rescue(STALL + 4) == (True, 0, "running")
+        assert rescue(0) == (False, 1, "queued")
