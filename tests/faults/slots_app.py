@@ -15,6 +15,9 @@ from typing import Any
 from pgqueue import Queue
 from pgqueue.worker.context import JobContext
 
+# A child told to boot slowly (the timeout test) sleeps while importing the app, as a heavy app does.
+time.sleep(float(os.environ.get("SLOTS_APP_IMPORT_SECONDS", "0")))
+
 queue = Queue(None)
 
 
