@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -410,15 +410,12 @@ def test_a_database_out_of_disk_space_loses_no_outcome_and_reruns_nothing(
             assert dropped not in log_text, worker.log_tail()
 
 
-def test_a_lock_on_the_jobs_table_longer_than_the_lease_reruns_nothing(
-    pg_server: PgServer, tmp_path: Path
-) -> None:
-    """An exclusive lock on ``jobs`` held past the lease (a VACUUM FULL, a table rewrite, an
-    admin's LOCK TABLE in an open transaction) holds up every claim, renewal and rescue; when it
-    ends they all run at once. A lease computed from the time a statement was sent (``now()``)
-    is already over by then, and a rescue that waited behind the lock judges leases by the
-    moment it began waiting: the jobs still running, and those just claimed, ran a second time."""
-    # Rescue rounds five times as often as renewals: one runs in the second after the lock ends.
+def drain_through_a_stall(
+    pg_server: PgServer, tmp_path: Path, label: str, stall: Callable[[], None]
+) -> list[str]:
+    """Two workers (lease 3 s, rescue rounds every 0.2 s: five per renewal, so one runs in the
+    second after the stall ends) drain 4 jobs of 8 s and 400 of 0.1 s; ``stall`` runs mid-drain.
+    Asserts every job ran exactly once; returns the workers' logs."""
     env = {"PGQUEUE_LEASE_SECONDS": "3", "PGQUEUE_RESCUE_INTERVAL": "0.2"}
     with rig(pg_server, tmp_path) as r:
         workers = [r.workers.start("--concurrency", "10", env=env) for _ in range(2)]
@@ -427,15 +424,31 @@ def test_a_lock_on_the_jobs_table_longer_than_the_lease_reruns_nothing(
         ids = r.ids([JobSpec("record", {"sleep": 8.0}) for _ in range(4)])
         ids += r.ids([JobSpec("record", {"sleep": 0.1}) for _ in range(400)])
         wait_until(lambda: completed(r) >= 20, 20, lambda: f"drain too slow: {r.db.states()}")
-        with psycopg.connect(pg_server.dsn(), autocommit=True) as admin, admin.transaction():
-            admin.execute(f"LOCK TABLE {SCHEMA}.jobs IN ACCESS EXCLUSIVE MODE")
-            time.sleep(7)  # more than twice the lease
+        stall()
         took = wait_all_completed(r, ids, 60, *workers)
         verdict = judge(r.db, ids)
-        print(f"\n[locked 7 s, lease 3 s] {len(ids)} done {took:.1f} s after; reran {len(verdict.reran)}")
+        print(f"\n[{label}, lease 3 s] {len(ids)} done {took:.1f} s after; reran {len(verdict.reran)}")
         assert not verdict.never_ran and not verdict.reran, verdict.describe()
         attempts = r.db.one("SELECT sum(attempts) FROM {finished} WHERE id = ANY(%s)", [ids])
         assert attempts == len(ids), f"{attempts} attempts for {len(ids)} jobs"
+        return [worker.log_text() for worker in workers]
+
+
+def test_a_lock_on_the_jobs_table_longer_than_the_lease_reruns_nothing(
+    pg_server: PgServer, tmp_path: Path
+) -> None:
+    """An exclusive lock on ``jobs`` held past the lease (a VACUUM FULL, a table rewrite, an
+    admin's LOCK TABLE in an open transaction) holds up every claim, renewal and rescue; when it
+    ends they all run at once. A lease computed from the time a statement was sent (``now()``)
+    is already over by then, and a rescue that waited behind the lock judges leases by the
+    moment it began waiting: the jobs still running, and those just claimed, ran a second time."""
+
+    def lock() -> None:
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as admin, admin.transaction():
+            admin.execute(f"LOCK TABLE {SCHEMA}.jobs IN ACCESS EXCLUSIVE MODE")
+            time.sleep(7)  # more than twice the lease
+
+    drain_through_a_stall(pg_server, tmp_path, "locked 7 s", lock)
 
 
 def server_processes(server: PgServer) -> list[int]:
@@ -456,14 +469,8 @@ def test_a_server_frozen_longer_than_the_lease_reruns_nothing(pg_server: PgServe
     then resumed: connections stay up, every statement sent meanwhile begins at the thaw (unlike
     behind a lock, where it began before the wait), renewals and rescues land together, and each
     worker pauses claiming until its leases are renewed. No job runs twice, none is lost."""
-    env = {"PGQUEUE_LEASE_SECONDS": "3", "PGQUEUE_RESCUE_INTERVAL": "0.2"}
-    with rig(pg_server, tmp_path) as r:
-        workers = [r.workers.start("--concurrency", "10", env=env) for _ in range(2)]
-        for worker in workers:
-            r.workers.wait_registered(r.db, worker)
-        ids = r.ids([JobSpec("record", {"sleep": 8.0}) for _ in range(4)])
-        ids += r.ids([JobSpec("record", {"sleep": 0.1}) for _ in range(400)])
-        wait_until(lambda: completed(r) >= 20, 20, lambda: f"drain too slow: {r.db.states()}")
+
+    def freeze() -> None:
         frozen = server_processes(pg_server)
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
@@ -472,14 +479,9 @@ def test_a_server_frozen_longer_than_the_lease_reruns_nothing(pg_server: PgServe
         finally:
             for pid in frozen:
                 os.kill(pid, signal.SIGCONT)
-        took = wait_all_completed(r, ids, 60, *workers)
-        verdict = judge(r.db, ids)
-        print(f"\n[frozen 7 s, lease 3 s] {len(ids)} done {took:.1f} s after; reran {len(verdict.reran)}")
-        for worker in workers:  # the freeze was felt, and said
-            assert "heartbeat: no answer from the database" in worker.log_text(), worker.log_tail()
-        assert not verdict.never_ran and not verdict.reran, verdict.describe()
-        attempts = r.db.one("SELECT sum(attempts) FROM {finished} WHERE id = ANY(%s)", [ids])
-        assert attempts == len(ids), f"{attempts} attempts for {len(ids)} jobs"
+
+    for log_text in drain_through_a_stall(pg_server, tmp_path, "frozen 7 s", freeze):
+        assert "heartbeat: no answer from the database" in log_text, log_text[-3000:]  # felt, and said
 
 
 # ---------------------------------------------------------------------------- (d) backend kills
