@@ -63,6 +63,7 @@ class Queries:
     deregister_worker: str
     schema_version: str
     # maintenance.sql
+    expired_leases: str
     rescue_expired: str
     forget_dead_workers: str
     try_maintenance_lock: str

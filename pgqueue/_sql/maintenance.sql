@@ -4,24 +4,36 @@
 
 -- ---------------------------------------------------------------- rescue
 
+-- name: expired_leases
+-- The rescuer's sighting: running jobs whose lease has run out, oldest first. Nothing is
+-- rescued on sight: a lease that lapsed while its owner could not renew (an outage, a stalled
+-- server, a lock on jobs) is renewed as soon as the owner can, and the rescuer takes only what
+-- it has seen expired and unchanged for a heartbeat interval and a margin (rescue_expired).
+-- A running row with no lease at all (written by hand) counts as expired, or it would run for ever.
+SELECT id, claim_token AS token, lease_expires_at AS lease FROM {schema}.jobs
+WHERE state = 'running' AND coalesce(lease_expires_at, '-infinity') < clock_timestamp()
+ORDER BY lease_expires_at NULLS FIRST
+LIMIT %(limit)s
+
 -- name: rescue_expired
 -- Jobs whose worker stopped renewing the lease (killed, partitioned) go back to the queue; the
 -- lost attempt counts, and a job with none left is dead-lettered, all in one statement.
--- A job whose start was never recorded (it sat in the worker's prefetch buffer, or had just
--- left it) lost nothing: it goes back uncharged, its loss counted in unrecorded_losses. Only a
--- job that keeps taking workers down that way, more than max_attempts + 2 times, is
+-- Only the sightings in %(ids)s/%(tokens)s/%(leases)s whose lease has not moved since are
+-- taken: an owner that renewed in the meantime, or is renewing now (the row is locked), keeps
+-- its job. A renewal only moves a lease later; "not later than sighted" rather than "equal"
+-- also matches a lease the client could only read clamped (-infinity, a BC date, written by hand). A job whose start was never recorded (it sat in the worker's prefetch buffer, or had
+-- just left it) lost nothing: it goes back uncharged, its loss counted in unrecorded_losses.
+-- Only a job that keeps taking workers down that way, more than max_attempts + 2 times, is
 -- dead-lettered: a poison job ends even when it kills its worker before its start is written.
--- A statement that began more than %(stall)s seconds after %(probed_at)s (the server's clock at
--- the rescuer's previous answer) waited in a stalled server (a VM pause, a frozen disk): the
--- owners' renewals waited with it and run now, at the same moment. It rescues nothing and says
--- so (stalled), and the rescuer lets the owners renew first.
 WITH expired AS (
-    SELECT id FROM {schema}.jobs
-    WHERE state = 'running' AND lease_expires_at < now()
-      AND now() < %(probed_at)s::timestamptz + make_interval(secs => %(stall)s)
-    ORDER BY lease_expires_at
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    SELECT j.id
+    FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(leases)s::timestamptz[])
+             AS seen(id, token, lease)
+    JOIN {schema}.jobs AS j ON j.id = seen.id
+    WHERE j.state = 'running' AND j.claim_token IS NOT DISTINCT FROM seen.token
+      AND coalesce(j.lease_expires_at, '-infinity') <= coalesce(seen.lease, '-infinity')
+      AND coalesce(j.lease_expires_at, '-infinity') < clock_timestamp()
+    FOR UPDATE OF j SKIP LOCKED
 ), lost AS (
     SELECT j.id, j.started_at IS NULL AS unrecorded,
            CASE WHEN j.started_at IS NULL THEN j.unrecorded_losses >= j.max_attempts + 2
@@ -54,9 +66,7 @@ WITH expired AS (
     {bury_dead}
 )
 SELECT (SELECT array_agg(DISTINCT queue) FROM requeued) AS queues,
-       (SELECT count(*) FROM requeued) AS requeued, (SELECT count(*) FROM buried) AS buried,
-       now() >= %(probed_at)s::timestamptz + make_interval(secs => %(stall)s) AS stalled,
-       clock_timestamp() AS answered_at
+       (SELECT count(*) FROM requeued) AS requeued, (SELECT count(*) FROM buried) AS buried
 
 -- name: forget_dead_workers
 DELETE FROM {schema}.workers

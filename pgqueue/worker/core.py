@@ -297,7 +297,6 @@ class AsyncWorker:
                 await self._register(conn)
                 if failures:
                     log.info("database reachable after %d failed attempts", failures)
-                    run.rescuer.recovered()
                 return True
             except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
                 raise SchemaNotReadyError(

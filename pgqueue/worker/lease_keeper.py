@@ -41,6 +41,7 @@ log = logging.getLogger("pgqueue.worker")
 TICK = 0.1  # how often the loop proves it is alive
 WATCH = 0.25  # how often the thread looks
 REPEAT_WARNING = 10.0  # a long block is reported again this often
+RETRY = 1.0  # seconds before a failed renewal is tried again (sooner when the interval is shorter)
 SLOW_HEARTBEAT = (
     "heartbeat: no answer from the database after %.0f s (a pooler with no free server "
     "connection, or a lock?); still waiting and claiming nothing meanwhile, leases run out "
@@ -148,7 +149,7 @@ class LeaseKeeper:
             if now >= next_beat or (ok and self._abandoned() != self._abandoned_sent):
                 ok = self._renew()
                 # After a failure, try again soon: leases run out while we are away.
-                next_beat = time.monotonic() + (self.interval if ok else min(1.0, self.interval))
+                next_beat = time.monotonic() + (self.interval if ok else min(RETRY, self.interval))
         self._close()
 
     def _renew(self) -> bool:

@@ -1,13 +1,16 @@
 """The rescuer: jobs whose worker stopped renewing its lease go back to the queue (or die).
 
 Any live worker rescues, in small batches under SKIP LOCKED, so several rescuers never fight.
-A rescue right after the database comes back would race the owners: their leases lapsed while
-nobody could renew them, but the owners are alive and about to renew (and to write the outcomes
-they hold). So a rescuer waits one heartbeat interval plus a margin after its own connection
-recovers (a worker that started during an outage counts as recovering) before it rescues.
-A server that stalls without dropping connections (a VM pause, a frozen disk) is the same race
-with no reconnect to see: a round whose probe or rescue statement waited in the stall rescues
-nothing and settles likewise.
+A lease can lapse while its owner is alive: the database was down, stalled (a VM pause, a
+frozen disk) or locked, and nobody could renew. When it answers again, the owners' renewals and
+a rescue run at the same moment, and a rescue that wins takes jobs that are still running. So a
+rescue is two-phase: a round sights the expired leases, and a later one takes only those it has
+seen expired and unchanged for a grace: the time a live owner takes to renew once it can, plus
+a margin to reconnect. An owner whose lease has lapsed is retrying a failed renewal (every
+second, or every heartbeat interval when that is shorter) or waiting for one in flight, so it
+has renewed by then and its changed lease keeps the job; a dead owner's lease never changes.
+No clock is compared across machines and no outage has to be noticed: the rule holds whatever
+kept the owner away.
 """
 
 from __future__ import annotations
@@ -17,27 +20,42 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from uuid import UUID
 
 from pgqueue._enqueue import wake_params
 from pgqueue._rows import dataclass_row
 from pgqueue._sql import Queries
-from pgqueue.worker.db import ServiceConnection
+from pgqueue.worker.db import Conn, ServiceConnection
+from pgqueue.worker.lease_keeper import RETRY
 
 log = logging.getLogger("pgqueue.maintenance")
-BATCH = 500
-MARGIN = 1.5  # seconds on top of a heartbeat interval, for owners to reconnect and renew
-STALL = 1.0  # seconds a round's statement may start late before the server counts as stalled
+BATCH = 500  # jobs rescued per statement
+SIGHT = 10_000  # expired leases sighted per round, oldest first
+MARGIN = 1.5  # seconds on top of the owners' retry, for them to reconnect and renew
+
+
+def grace(lease_seconds: float) -> float:
+    """How long a lease must stay expired and unchanged before it is rescued: owners renew every
+    lease/3 and, once a renewal failed, retry every RETRY seconds; MARGIN lets them reconnect."""
+    return min(RETRY, lease_seconds / 3) + MARGIN
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """A running job whose lease had run out when the rescuer looked."""
+
+    id: int
+    token: UUID | None  # None, as the lease, only on a row written by hand
+    lease: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
 class Rescued:
-    """One round of ``rescue_expired``: the queues that got jobs back, and how many went where."""
+    """One ``rescue_expired``: the queues that got jobs back, and how many went where."""
 
     queues: list[str] | None  # NULL when nothing was requeued
     requeued: int
     buried: int
-    stalled: bool  # the statement began late: it rescued nothing
-    answered_at: datetime  # the server's clock as it answered
 
 
 class Rescuer:
@@ -48,13 +66,8 @@ class Rescuer:
         self._queries = queries
         self._lease = lease_seconds
         self._interval = interval
-        # Owners renew every lease/3 and retry within a second after a failure.
-        self.settle = lease_seconds / 3 + MARGIN
-        self._healthy_since: float | None = float("-inf")
-
-    def recovered(self) -> None:
-        """The database just came back for this worker: let the owners renew first."""
-        self._healthy_since = time.monotonic()
+        self.grace = grace(lease_seconds)
+        self._sighted: dict[int, tuple[Expired, float]] = {}  # id -> (lease seen, first seen at)
 
     async def run(self) -> None:
         while True:
@@ -62,42 +75,47 @@ class Rescuer:
             try:
                 await self.run_once()
             except Exception as exc:
-                self._healthy_since = None
                 log.warning("lease rescue failed: %s", exc)
 
     async def run_once(self) -> int:
-        """One round; returns how many jobs it rescued (0 while settling after a reconnect)."""
-        async with self._conn.use() as c, c.cursor(row_factory=dataclass_row(Rescued)) as cur:
-            sent = time.monotonic()
-            probe = await (await c.execute("SELECT clock_timestamp()")).fetchone()
-            assert probe is not None
-            probed_at: datetime = probe[0]
+        """One round: rescue what has stayed expired for the grace, then look again; returns
+        how many jobs it rescued."""
+        async with self._conn.use() as c:
             now = time.monotonic()
-            if self._healthy_since is None:
-                self._healthy_since = now
-            elif now - sent > STALL:
-                log.info("lease rescue: the database took %.1f s to answer; owners renew first", now - sent)
-                self._healthy_since = now
-            if now - self._healthy_since < self.settle:
-                return 0
+            due = [seen for seen, at in self._sighted.values() if now - at >= self.grace]
             total = 0
-            while True:
-                params = {"limit": BATCH, "probed_at": probed_at, "stall": STALL}
-                await cur.execute(self._queries.rescue_expired, params)
-                row = await cur.fetchone()
-                assert row is not None
-                if row.stalled:
-                    log.info("lease rescue waited in a stalled database: the owners renew first")
-                    self._healthy_since = time.monotonic()
-                    break
-                probed_at = row.answered_at
-                moved = row.requeued + row.buried
-                total += moved
-                if moved:
-                    log.warning("rescued %d jobs with expired leases (%d dead-lettered)", moved, row.buried)
-                if row.queues:
-                    await c.execute(self._queries.wake_queues, wake_params(self._queries, row.queues))
-                if moved < BATCH:
-                    break
+            for start in range(0, len(due), BATCH):
+                total += await self._rescue(c, due[start : start + BATCH])
+            await self._sight(c)
             await c.execute(self._queries.forget_dead_workers, {"after": self._lease * 3})
         return total
+
+    async def _rescue(self, c: Conn, due: list[Expired]) -> int:
+        params = {
+            "ids": [e.id for e in due],
+            "tokens": [e.token for e in due],
+            "leases": [e.lease for e in due],
+        }
+        async with c.cursor(row_factory=dataclass_row(Rescued)) as cur:
+            await cur.execute(self._queries.rescue_expired, params)
+            row = await cur.fetchone()
+        assert row is not None
+        moved = row.requeued + row.buried
+        if moved:
+            log.warning("rescued %d jobs with expired leases (%d dead-lettered)", moved, row.buried)
+        if row.queues:
+            await c.execute(self._queries.wake_queues, wake_params(self._queries, row.queues))
+        return moved
+
+    async def _sight(self, c: Conn) -> None:
+        """Remember the expired leases, each with when it was first seen as it is now: a lease
+        that changed (renewed, then lapsed again) starts its grace afresh."""
+        async with c.cursor(row_factory=dataclass_row(Expired)) as cur:
+            await cur.execute(self._queries.expired_leases, {"limit": SIGHT})
+            rows = await cur.fetchall()
+        seen_at = time.monotonic()  # after the answer: a statement that waited in a stall counts from its end
+        sighted: dict[int, tuple[Expired, float]] = {}
+        for row in rows:
+            earlier = self._sighted.get(row.id)
+            sighted[row.id] = earlier if earlier is not None and earlier[0] == row else (row, seen_at)
+        self._sighted = sighted

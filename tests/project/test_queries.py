@@ -26,7 +26,7 @@ from pgqueue._sql import DECLARED, Queries, packaged_statements, parse
 from pgqueue.admin import readmodel
 from pgqueue.worker.execution import ClaimedJob
 from pgqueue.worker.lease_keeper import Renewed
-from pgqueue.worker.rescuer import Rescued
+from pgqueue.worker.rescuer import Expired, Rescued
 
 PACKAGE = Path(pgqueue.__file__).parent
 
@@ -121,6 +121,7 @@ ROW_CLASSES: list[tuple[str, type[Any], dict[str, Any]]] = [
     ("queue_settings", QueueSettings, {}),
     ("set_queue", QueueSettings, {}),
     ("heartbeat", Renewed, {}),
+    ("expired_leases", Expired, {}),
     ("rescue_expired", Rescued, {}),
     ("get_job", JobRow, {}),
     ("queue_overview", QueueOverview, {}),
