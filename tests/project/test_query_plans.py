@@ -194,6 +194,47 @@ def test_pruning_and_cleaning_read_finished_jobs_through_their_index(queue: Queu
             assert plan[0]["Plan"]["Plans"][0]["Actual Rows"] == 500, params  # the DELETE got its batch
 
 
+def _conditions(plan: Any, key: str) -> list[str]:
+    """Every ``key`` ("Index Cond", "Filter") of the plan's nodes."""
+    found: list[str] = []
+    if isinstance(plan, dict):
+        if key in plan:
+            found.append(plan[key])
+        for value in plan.values():
+            found += _conditions(value, key)
+    elif isinstance(plan, list):
+        for value in plan:
+            found += _conditions(value, key)
+    return found
+
+
+def test_the_rescue_sighting_tests_leases_in_the_running_index(queue: Queue) -> None:
+    """Every rescue round sights the expired leases. Under churn the running index holds an entry
+    for each job that ran since the last vacuum; those of finished jobs carry leases still in the
+    future. Tested as an index condition they are skipped; tested as a filter, each costs a fetch
+    of its row (12.7 ms a round instead of 0.06 at 12,000 jobs/s)."""
+    ids = queue.enqueue_many([{"task": "t", "queue": "q"}] * 5000)
+    jobs = f'"{queue.schema}".jobs'
+    with psycopg.connect(queue.dsn, autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE {jobs} SET state = 'running', claim_token = gen_random_uuid(), worker_id = 'w',"
+            " lease_expires_at = now() + interval '30 seconds' WHERE id = ANY(%s)",
+            [ids[:2000]],
+        )
+        expired = "lease_expires_at = now() - interval '1 minute'"
+        conn.execute(f"UPDATE {jobs} SET {expired} WHERE id = ANY(%s)", [ids[:5]])
+        conn.execute(f"UPDATE {jobs} SET lease_expires_at = NULL WHERE id = %s", [ids[5]])
+        conn.execute(f"ANALYZE {jobs}")
+        sighting, types = queue.queries.expired_leases, {"limit": "int"}
+        plan = _generic_plan(conn, sighting, types, {"limit": 10_000}, cache_mode="force_custom_plan")
+    index_conditions = " ".join(_conditions(plan, "Index Cond"))
+    assert "lease_expires_at < now()" in index_conditions, plan
+    assert "lease_expires_at IS NULL" in index_conditions, plan
+    assert not [f for f in _conditions(plan, "Filter") if "lease_expires_at" in f], plan
+    assert ("Seq Scan", "jobs") not in _node_types(plan), plan
+    assert plan[0]["Plan"]["Actual Rows"] == 6, plan
+
+
 CLAIM_TYPES = {
     "queues": "text[]",
     "weights": "float8[]",
