@@ -26,6 +26,7 @@ from pgqueue._base import KEEP, UNIQUE_RACE_RETRIES, Keep, QueueBase, QueueSetti
 from pgqueue._connections import (
     CHECKOUT_SLICE,
     POOL_WAIT,
+    READ_ONLY_DRAIN_INTERVAL,
     RECONNECT_TIMEOUT,
     ConnectHealth,
     Retry,
@@ -71,6 +72,7 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
 
     _pool: AsyncPool | None = None
     _pool_health: ConnectHealth | None = None
+    _drained_at = float("-inf")  # when the pool's connections were last retired for refusing writes
     _pool_lock: asyncio.Lock | None = None  # async-only
     # sync: _pool_lock = threading.Lock()  # held only to swap pools, never while connecting
 
@@ -136,6 +138,25 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         _closing.add(task)  # async-only
         task.add_done_callback(_closing.discard)  # async-only
         # sync: threading.Thread(target=pool.close, name=f"{pool.name}-close", daemon=True).start()
+
+    async def _after_refusal(self, pool: AsyncPool, exc: psycopg.Error) -> bool:
+        """Whether ``exc`` was the server refusing a write as read-only (nothing was written, so
+        the statement may run again); if so the pool's connections are retired, at most once a
+        :data:`READ_ONLY_DRAIN_INTERVAL`.
+
+        After a switchover the pooled connections still reach the old primary, now a standby or
+        fenced read-only, while the DSN (a moved address, ``target_session_attrs=read-write``)
+        leads new ones to the server that takes writes. Kept, they would refuse every write until
+        they expired, an hour later.
+        """
+        if not isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+            return False
+        now = time.monotonic()
+        if now - self._drained_at >= READ_ONLY_DRAIN_INTERVAL:
+            self._drained_at = now
+            log.info("the database refused a write as read-only; reconnecting the pool")
+            await pool.drain()
+        return True
 
     async def _checkout(self, wait: float | None = None) -> tuple[AsyncPool, psycopg.AsyncConnection[Any]]:
         """A live pooled connection, or the named reason there is none.
@@ -222,7 +243,8 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
                 error = translate_failure(exc, c, self.schema, unsure=unsure)
                 if error is None:
                     raise
-                if attempt == 1 and not unsure and isinstance(error, DatabaseUnavailableError):
+                refused = await self._after_refusal(pool, exc)  # refused whole: safe to repeat
+                if attempt == 1 and (refused or not unsure) and isinstance(error, DatabaseUnavailableError):
                     log.debug("%s; trying once more on a new connection", error)
                     continue
                 raise error from exc
@@ -264,6 +286,7 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
             error = translate_failure(exc, c, self.schema, unsure=True)
             if error is None:
                 raise
+            await self._after_refusal(pool, exc)  # the block may not be safe to repeat: only retire
             raise error from exc
         finally:
             await pool.putconn(c)
@@ -297,9 +320,12 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
             error = translate_failure(exc, c, self.schema, unsure=True)
             if error is None:
                 raise
-            raise error from exc
+            if not await self._after_refusal(pool, exc):
+                raise error from exc
         finally:
             await pool.putconn(c)
+        # Refused as read-only, nothing written: once more, on a connection opened since.
+        return await self._run(None, lambda c: self._insert_one(c, request, True), "never")
 
     async def _insert_one(
         self, c: psycopg.AsyncConnection[Any], request: JobRequest, commits_alone: bool

@@ -545,6 +545,8 @@ POOL_WAIT = 30.0
 CHECKOUT_SLICE = 1.0
 # How long a pool keeps reconnecting in the background when nobody waits on it.
 RECONNECT_TIMEOUT = 60.0
+# Seconds between two retirements of a pool's connections while the server refuses writes.
+READ_ONLY_DRAIN_INTERVAL = 1.0
 
 Retry = Literal["read", "transaction", "never"]
 """When a statement on a pooled connection may run again on a fresh one after the first was lost.

@@ -25,6 +25,7 @@ from pgqueue._base import KEEP, UNIQUE_RACE_RETRIES, Keep, QueueBase, QueueSetti
 from pgqueue._connections import (
     CHECKOUT_SLICE,
     POOL_WAIT,
+    READ_ONLY_DRAIN_INTERVAL,
     RECONNECT_TIMEOUT,
     ConnectHealth,
     Retry,
@@ -63,6 +64,7 @@ class Queue(QueueBase[int]):
 
     _pool: Pool | None = None
     _pool_health: ConnectHealth | None = None
+    _drained_at = float("-inf")  # when the pool's connections were last retired for refusing writes
     _pool_lock = threading.Lock()  # held only to swap pools, never while connecting
 
     def pool(self) -> Pool:
@@ -122,6 +124,25 @@ class Queue(QueueBase[int]):
             self._pool = None
         # Closing joins the pool's workers, one of which may be inside a connection attempt.
         threading.Thread(target=pool.close, name=f"{pool.name}-close", daemon=True).start()
+
+    def _after_refusal(self, pool: Pool, exc: psycopg.Error) -> bool:
+        """Whether ``exc`` was the server refusing a write as read-only (nothing was written, so
+        the statement may run again); if so the pool's connections are retired, at most once a
+        :data:`READ_ONLY_DRAIN_INTERVAL`.
+
+        After a switchover the pooled connections still reach the old primary, now a standby or
+        fenced read-only, while the DSN (a moved address, ``target_session_attrs=read-write``)
+        leads new ones to the server that takes writes. Kept, they would refuse every write until
+        they expired, an hour later.
+        """
+        if not isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+            return False
+        now = time.monotonic()
+        if now - self._drained_at >= READ_ONLY_DRAIN_INTERVAL:
+            self._drained_at = now
+            log.info("the database refused a write as read-only; reconnecting the pool")
+            pool.drain()
+        return True
 
     def _checkout(self, wait: float | None = None) -> tuple[Pool, psycopg.Connection[Any]]:
         """A live pooled connection, or the named reason there is none.
@@ -208,7 +229,8 @@ class Queue(QueueBase[int]):
                 error = translate_failure(exc, c, self.schema, unsure=unsure)
                 if error is None:
                     raise
-                if attempt == 1 and not unsure and isinstance(error, DatabaseUnavailableError):
+                refused = self._after_refusal(pool, exc)  # refused whole: safe to repeat
+                if attempt == 1 and (refused or not unsure) and isinstance(error, DatabaseUnavailableError):
                     log.debug("%s; trying once more on a new connection", error)
                     continue
                 raise error from exc
@@ -250,6 +272,7 @@ class Queue(QueueBase[int]):
             error = translate_failure(exc, c, self.schema, unsure=True)
             if error is None:
                 raise
+            self._after_refusal(pool, exc)  # the block may not be safe to repeat: only retire
             raise error from exc
         finally:
             pool.putconn(c)
@@ -281,9 +304,12 @@ class Queue(QueueBase[int]):
             error = translate_failure(exc, c, self.schema, unsure=True)
             if error is None:
                 raise
-            raise error from exc
+            if not self._after_refusal(pool, exc):
+                raise error from exc
         finally:
             pool.putconn(c)
+        # Refused as read-only, nothing written: once more, on a connection opened since.
+        return self._run(None, lambda c: self._insert_one(c, request, True), "never")
 
     def _insert_one(
         self, c: psycopg.Connection[Any], request: JobRequest, commits_alone: bool

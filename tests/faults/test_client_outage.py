@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from pgserver import PgServer, free_port, temporary_server
+from pgserver import SUPERUSER, PgServer, free_port, temporary_server
 from psycopg import sql
 from worker_helpers import PgqueueProcess as Proc
 from worker_helpers import wait_until
@@ -334,6 +334,82 @@ def test_a_read_only_database_refuses_writes_by_name_and_serves_them_again_after
         wait_until(lambda: not _refuses_writes(queue), 10, "still read-only")
         assert queue.enqueue("t") > job_id
         assert migrated.execute(f"SELECT count(*) FROM {SCHEMA}.jobs")[0][0] == 2  # none of the refused
+
+
+class Switchover:
+    """Two migrated servers behind one multi-host DSN with ``target_session_attrs=read-write``:
+    the old primary first (where a queue's pool connects), the new one second."""
+
+    def __init__(self, old: PgServer, new: PgServer) -> None:
+        self.old, self.new = old, new
+        self.dsn = (
+            f"postgresql://{SUPERUSER}@127.0.0.1:{old.port},127.0.0.1:{new.port}/postgres"
+            "?target_session_attrs=read-write"
+        )
+
+    def demote_old(self) -> None:
+        """The old primary refuses writes from now on, on the sessions it already has too."""
+        self.old.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        self.old.reload()
+
+    def jobs(self) -> tuple[int, int]:
+        """Jobs on (the old, the new) server."""
+        count = f"SELECT count(*) FROM {SCHEMA}.jobs"
+        return self.old.execute(count)[0][0], self.new.execute(count)[0][0]
+
+
+@pytest.fixture
+def switchover(migrated: PgServer) -> Iterator[Switchover]:
+    with temporary_server() as new:
+        upgrade(new.dsn(), schema=SCHEMA)
+        yield Switchover(migrated, new)
+
+
+READ_ONLY = "SHOW default_transaction_read_only"
+
+
+def test_after_a_switchover_every_write_reaches_the_server_that_takes_writes(switchover: Switchover) -> None:
+    """After a switchover the queue's pooled connections still reach the old primary, which now
+    refuses writes (demoted to a standby, fenced read-only), while its multi-host DSN leads new
+    connections to the new one. The first refused write retires the pool and runs again on a new
+    connection: no call fails, no write is lost or lands twice; kept, the old connections
+    refused every write until they expired."""
+    with Queue(switchover.dsn, schema=SCHEMA) as queue:
+        queue.enqueue("t")
+        assert switchover.jobs() == (1, 0)
+        switchover.demote_old()
+
+        def pooled_session_is_read_only() -> bool:
+            with queue.connection() as c:
+                return c.execute(READ_ONLY).fetchone() == ("on",)
+
+        wait_until(pooled_session_is_read_only, 10, "the pooled session stayed writable")
+        ids = [queue.enqueue("t") for _ in range(10)]
+        ids += queue.enqueue_many([{"task": "t"}] * 10)
+    assert len(set(ids)) == 20
+    assert switchover.jobs() == (1, 20)
+
+
+def test_an_async_queue_leaves_the_old_primary_after_a_switchover_too(switchover: Switchover) -> None:
+    """The asyncio queue (the source the sync one is generated from) on the same switchover."""
+
+    async def scenario() -> list[int]:
+        async with AsyncQueue(switchover.dsn, schema=SCHEMA) as queue:
+            await queue.enqueue("t")
+            switchover.demote_old()
+            deadline = time.monotonic() + 10
+            while True:
+                async with queue.connection() as c:
+                    if await (await c.execute(READ_ONLY)).fetchone() == ("on",):
+                        break
+                assert time.monotonic() < deadline, "the pooled session stayed writable"
+                await asyncio.sleep(0.1)
+            ids = [await queue.enqueue("t") for _ in range(10)]
+            return ids + await queue.enqueue_many([{"task": "t"}] * 10)
+
+    ids = asyncio.run(scenario())
+    assert len(set(ids)) == 20
+    assert switchover.jobs() == (1, 20)
 
 
 def _refuses_writes(queue: Queue) -> bool:
