@@ -68,6 +68,7 @@ class WorkerRun:
     rescuer: Rescuer
     pruner: Pruner
     lease_keeper: LeaseKeeper
+    listener_recheck: asyncio.Event  # set: the listener tests at once that it still hears
     helpers: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
@@ -155,9 +156,12 @@ class AsyncWorker:
     def _build(self, loop: asyncio.AbstractEventLoop, stopping: asyncio.Event) -> WorkerRun:
         s, q = self.settings, self.queries
         dsn = self.queue.dsn
-        claim_conn = ServiceConnection(dsn, "")
-        ack_conn = ServiceConnection(dsn, "ack")
-        upkeep_conn = ServiceConnection(dsn, "upkeep")
+        # A write refused as read-only makes the listener test that it still hears (a switchover
+        # can leave it on the old primary, up and read-only, while NOTIFYs go to the new one).
+        recheck = asyncio.Event()
+        claim_conn = ServiceConnection(dsn, "", on_read_only=recheck.set)
+        ack_conn = ServiceConnection(dsn, "ack", on_read_only=recheck.set)
+        upkeep_conn = ServiceConnection(dsn, "upkeep", on_read_only=recheck.set)
         threads = ThreadPoolExecutor(max_workers=s.concurrency, thread_name_prefix="pgqueue-job")
         processes = self._process_slots()
         progress = ProgressWriter(upkeep_conn, q)
@@ -219,6 +223,7 @@ class AsyncWorker:
                 interval=s.prune_interval,
             ),
             lease_keeper=keeper,
+            listener_recheck=recheck,
         )
 
     def _job_ended(self, job: ClaimedJob) -> None:
@@ -271,6 +276,7 @@ class AsyncWorker:
                 on_hearing=run.claimer.hearing,
             ),
             reconnect_delay,
+            run.listener_recheck,
         )
         return [
             asyncio.create_task(run.completer.run(), name="pgqueue-completer"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -74,9 +74,10 @@ class ServiceConnection:
     connection, the one worker connection not opened here, does the same.
     """
 
-    def __init__(self, dsn: str, role: str) -> None:
+    def __init__(self, dsn: str, role: str, *, on_read_only: Callable[[], None] | None = None) -> None:
         self.dsn = dsn
         self.role = role
+        self._on_read_only = on_read_only  # a write was refused as read-only (a switchover?)
         self.prepare = prepared_statements_enabled()
         self._conn: Conn | None = None
 
@@ -105,10 +106,16 @@ class ServiceConnection:
             conn = await self.get()
             try:
                 yield conn
-            except (psycopg.OperationalError, psycopg.InterfaceError, psycopg.errors.ReadOnlySqlTransaction):
+            except (
+                psycopg.OperationalError,
+                psycopg.InterfaceError,
+                psycopg.errors.ReadOnlySqlTransaction,
+            ) as exc:
                 # Read-only: the next connection may reach the primary (a multi-host DSN with
                 # target_session_attrs=read-write, an address moved to the promoted standby).
                 await self.discard()
+                if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction) and self._on_read_only is not None:
+                    self._on_read_only()
                 raise
 
     async def discard(self) -> None:

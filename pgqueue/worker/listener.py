@@ -8,6 +8,12 @@ connection that listens goes back to the pool). So after each connect the listen
 a NOTIFY over a separate connection and waits for it: if it does not arrive, the worker says so
 once and polls often instead (``on_deaf``). ``listen_dsn`` can point the listener straight at
 PostgreSQL, or at a session-mode pool, while everything else goes through the pooler.
+
+A connection that heard its test can go deaf without dropping: after a switchover that left the
+old primary up and read-only, it still listens there while every NOTIFY is sent on the new one.
+So the test runs again every :data:`RECHECK_INTERVAL`, and at once when another service of the
+worker had a write refused as read-only (``recheck``); a connection that heard once and no longer
+does is replaced, and the new one reaches the server the DSN leads to now.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +33,9 @@ from pgqueue.worker.db import connect_kwargs
 
 log = logging.getLogger("pgqueue.worker")
 SELF_TEST_TIMEOUT = 2.0
+RECHECK_INTERVAL = 30.0  # seconds between self-tests on a connection that hears
+RECHECK_AT_MOST = 5.0  # seconds between self-tests asked for (a read-only server refuses often)
+SLICE = 0.5  # seconds between looks at whether a self-test is due or has come back
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +56,13 @@ async def listen(
     worker_id: str,
     handlers: Handlers,
     retry_delay: Callable[[int], float],
+    recheck: asyncio.Event,
 ) -> None:
-    """Run until cancelled, reconnecting with backoff whenever the connection drops."""
+    """Run until cancelled, reconnecting with backoff whenever the connection drops, and at once
+    when it no longer hears its own test after it once did."""
     failures = 0
     deaf = False
+    hearing = False  # a self-test on the current connection came back
     ping = PING_PREFIX + worker_id
 
     def judged(test: asyncio.Task[bool | None]) -> None:
@@ -58,9 +71,10 @@ async def listen(
             return  # the self-test could not run: nothing learned
         now_deaf = test.result() is False
         if now_deaf != deaf:
-            _report(now_deaf)
+            if not (now_deaf and hearing):  # else: the loop replaces the connection, and says so
+                _report(now_deaf)
             deaf = now_deaf
-        handlers.on_deaf(now_deaf)
+            handlers.on_deaf(now_deaf)
         handlers.on_hearing(not now_deaf)
 
     while True:
@@ -74,23 +88,35 @@ async def listen(
                 failures = 0
                 handlers.on_reconnect()
                 heard = asyncio.Event()
+                hearing = False
                 test = asyncio.create_task(_self_test(notify_dsn, channel, ping, heard))
                 test.add_done_callback(judged)
+                recheck.clear()
+                tested_at = time.monotonic()
                 try:
-                    async for note in conn.notifies():
-                        payload = note.payload
-                        if payload == ping:
-                            heard.set()
-                        elif payload.startswith(PING_PREFIX):
-                            pass  # another worker's self-test
-                        elif payload.startswith(WAKE_PREFIX):
-                            handlers.on_wake(payload[len(WAKE_PREFIX) :])
-                        elif payload.startswith(CANCEL_PREFIX):
-                            handlers.on_cancel(int(payload[len(CANCEL_PREFIX) :]))
-                        elif payload.startswith(SETTINGS_PREFIX):
-                            handlers.on_settings(payload[len(SETTINGS_PREFIX) :])
-                        else:
-                            handlers.on_queue(payload)
+                    while True:
+                        async for note in conn.notifies(timeout=SLICE):
+                            if note.payload == ping:
+                                heard.set()
+                            else:
+                                _dispatch(note.payload, handlers)
+                        if not test.done():
+                            continue
+                        result = None if test.cancelled() or test.exception() else test.result()
+                        if result is False and hearing:
+                            log.warning(
+                                "listener: its own test notification went unheard on a connection "
+                                "that heard before (left on an old primary?); reconnecting"
+                            )
+                            break
+                        hearing = hearing or result is True
+                        since = time.monotonic() - tested_at
+                        if since >= RECHECK_INTERVAL or (recheck.is_set() and since >= RECHECK_AT_MOST):
+                            recheck.clear()
+                            tested_at = time.monotonic()
+                            heard.clear()
+                            test = asyncio.create_task(_self_test(notify_dsn, channel, ping, heard))
+                            test.add_done_callback(judged)
                 finally:
                     test.cancel()
         except asyncio.CancelledError:
@@ -101,6 +127,19 @@ async def listen(
             delay = retry_delay(failures)
             log.warning("listener connection lost (%s); reconnecting in %.1fs", exc, delay)
             await asyncio.sleep(delay)
+
+
+def _dispatch(payload: str, handlers: Handlers) -> None:
+    if payload.startswith(PING_PREFIX):
+        pass  # another worker's self-test
+    elif payload.startswith(WAKE_PREFIX):
+        handlers.on_wake(payload[len(WAKE_PREFIX) :])
+    elif payload.startswith(CANCEL_PREFIX):
+        handlers.on_cancel(int(payload[len(CANCEL_PREFIX) :]))
+    elif payload.startswith(SETTINGS_PREFIX):
+        handlers.on_settings(payload[len(SETTINGS_PREFIX) :])
+    else:
+        handlers.on_queue(payload)
 
 
 def _report(deaf: bool) -> None:

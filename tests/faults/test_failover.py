@@ -252,3 +252,64 @@ def test_failover_to_a_synchronous_standby_loses_no_acknowledged_job(tmp_path: P
     assert not (twice & done), f"jobs completed before the crash ran again: {sorted(twice & done)[:20]}"
     assert twice <= running, f"jobs ran twice that were not running at the crash: {sorted(twice - running)}"
     assert resumed < RESUME_BOUND, f"work resumed {resumed:.1f} s after the standby accepted writes"
+
+
+def test_a_switchover_that_leaves_the_old_primary_up_moves_the_listener_too(tmp_path: Path) -> None:
+    """A switchover can leave the old primary running, read-only, with the worker's connections
+    still on it. The services that write meet the refusal and reconnect to the new primary; the
+    listener only reads, and would stay on the old one, deaf to every NOTIFY sent on the new one,
+    while the worker believed it could wait for them: each job would then wait for a poll (30 s
+    here). The refusal makes the listener test itself, and it moves too: a job enqueued on the
+    new primary starts within a second, woken, not polled."""
+    env = {"PGQUEUE_LEASE_SECONDS": "3", "PGQUEUE_RESCUE_INTERVAL": "0.5"}
+    root = Path(tempfile.mkdtemp(prefix="pgqueue-switchover-"))
+    os.chmod(root, 0o755)
+    old, new = PgServer(root / "old"), PgServer(root / "new")
+    try:
+        for server in (old, new):
+            server.start()
+            upgrade(server.dsn(), schema=SCHEMA)
+        dsn = multi_host_dsn(old, new)
+        app = worker_app.App(dsn, SCHEMA)
+        workers = Workers(dsn, SCHEMA, tmp_path)
+        try:
+            worker = workers.start("--poll-interval", "30", env=env)
+            with psycopg.connect(old.dsn(), autocommit=True) as conn:
+                workers.wait_registered(Db(old.dsn(), SCHEMA, conn), worker)
+            old.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+            old.reload()
+            with psycopg.connect(new.dsn(), autocommit=True) as conn:
+                db = Db(new.dsn(), SCHEMA, conn)
+                wait_until(
+                    lambda: db.rows("SELECT 1 FROM {workers} WHERE waiting_until IS NOT NULL"),
+                    15,
+                    lambda: f"the worker never waited on the new primary\n{worker.log_tail()}",
+                )
+                wait_until(
+                    lambda: "notifications arrive again" in worker.log_tail(200),
+                    15,
+                    lambda: f"the listener never heard again\n{worker.log_tail()}",
+                )
+                enqueued = time.monotonic()
+                job_id = app.queue.enqueue("noop")
+                wait_until(
+                    lambda: db.rows(
+                        "SELECT 1 FROM {all_jobs} AS j WHERE id = %s AND started_at IS NOT NULL", [job_id]
+                    ),
+                    5,
+                    lambda: f"job not started\n{worker.log_tail()}",
+                    interval=0.01,
+                )
+                started_after = time.monotonic() - enqueued
+            assert worker.alive(), worker.log_tail()
+            assert "went unheard" in worker.log_tail(200), worker.log_tail()
+        finally:
+            workers.stop_all()
+            app.queue.close()
+    finally:
+        for server in (old, new):
+            with contextlib.suppress(Exception):
+                server.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\nswitchover, old primary left read-only: started {started_after * 1000:.0f} ms after enqueue")
+    assert started_after < 1.0
