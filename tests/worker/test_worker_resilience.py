@@ -264,3 +264,38 @@ def test_a_rescue_takes_only_leases_seen_expired_and_unchanged_for_its_grace(que
                 await conn.close()
 
         asyncio.run(rounds())
+
+
+def test_rescuers_that_sighted_the_same_jobs_rescue_each_once(queue: Queue) -> None:
+    """Every live worker rescues, so several rescuers sight the same expired jobs and, a grace
+    later, try to take them at the same moment. Each job goes back to the queue once, with one
+    lost attempt on record, whichever rescuer wins it; the others find the claim gone."""
+    jobs = sql.SQL("{}.jobs").format(sql.Identifier(queue.queries.schema))
+    with psycopg.connect(queue.dsn, autocommit=True) as c:
+        ids = [
+            row[0]
+            for row in c.execute(
+                sql.SQL(
+                    "INSERT INTO {} (queue, task, state, worker_id, claim_token, attempts, started_at,"
+                    " lease_expires_at) SELECT 'q', 't', 'running', 'gone', gen_random_uuid(), 1, now(),"
+                    " now() - interval '1 minute' FROM generate_series(1, 300) RETURNING id"
+                ).format(jobs)
+            ).fetchall()
+        ]
+
+        async def race() -> list[int]:
+            conns = [ServiceConnection(queue.dsn, "test") for _ in range(3)]
+            rescuers = [Rescuer(conn, queue.queries, lease_seconds=0.3, interval=60) for conn in conns]
+            try:
+                assert [await r.run_once() for r in rescuers] == [0, 0, 0]  # each sighted all 300
+                await asyncio.sleep(rescuers[0].grace)
+                return list(await asyncio.gather(*(r.run_once() for r in rescuers)))
+            finally:
+                for conn in conns:
+                    await conn.close()
+
+        rescued = asyncio.run(race())
+        outcome = sql.SQL("SELECT state, attempts, jsonb_array_length(errors) FROM {} WHERE id = ANY(%s)")
+        rows = c.execute(outcome.format(jobs), [ids]).fetchall()
+    assert sum(rescued) == 300, rescued
+    assert sorted(set(rows)) == [("queued", 1, 1)], rows
