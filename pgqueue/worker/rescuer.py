@@ -5,10 +5,10 @@ A lease can lapse while its owner is alive: the database was down, stalled (a VM
 frozen disk) or locked, and nobody could renew. When it answers again, the owners' renewals and
 a rescue run at the same moment, and a rescue that wins takes jobs that are still running. So a
 rescue is two-phase: a round sights the expired leases, and a later one takes only those it has
-seen expired and unchanged for a grace: the time a live owner takes to renew once it can, plus
-a margin to reconnect. An owner whose lease has lapsed is retrying a failed renewal (every
-second, or every heartbeat interval when that is shorter) or waiting for one in flight, so it
-has renewed by then and its changed lease keeps the job; a dead owner's lease never changes.
+seen expired and unchanged for :data:`GRACE`: the time a live owner takes to renew once it can,
+plus a margin to reconnect. An owner whose lease has lapsed is retrying a failed renewal (every
+second at most, whatever its own lease) or waiting for one in flight, so it has renewed by then
+and its changed lease keeps the job; a dead owner's lease never changes.
 No clock is compared across machines and no outage has to be noticed: the rule holds whatever
 kept the owner away.
 """
@@ -32,12 +32,10 @@ log = logging.getLogger("pgqueue.maintenance")
 BATCH = 500  # jobs rescued per statement
 SIGHT = 10_000  # expired leases sighted per round, oldest first
 MARGIN = 1.5  # seconds on top of the owners' retry, for them to reconnect and renew
-
-
-def grace(lease_seconds: float) -> float:
-    """How long a lease must stay expired and unchanged before it is rescued: owners renew every
-    lease/3 and, once a renewal failed, retry every RETRY seconds; MARGIN lets them reconnect."""
-    return min(RETRY, lease_seconds / 3) + MARGIN
+# Seconds a lease must stay expired and unchanged before it is rescued. An owner retries a failed
+# renewal every RETRY seconds at most (sooner when its heartbeat interval is shorter), whatever
+# its lease; so this holds for a fleet of workers with different leases too.
+GRACE = RETRY + MARGIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +64,7 @@ class Rescuer:
         self._queries = queries
         self._lease = lease_seconds
         self._interval = interval
-        self.grace = grace(lease_seconds)
+        self.grace = GRACE
         self._sighted: dict[int, tuple[Expired, float]] = {}  # id -> (lease seen, first seen at)
 
     async def run(self) -> None:

@@ -13,8 +13,7 @@ from worker_helpers import Db, Workers, terminate_backends, thread_worker, wait_
 
 from pgqueue import JobSpec, JobState, Queue
 from pgqueue.worker.db import ServiceConnection
-from pgqueue.worker.rescuer import Rescuer
-from pgqueue.worker.rescuer import grace as rescue_grace
+from pgqueue.worker.rescuer import GRACE, Rescuer
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +115,7 @@ def test_a_claim_the_worker_never_received_is_rescued_by_lease(wapp: worker_app.
         # The lease runs out, a round sights it, one a grace later rescues it, the job runs.
         wait_until(
             lambda: wapp.queue.get_job(job_id).state is JobState.COMPLETED,
-            1.0 + rescue_grace(1.0) + 2 * 0.2 + 1.0,
+            1.0 + GRACE + 2 * 0.2 + 1.0,
             lambda: f"job stuck: {wapp.queue.get_job(job_id)}",
         )
     job = wapp.queue.get_job(job_id)
@@ -149,8 +148,8 @@ def test_expired_leases_are_rescued_and_an_exhausted_job_is_dead_lettered(
             10,
             lambda: f"{wapp.queue.get_job(again)}\n{wapp.queue.get_job(exhausted)}",
         )
-        # Sighted within a round, taken a grace later (the default 30 s lease), run within a second.
-        assert time.monotonic() - rescued_from < rescue_grace(30.0) + 2 * 0.2 + 1.0
+        # Sighted within a round, taken a grace later, run within a second.
+        assert time.monotonic() - rescued_from < GRACE + 2 * 0.2 + 1.0
     job = wapp.queue.get_job(again)
     assert job.attempts == 2
     assert [e["type"] for e in job.errors] == ["LeaseExpired"]
