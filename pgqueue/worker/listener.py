@@ -67,9 +67,10 @@ async def listen(
 
     def judged(test: asyncio.Task[bool | None]) -> None:
         nonlocal deaf
-        if test.cancelled() or test.exception() is not None or test.result() is None:
+        result = _result(test)
+        if result is None:
             return  # the self-test could not run: nothing learned
-        now_deaf = test.result() is False
+        now_deaf = result is False
         if now_deaf != deaf:
             if not (now_deaf and hearing):  # else: the loop replaces the connection, and says so
                 _report(now_deaf)
@@ -102,7 +103,7 @@ async def listen(
                                 _dispatch(note.payload, handlers)
                         if not test.done():
                             continue
-                        result = None if test.cancelled() or test.exception() else test.result()
+                        result = _result(test)
                         if result is False and hearing:
                             log.warning(
                                 "listener: its own test notification went unheard on a connection "
@@ -127,6 +128,11 @@ async def listen(
             delay = retry_delay(failures)
             log.warning("listener connection lost (%s); reconnecting in %.1fs", exc, delay)
             await asyncio.sleep(delay)
+
+
+def _result(test: asyncio.Task[bool | None]) -> bool | None:
+    """A finished self-test's verdict: heard, not heard, or None when it could not run."""
+    return None if test.cancelled() or test.exception() is not None else test.result()
 
 
 def _dispatch(payload: str, handlers: Handlers) -> None:

@@ -64,7 +64,6 @@ class Rescuer:
         self._queries = queries
         self._lease = lease_seconds
         self._interval = interval
-        self.grace = GRACE
         self._sighted: dict[int, tuple[Expired, float]] = {}  # id -> (lease seen, first seen at)
 
     async def run(self) -> None:
@@ -80,7 +79,7 @@ class Rescuer:
         how many jobs it rescued."""
         async with self._conn.use() as c:
             now = time.monotonic()
-            due = [seen for seen, at in self._sighted.values() if now - at >= self.grace]
+            due = [seen for seen, at in self._sighted.values() if now - at >= GRACE]
             total = 0
             for start in range(0, len(due), BATCH):
                 total += await self._rescue(c, due[start : start + BATCH])

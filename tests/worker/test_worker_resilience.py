@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import psycopg
 import pytest
@@ -195,37 +196,43 @@ def test_a_job_lost_before_its_start_was_recorded_costs_no_attempt_until_it_keep
     assert "before the job's start was recorded (4 such losses)" in dead.errors[0]["message"]
 
 
+EXPIRED = "now() - interval '1 minute'"
+
+
+def insert_running(
+    c: psycopg.Connection[Any],
+    jobs: sql.Composable,
+    *,
+    owner: str,
+    token: bool = True,
+    lease: str = EXPIRED,
+    count: int = 1,
+) -> list[int]:
+    """``count`` running jobs of ``owner`` as a claim leaves them (started, one attempt), written
+    by hand: with a claim token or none, and ``lease`` (SQL) as their lease, expired by default."""
+    query = sql.SQL(
+        "INSERT INTO {} (queue, task, state, worker_id, claim_token, attempts, started_at, lease_expires_at)"
+        " SELECT 'q', 't', 'running', %s, {}, 1, now(), {} FROM generate_series(1, %s) RETURNING id"
+    ).format(jobs, sql.SQL("gen_random_uuid()" if token else "NULL"), sql.SQL(lease))
+    return [row[0] for row in c.execute(query, [owner, count]).fetchall()]
+
+
 def test_a_rescue_takes_only_leases_seen_expired_and_unchanged_for_its_grace(queue: Queue) -> None:
     """A lease can lapse while its owner lives (the database was down, frozen or locked); the
     owner renews as soon as it can, at the moment a rescue would run. So a round only sights
-    expired leases, and a later one takes those it has seen unchanged for a heartbeat interval
-    plus a margin: a lease renewed meanwhile keeps its job, and one renewed into another lapse
+    expired leases, and a later one takes those it has seen unchanged for the rescuer's grace:
+    a lease renewed meanwhile keeps its job, and one renewed into another lapse
     starts its grace again. Rows written by hand (no claim token, a lease of -infinity, no lease)
     are rescued too. Real rounds on a real database, a real wait for the grace."""
     jobs = sql.SQL("{}.jobs").format(sql.Identifier(queue.queries.schema))
     with psycopg.connect(queue.dsn, autocommit=True) as c:
         gone, renewed, relapsed = (
-            c.execute(
-                sql.SQL(
-                    "INSERT INTO {} (queue, task, state, worker_id, claim_token, attempts, started_at,"
-                    " lease_expires_at) VALUES ('q', 't', 'running', %s, gen_random_uuid(), 1, now(),"
-                    " now() - interval '1 minute') RETURNING id"
-                ).format(jobs),
-                [owner],
-            ).fetchone()[0]  # type: ignore[index]
-            for owner in ("gone", "renewing", "relapsing")
+            insert_running(c, jobs, owner=o)[0] for o in ("gone", "renewing", "relapsing")
         )
         # Written by hand: no claim token, and a lease Python reads only clamped, or none at all.
         odd, leaseless = (
-            c.execute(
-                sql.SQL(
-                    "INSERT INTO {} (queue, task, state, worker_id, attempts, started_at,"
-                    " lease_expires_at) VALUES ('q', 't', 'running', 'by hand', 1, now(), %s)"
-                    " RETURNING id"
-                ).format(jobs),
-                [lease],
-            ).fetchone()[0]  # type: ignore[index]
-            for lease in ("-infinity", None)
+            insert_running(c, jobs, owner="by hand", token=False, lease=lease)[0]
+            for lease in ("'-infinity'", "NULL")
         )
 
         def states() -> tuple[str, ...]:
@@ -253,10 +260,10 @@ def test_a_rescue_takes_only_leases_seen_expired_and_unchanged_for_its_grace(que
                     ).format(jobs),
                     [relapsed],
                 )
-                await asyncio.sleep(rescuer.grace)
+                await asyncio.sleep(GRACE)
                 assert await rescuer.run_once() == 3
                 assert states() == ("queued", "running", "running", "queued", "queued")
-                await asyncio.sleep(rescuer.grace)
+                await asyncio.sleep(GRACE)
                 assert await rescuer.run_once() == 1
                 assert states() == ("queued", "running", "queued", "queued", "queued")
             finally:
@@ -271,23 +278,14 @@ def test_rescuers_that_sighted_the_same_jobs_rescue_each_once(queue: Queue) -> N
     lost attempt on record, whichever rescuer wins it; the others find the claim gone."""
     jobs = sql.SQL("{}.jobs").format(sql.Identifier(queue.queries.schema))
     with psycopg.connect(queue.dsn, autocommit=True) as c:
-        ids = [
-            row[0]
-            for row in c.execute(
-                sql.SQL(
-                    "INSERT INTO {} (queue, task, state, worker_id, claim_token, attempts, started_at,"
-                    " lease_expires_at) SELECT 'q', 't', 'running', 'gone', gen_random_uuid(), 1, now(),"
-                    " now() - interval '1 minute' FROM generate_series(1, 300) RETURNING id"
-                ).format(jobs)
-            ).fetchall()
-        ]
+        ids = insert_running(c, jobs, owner="gone", count=300)
 
         async def race() -> list[int]:
             conns = [ServiceConnection(queue.dsn, "test") for _ in range(3)]
             rescuers = [Rescuer(conn, queue.queries, lease_seconds=0.3, interval=60) for conn in conns]
             try:
                 assert [await r.run_once() for r in rescuers] == [0, 0, 0]  # each sighted all 300
-                await asyncio.sleep(rescuers[0].grace)
+                await asyncio.sleep(GRACE)
                 return list(await asyncio.gather(*(r.run_once() for r in rescuers)))
             finally:
                 for conn in conns:
