@@ -9,8 +9,9 @@ Prints, p50 and p99:
 2. for jobs enqueued 20 ms apart (as scenario 3 does) to one idle worker process: the enqueue
    call, commit to handler start, and the whole latency (call start to handler start);
 3. the server's own time for the statements on that path (pg_stat_statements);
-4. inside the worker, per job: the wake-up heard, the claim sent, its rows handed to the executor,
-   the handler started (the worker's own methods timed from this process, nothing changed in them).
+4. inside the worker, per job: the hand-off heard and the handler started; or, for a job that
+   came by wake-up, the wake-up heard, the claim sent, its rows handed to the executor, the
+   handler started (the worker's own methods timed from this process, nothing changed in them).
 
 It explains scenario 3's figure; nothing here is timed for the results table.
 """
@@ -88,6 +89,7 @@ async def work(dsn: str, out: Path, seconds: float) -> None:
 
     starts: dict[str, float] = {}
     events: list[tuple[str, float]] = []
+    timed(events, Claimer, "handed", "handed")
     timed(events, Claimer, "woken", "woken")
     timed(events, Claimer, "claim", "claim")
     timed(events, Executor, "take", "answered")
@@ -104,27 +106,37 @@ async def work(dsn: str, out: Path, seconds: float) -> None:
     out.write_text(json.dumps({"starts": starts, "events": events}))
 
 
-STEPS = ("woken", "claim", "answered", "started")
+# The two ways a job reaches an idle worker: handed over whole by its enqueue (the row already
+# claimed for it), or a wake-up followed by the worker's claim.
+PATHS = {
+    "handed over by the enqueue": ("handed", "started"),
+    "woken, then claimed": ("woken", "claim", "answered", "started"),
+}
 
 
 def worker_steps(calls: dict[int, tuple[float, float]], events: list[tuple[str, float]]) -> None:
-    """Per job, the first of each step after its enqueue call began, in order (the wake-up can
-    arrive before the call returns); jobs whose steps are not all within a gap (a poll, not a
-    wake-up, found them) are left out."""
-    spans: dict[str, list[float]] = {f"{a} -> {b}": [] for a, b in zip(("call", *STEPS), STEPS, strict=False)}
-    for began, _ in calls.values():
-        at, times = began, [began]
-        for step in STEPS:
-            at = next((t for label, t in events if label == step and t >= at), float("inf"))
-            times.append(at)
-        if times[-1] - began > GAP:
-            continue
-        for name, a, b in zip(spans, times, times[1:], strict=False):
-            spans[name].append(b - a)
-    print(f"inside the worker ({len(next(iter(spans.values())))} jobs woken by their own enqueue):")
-    for name, values in spans.items():
-        if values:
-            print(f"  {name:25}  {quantiles(values)}")
+    """Per job, by the way it came (the first hand-off or wake-up after its enqueue call began:
+    either can arrive before the call returns), the first of each step after it, in order; jobs
+    whose steps are not all within a gap (a poll, not their enqueue, found them) are left out."""
+    for path, steps in PATHS.items():
+        pairs = zip(("call", *steps), steps, strict=False)
+        spans: dict[str, list[float]] = {f"{a} -> {b}": [] for a, b in pairs}
+        for began, _ in calls.values():
+            first = next((label for label, t in events if label in ("handed", "woken") and t >= began), None)
+            if first != steps[0]:
+                continue
+            at, times = began, [began]
+            for step in steps:
+                at = next((t for label, t in events if label == step and t >= at), float("inf"))
+                times.append(at)
+            if times[-1] - began > GAP:
+                continue
+            for name, a, b in zip(spans, times, times[1:], strict=False):
+                spans[name].append(b - a)
+        print(f"inside the worker, {path} ({len(next(iter(spans.values())))} jobs):")
+        for name, values in spans.items():
+            if values:
+                print(f"  {name:25}  {quantiles(values)}")
 
 
 async def produce(dsn: str, jobs: int) -> dict[int, tuple[float, float]]:

@@ -5,6 +5,7 @@ The twins (:mod:`pgqueue._queue`, :mod:`pgqueue._aqueue`) only add the I/O aroun
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -276,8 +277,15 @@ def wake_params(
 def enqueue_params(
     queries: Queries, request: JobRequest, notify: bool, *, commits_alone: bool
 ) -> dict[str, Any]:
+    """The ``enqueue`` statement's parameters. A job due now, written by a statement that commits
+    by itself, may be handed to a waiting worker (``handoff``) under a new claim ``token``."""
+    wake = wake_params(queries, [request.queue], notify=notify, commits_alone=commits_alone)
+    due_now = request.run_at is None and not request.delay_seconds
+    handoff = bool(wake["wake_one"] and due_now and request.scheduled_for is None)
     return {
-        **wake_params(queries, [request.queue], notify=notify, commits_alone=commits_alone),
+        **wake,
+        "handoff": handoff,
+        "token": uuid.uuid4() if handoff else None,
         "queue": request.queue,
         "task": request.task,
         "args": request.args_json,

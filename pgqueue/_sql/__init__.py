@@ -52,6 +52,7 @@ class Queries:
     # worker.sql
     claim: str
     start_waiting: str
+    release_missed_handoffs: str
     stop_waiting: str
     pass_wake: str
     lock_queue: str

@@ -5,22 +5,65 @@
 -- ---------------------------------------------------------------- enqueue
 
 -- name: enqueue
--- One job, and its wake-up in the same statement (Postgres delivers notifications at commit).
--- %(wake_one)s (the statement commits by itself): one waiting worker of the queue is woken, or
--- none when none waits (see wake_one). %(broadcast)s (inside the caller's transaction, which may
--- commit much later): the queue's name goes to every worker listening, at commit.
-WITH job AS (
+-- One job, and what tells a worker of it, in the same statement (Postgres delivers
+-- notifications at commit).
+-- %(wake_one)s (the statement commits by itself): one worker waiting for jobs of the queue is
+-- picked and taken off the waiting list, as wake_one does. With %(handoff)s (the job is due now
+-- and is no schedule's fire), on a queue neither paused nor limited, a picked worker that takes
+-- hand-offs (its handoff_lease is set) gets the job itself: the row is inserted claimed by it,
+-- under token %(token)s and its lease, its start not yet charged (as a prefetched job's is), and
+-- the notification carries the row and its lease (!take), so the worker starts it without a
+-- claim's round trip (and knows, from the lease, when it was handed over). Otherwise the worker is only woken (!wake), and also when the job would not fit in
+-- NOTIFY's 8,000 bytes. No worker waiting: nothing is sent, and the commit skips NOTIFY's lock.
+-- %(broadcast)s (inside the caller's transaction, which may commit much later): the queue's name
+-- goes to every worker listening, at commit; nothing is handed off (a lease written now could
+-- be over by then).
+WITH pick AS (
+    SELECT id, handoff_lease FROM {schema}.workers
+    WHERE %(wake_one)s AND waiting_until > now() AND queues && ARRAY[%(queue)s::text]
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), handoff AS (
+    SELECT id AS worker_id, handoff_lease AS lease FROM pick
+    WHERE %(handoff)s AND handoff_lease IS NOT NULL
+      AND NOT EXISTS (SELECT FROM {schema}.queues
+                      WHERE name = %(queue)s
+                        AND (paused OR concurrency IS NOT NULL OR rate_limit IS NOT NULL))
+      -- The job's part of the notification, as the server prints it (a number can grow).
+      AND CASE WHEN octet_length(%(args)s::text) > 6000 THEN false
+               ELSE octet_length(%(task)s::text) + octet_length(%(queue)s::text)
+                    + octet_length(%(args)s::jsonb::text) <= 7000 END
+), job AS (
     INSERT INTO {schema}.jobs
-        (queue, task, args, priority, run_at, max_attempts, timeout, unique_key, scheduled_for)
-    VALUES (%(queue)s, %(task)s, %(args)s::jsonb, %(priority)s,
-            coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)),
-            %(max_attempts)s, %(timeout)s, %(unique_key)s, %(scheduled_for)s)
+        (queue, task, args, priority, run_at, max_attempts, timeout, unique_key, scheduled_for,
+         state, worker_id, claim_token, lease_expires_at)
+    SELECT %(queue)s, %(task)s, %(args)s::jsonb, %(priority)s,
+           coalesce(%(run_at)s, now() + make_interval(secs => %(delay)s)),
+           %(max_attempts)s, %(timeout)s, %(unique_key)s, %(scheduled_for)s,
+           CASE WHEN h.worker_id IS NULL THEN 'queued' ELSE 'running' END::{schema}.job_state,
+           h.worker_id, CASE WHEN h.worker_id IS NOT NULL THEN %(token)s::uuid END,
+           clock_timestamp() + make_interval(secs => h.lease)
+    FROM (SELECT) AS one LEFT JOIN handoff AS h ON true
     ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
-    RETURNING id, queue
+    RETURNING id, queue, task, args, priority, attempts, max_attempts, timeout, worker_id, claim_token,
+              lease_expires_at
 ), woken AS (
-    {wake_one}
+    UPDATE {schema}.workers AS w SET waiting_until = NULL
+    FROM pick
+    WHERE w.id = pick.id AND EXISTS (SELECT FROM job)
+    RETURNING w.id
 )
-SELECT id, CASE WHEN %(broadcast)s THEN pg_notify(%(channel)s, queue) END AS woke FROM job
+SELECT job.id,
+       CASE WHEN %(broadcast)s THEN pg_notify(%(channel)s, job.queue)
+            WHEN job.worker_id IS NOT NULL THEN pg_notify(
+                %(channel)s,
+                '!take ' || job.worker_id || ' ' || json_build_object(
+                    'id', job.id, 'token', job.claim_token, 'queue', job.queue, 'task', job.task,
+                    'args', job.args, 'priority', job.priority, 'attempt', job.attempts,
+                    'max_attempts', job.max_attempts, 'timeout', job.timeout,
+                    'lease', extract(epoch FROM job.lease_expires_at))::text)
+            ELSE (SELECT pg_notify(%(channel)s, '!wake ' || woken.id) FROM woken) END AS woke
+FROM job
 
 -- name: find_unique
 -- The live job holding a unique key (every row of jobs is live: finished ones have moved out).

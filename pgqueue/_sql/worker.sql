@@ -80,11 +80,28 @@ CROSS JOIN LATERAL (
 LIMIT q.n
 
 -- name: start_waiting
--- The worker has room and its last claim found less than it asked for: producers may wake it
--- now (wake_one). No row yet (the first heartbeat has not run): nothing, and it polls.
+-- The worker has room and its last claim found less than it asked for: producers may wake it,
+-- or hand it a job, now (wake_one, enqueue). No row yet (the first heartbeat has not run):
+-- nothing, and it polls. The server's clock comes back with the answer: the worker judges a
+-- hand-off's age by it (see pgqueue.worker.claimer).
 UPDATE {schema}.workers SET waiting_until = now() + make_interval(secs => %(lease)s)
 WHERE id = %(worker_id)s
-RETURNING id
+RETURNING extract(epoch FROM clock_timestamp())::float8
+
+-- name: release_missed_handoffs
+-- After the listener (re)connected: jobs handed to this worker (claimed for it, never started,
+-- not held) before it listened again go back, uncharged; their notification was sent to a
+-- connection that was gone. Only those: a hand-off committed since is on its way and will be
+-- taken. A job is handed over with this worker's lease from its insert, and no renewal moves
+-- a job the worker does not hold: its insert is before %(since)s when its lease ends before
+-- %(since)s + the lease.
+UPDATE {schema}.jobs
+SET state = 'queued', run_at = now(), worker_id = NULL, lease_expires_at = NULL,
+    cancel_requested = false, claim_token = NULL
+WHERE state = 'running' AND worker_id = %(worker_id)s AND started_at IS NULL
+  AND lease_expires_at < %(since)s::timestamptz + make_interval(secs => %(lease)s)
+  AND id <> ALL(%(held)s::bigint[])
+RETURNING queue
 
 -- name: stop_waiting
 -- The worker is busy again (a claim got all it asked for): wake-ups should go to others.
@@ -261,10 +278,10 @@ RETURNING id
 -- the lease would otherwise write a lease already over, and the next rescue round would hand
 -- jobs still running here to another worker.
 WITH beat AS (
-    INSERT INTO {schema}.workers (id, host, pid, queues, concurrency, abandoned_threads)
-    VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s, %(abandoned)s)
+    INSERT INTO {schema}.workers (id, host, pid, queues, concurrency, abandoned_threads, handoff_lease)
+    VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(concurrency)s, %(abandoned)s, %(lease)s)
     ON CONFLICT (id) DO UPDATE
-    SET heartbeat_at = now(), abandoned_threads = %(abandoned)s,
+    SET heartbeat_at = now(), abandoned_threads = %(abandoned)s, handoff_lease = %(lease)s,
         waiting_until = CASE WHEN workers.waiting_until IS NOT NULL
                              THEN now() + make_interval(secs => %(lease)s) END
 )
@@ -281,7 +298,21 @@ FROM unnest(%(id)s::bigint[], %(token)s::uuid[], %(progress)s::jsonb[]) AS p(id,
 WHERE j.id = p.id AND j.claim_token = p.token AND j.state::text = 'running'
 
 -- name: deregister_worker
-DELETE FROM {schema}.workers WHERE id = %(id)s
+-- A graceful stop's last write, after every outcome: the worker leaves the workers table, and
+-- a job still claimed for it that never started goes back, uncharged (as a rescue would have it
+-- go, a lease and a grace later). Only a hand-off is left so: an enqueue that picked this worker
+-- just as it left the waiting list, whose notification came too late to be read. Returns the
+-- queues to wake.
+WITH gone AS (
+    DELETE FROM {schema}.workers WHERE id = %(id)s
+), released AS (
+    UPDATE {schema}.jobs
+    SET state = 'queued', run_at = now(), worker_id = NULL, lease_expires_at = NULL,
+        cancel_requested = false, claim_token = NULL
+    WHERE state = 'running' AND worker_id = %(id)s AND started_at IS NULL
+    RETURNING queue
+)
+SELECT coalesce(array_agg(DISTINCT queue), '{}'::text[]) FROM released
 
 -- ---------------------------------------------------------------- registration
 

@@ -16,6 +16,11 @@ just before this one signed up, and committed just after its claim looked. It is
 more claim ``WAKE_GRACE`` after signing up, long enough for a statement that commits by itself.
 Only a worker whose listener has heard its own self-test signs up; a deaf one (a pooler in
 transaction mode) or one whose listener is reconnecting stays off the list and polls.
+
+An enqueue that picks a waiting worker may also hand it the job (``!take``, see
+:mod:`pgqueue.worker.handoff`): :meth:`Claimer.handed` takes it as a claim's row, or gives it
+back uncharged when it cannot start here now (no room, its queue at the local cap, leases not
+renewed on time, shutting down, or a stale or missed hand-off).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pgqueue._base import QueueSettings
@@ -36,6 +42,7 @@ from pgqueue._sql import Queries
 from pgqueue.worker.db import ServiceConnection, reconnect_delay
 from pgqueue.worker.execution import ClaimedJob, Outcome
 from pgqueue.worker.executor import Executor
+from pgqueue.worker.handoff import HandoffClock, give_back_missed, read_handoff
 from pgqueue.worker.settings import WorkerSettings
 
 log = logging.getLogger("pgqueue.worker")
@@ -93,6 +100,7 @@ class Claimer:
         self._wakes = 0  # wake-ups received: one arriving mid sign-up voids the sign-up
         self._signing_up = False
         self._freed_while_signing = False  # a slot freed while the sign-up was in flight
+        self._handoffs = HandoffClock(settings.lease_seconds)
         # Stride scheduling across claims (which are often one or two rows: a slot frees, a
         # claim fills it): each queue's virtual time advances by 1/weight per job it got, and
         # the queues furthest behind go first. A queue that sat idle is brought to within one
@@ -130,6 +138,47 @@ class Claimer:
         self._wakes += 1
         self.wake.set()
 
+    def handed(self, payload: str) -> None:
+        """A producer's enqueue claimed a job for this worker and took it off the waiting list:
+        start it (or buffer it) as a claim's row, or give it back uncharged. Either way, claim
+        again: there may be more room, and the sign-up is to be renewed."""
+        self.woken()
+        try:
+            job, lease_ends = read_handoff(payload)
+        except (ValueError, KeyError, TypeError) as exc:  # never from the enqueue statement
+            log.error("a job handed to this worker could not be read (%s); its lease will lapse", exc)
+            return
+        refusal = self._refusal(job) or self._handoffs.staleness(lease_ends)
+        if refusal is None:
+            self._served([job])
+            self._executor.take([job])
+        else:
+            level = logging.WARNING if refusal.startswith("handed over") else logging.DEBUG
+            log.log(level, "job %d (%s) handed to this worker goes back: %s", job.id, job.task, refusal)
+            self._executor.decline(job)
+
+    def _refusal(self, job: ClaimedJob) -> str | None:
+        """Why a handed-over job cannot start here now, as a claimed one could not (None: it can)."""
+        ex = self._executor
+        if self._stopping.is_set() or ex.closing:
+            return "shutting down"
+        if not self._leases_renewable():
+            return "this worker's leases are not renewed on time"
+        if job.queue not in self._vtime:
+            return "not one of this worker's queues"
+        if ex.room() <= 0:
+            return "no room"
+        cap = self._settings.queue_concurrency.get(job.queue)
+        if cap is not None and (ex.per_queue[job.queue] >= cap or ex.free_slots() <= 0):
+            return "its queue is at this worker's cap"
+        return None
+
+    def listening_again(self, since: datetime) -> None:
+        """The listener (re)connected, listening since ``since``: give back what was handed to
+        this worker before (its notification went to a connection that was gone), then claim."""
+        self._handoffs.listening_again(since)
+        self.wake.set()
+
     def capacity_freed(self) -> None:
         """A slot freed: look again unless this worker waits for a wake-up (nothing is known to
         be ready that its last claim did not already find). While the sign-up is in flight the
@@ -156,13 +205,21 @@ class Claimer:
         return self.limits.get(queue, QueueLimits()).limited
 
     def after_written(self, outcomes: list[Outcome]) -> list[str]:
-        """Outcomes are on record: look again when a retry falls due; the queues whose workers
-        should look again now (capacity freed under a global cap, or a job back in line)."""
+        """Outcomes are on record: look again when a retry falls due, or now when a queue at this
+        worker's cap has a slot again (its claims count until their outcome is written, so the
+        look when the handler ended found it still full); the queues whose workers should look
+        again now (capacity freed under a global cap, or a job back in line)."""
         for o in outcomes:
             if o.kind == "retry":
                 self.retry_due_in(o.delay)
+        if self._blocked and any(o.job.queue in self._settings.queue_concurrency for o in outcomes):
+            self.wake.set()
         return sorted(
-            {o.job.queue for o in outcomes if self.limited(o.job.queue) or o.kind in ("retry", "requeue")}
+            {
+                o.job.queue
+                for o in outcomes
+                if self.limited(o.job.queue) or o.kind in ("retry", "requeue", "release")
+            }
         )
 
     async def run(self) -> None:
@@ -171,6 +228,13 @@ class Claimer:
             self.alive_at = time.monotonic()
             self.wake.clear()
             saturated, rate_limited, claimed = False, False, False
+            if self._handoffs.missed_since is not None:
+                try:
+                    held = [job_id for job_id, _ in self._executor.held()]
+                    async with self._conn.use() as c:
+                        await give_back_missed(c, self._queries, self._worker_id, self._handoffs, held)
+                except Exception as exc:  # the claim below meets the same failure, and backs off
+                    log.warning("giving back hand-offs the listener missed failed (%s); retrying", exc)
             if self._executor.room() > 0 and self._may_claim():
                 try:
                     saturated, rate_limited = await self.claim()
@@ -236,11 +300,15 @@ class Claimer:
             self._signing_up, self._freed_while_signing = True, False
             try:
                 async with self._conn.use() as c:
+                    sent = time.monotonic()
                     cur = await c.execute(
                         self._queries.start_waiting,
                         {"worker_id": self._worker_id, "lease": self._settings.lease_seconds},
                     )
-                    signed = await cur.fetchone() is not None
+                    row = await cur.fetchone()
+                    if row is not None:
+                        self._handoffs.read(row[0], sent, time.monotonic())
+                    signed = row is not None
             finally:
                 self._signing_up = False
             # A producer that woke us while the sign-up was in flight took us off the list

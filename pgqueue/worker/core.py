@@ -31,6 +31,7 @@ import psycopg
 
 from pgqueue._base import QueueBase
 from pgqueue._connections import classify_connection_error, is_transient
+from pgqueue._enqueue import wake_params
 from pgqueue.errors import ConfigurationError, SchemaNotReadyError
 from pgqueue.worker.claimer import Claimer
 from pgqueue.worker.completer import Completer
@@ -261,6 +262,10 @@ class AsyncWorker:
             if worker_id == self.id:
                 run.claimer.woken()
 
+        def on_take(worker_id: str, job: str) -> None:
+            if worker_id == self.id:
+                run.claimer.handed(job)
+
         listener = listen(
             self.settings.listen_dsn or self.queue.dsn,
             self.queue.dsn,
@@ -269,9 +274,10 @@ class AsyncWorker:
             Handlers(
                 on_queue=on_queue,
                 on_wake=on_wake,
+                on_take=on_take,
                 on_cancel=run.executor.cancel,
                 on_settings=on_settings,
-                on_reconnect=run.claimer.wake.set,
+                on_reconnect=run.claimer.listening_again,
                 on_deaf=run.claimer.notifications_lost,
                 on_hearing=run.claimer.hearing,
             ),
@@ -375,7 +381,12 @@ class AsyncWorker:
         await asyncio.gather(*run.helpers, return_exceptions=True)
         try:
             async with run.connections[0].use() as c:
-                await c.execute(self.queries.deregister_worker, {"id": self.id})
+                cur = await c.execute(self.queries.deregister_worker, {"id": self.id})
+                row = await cur.fetchone()
+                released = list(row[0]) if row is not None else []
+                if released:
+                    log.info("jobs handed over as this worker stopped went back to %s", ",".join(released))
+                    await c.execute(self.queries.wake_queues, wake_params(self.queries, released))
         except Exception as exc:
             log.warning("could not deregister worker: %s", exc)
 

@@ -117,6 +117,14 @@ class Executor:
                 self.buffer.append(job)
         self.fill()
 
+    def decline(self, job: ClaimedJob) -> None:
+        """A job handed over by its enqueue that will not run here: it goes back uncharged, as a
+        buffered job does at shutdown, held (its lease renewed) until that is written."""
+        with self._held_lock:
+            self._held[job.id] = job.token
+        self.per_queue[job.queue] += 1
+        self.completer.add(Outcome(job, "release"))
+
     def fill(self) -> None:
         """Start buffered jobs in free slots; the completer records each start with its next write."""
         while self.buffer and self.free_slots() > 0 and not self.closing:

@@ -9,6 +9,11 @@ a NOTIFY over a separate connection and waits for it: if it does not arrive, the
 once and polls often instead (``on_deaf``). ``listen_dsn`` can point the listener straight at
 PostgreSQL, or at a session-mode pool, while everything else goes through the pooler.
 
+Notifications sent while no connection listened are lost: a wake-up costs nothing (the worker
+claims on reconnecting), but a job handed to this worker then is claimed for it and would wait
+for the lease rescue. So each connect reports when it began to listen, and the worker gives back
+what was handed to it before (``release_missed_handoffs``).
+
 A connection that heard its test can go deaf without dropping: after a switchover that left the
 old primary up and read-only, it still listens there while every NOTIFY is sent on the new one.
 So the test runs again every :data:`RECHECK_INTERVAL`, and at once when another service of the
@@ -24,11 +29,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
 import psycopg
 from psycopg import sql
 
-from pgqueue._notifications import CANCEL_PREFIX, PING_PREFIX, SETTINGS_PREFIX, WAKE_PREFIX
+from pgqueue._notifications import CANCEL_PREFIX, PING_PREFIX, SETTINGS_PREFIX, TAKE_PREFIX, WAKE_PREFIX
 from pgqueue.worker.db import connect_kwargs
 
 log = logging.getLogger("pgqueue.worker")
@@ -42,9 +48,10 @@ SLICE = 0.5  # seconds between looks at whether a self-test is due or has come b
 class Handlers:
     on_queue: Callable[[str], None]
     on_wake: Callable[[str], None]
+    on_take: Callable[[str, str], None]  # (worker id, the job as JSON)
     on_cancel: Callable[[int], None]
     on_settings: Callable[[str], None]
-    on_reconnect: Callable[[], None]
+    on_reconnect: Callable[[datetime], None]  # listening since then, by the server's clock
     on_deaf: Callable[[bool], None]
     on_hearing: Callable[[bool], None]  # True: a self-test came back; False: deaf or disconnected
 
@@ -84,10 +91,12 @@ async def listen(
                 listen_dsn, autocommit=True, **connect_kwargs("listen", listen_dsn)
             ) as conn:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                since = await (await conn.execute("SELECT clock_timestamp() AS listening_since")).fetchone()
                 if failures:
                     log.info("listener reconnected")
                 failures = 0
-                handlers.on_reconnect()
+                assert since is not None
+                handlers.on_reconnect(since[0])
                 heard = asyncio.Event()
                 hearing = False
                 test = asyncio.create_task(_self_test(notify_dsn, channel, ping, heard))
@@ -140,6 +149,9 @@ def _dispatch(payload: str, handlers: Handlers) -> None:
         pass  # another worker's self-test
     elif payload.startswith(WAKE_PREFIX):
         handlers.on_wake(payload[len(WAKE_PREFIX) :])
+    elif payload.startswith(TAKE_PREFIX):
+        worker_id, _, job = payload[len(TAKE_PREFIX) :].partition(" ")
+        handlers.on_take(worker_id, job)
     elif payload.startswith(CANCEL_PREFIX):
         handlers.on_cancel(int(payload[len(CANCEL_PREFIX) :]))
     elif payload.startswith(SETTINGS_PREFIX):
