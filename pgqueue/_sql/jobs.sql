@@ -13,8 +13,9 @@
 -- hand-offs (its handoff_lease is set) gets the job itself: the row is inserted claimed by it,
 -- under token %(token)s and its lease, its start not yet charged (as a prefetched job's is), and
 -- the notification carries the row and its lease (!take), so the worker starts it without a
--- claim's round trip (and knows, from the lease, when it was handed over). Otherwise the worker is only woken (!wake), and also when the job would not fit in
--- NOTIFY's 8,000 bytes. No worker waiting: nothing is sent, and the commit skips NOTIFY's lock.
+-- claim's round trip (and knows, from the lease, when it was handed over). Otherwise the worker
+-- is only woken (!wake), and also when the job would not fit in NOTIFY's 8,000 bytes. No worker
+-- waiting: nothing is sent, and the commit skips NOTIFY's lock. See pgqueue.worker.handoff.
 -- %(broadcast)s (inside the caller's transaction, which may commit much later): the queue's name
 -- goes to every worker listening, at commit; nothing is handed off (a lease written now could
 -- be over by then).
@@ -45,8 +46,8 @@ WITH pick AS (
            clock_timestamp() + make_interval(secs => h.lease)
     FROM (SELECT) AS one LEFT JOIN handoff AS h ON true
     ON CONFLICT (queue, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
-    RETURNING id, queue, task, args, priority, attempts, max_attempts, timeout, worker_id, claim_token,
-              lease_expires_at
+    RETURNING id, queue, task, args, priority, attempts, max_attempts, timeout, worker_id,
+              claim_token, lease_expires_at
 ), woken AS (
     UPDATE {schema}.workers AS w SET waiting_until = NULL
     FROM pick

@@ -83,7 +83,7 @@ LIMIT q.n
 -- The worker has room and its last claim found less than it asked for: producers may wake it,
 -- or hand it a job, now (wake_one, enqueue). No row yet (the first heartbeat has not run):
 -- nothing, and it polls. The server's clock comes back with the answer: the worker judges a
--- hand-off's age by it (see pgqueue.worker.claimer).
+-- hand-off's age by it (see pgqueue.worker.handoff).
 UPDATE {schema}.workers SET waiting_until = now() + make_interval(secs => %(lease)s)
 WHERE id = %(worker_id)s
 RETURNING extract(epoch FROM clock_timestamp())::float8

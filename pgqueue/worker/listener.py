@@ -92,10 +92,10 @@ async def listen(
             ) as conn:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
                 since = await (await conn.execute("SELECT clock_timestamp() AS listening_since")).fetchone()
+                assert since is not None
                 if failures:
                     log.info("listener reconnected")
                 failures = 0
-                assert since is not None
                 handlers.on_reconnect(since[0])
                 heard = asyncio.Event()
                 hearing = False
