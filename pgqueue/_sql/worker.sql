@@ -89,10 +89,11 @@ WHERE id = %(worker_id)s
 RETURNING extract(epoch FROM clock_timestamp())::float8
 
 -- name: release_missed_handoffs
--- After the listener (re)connected: jobs handed to this worker (claimed for it, never started,
--- not held) before it listened again go back, uncharged; their notification was sent to a
--- connection that was gone. Only those: a hand-off committed since is on its way and will be
--- taken. A job is handed over with this worker's lease from its insert, and no renewal moves
+-- Jobs handed to this worker (claimed for it, never started, not held) before %(since)s go back,
+-- uncharged: after the listener (re)connected, those whose notification was sent to a
+-- connection that was gone (a hand-off committed since is on its way and will be taken); at a
+-- graceful stop, after every outcome, all of them (an enqueue that picked the worker just as it
+-- left the waiting list, its notification too late to be read). A job is handed over with this worker's lease from its insert, and no renewal moves
 -- a job the worker does not hold: its insert is before %(since)s when its lease ends before
 -- %(since)s + the lease.
 UPDATE {schema}.jobs
@@ -298,21 +299,7 @@ FROM unnest(%(id)s::bigint[], %(token)s::uuid[], %(progress)s::jsonb[]) AS p(id,
 WHERE j.id = p.id AND j.claim_token = p.token AND j.state::text = 'running'
 
 -- name: deregister_worker
--- A graceful stop's last write, after every outcome: the worker leaves the workers table, and
--- a job still claimed for it that never started goes back, uncharged (as a rescue would have it
--- go, a lease and a grace later). Only a hand-off is left so: an enqueue that picked this worker
--- just as it left the waiting list, whose notification came too late to be read. Returns the
--- queues to wake.
-WITH gone AS (
-    DELETE FROM {schema}.workers WHERE id = %(id)s
-), released AS (
-    UPDATE {schema}.jobs
-    SET state = 'queued', run_at = now(), worker_id = NULL, lease_expires_at = NULL,
-        cancel_requested = false, claim_token = NULL
-    WHERE state = 'running' AND worker_id = %(id)s AND started_at IS NULL
-    RETURNING queue
-)
-SELECT coalesce(array_agg(DISTINCT queue), '{}'::text[]) FROM released
+DELETE FROM {schema}.workers WHERE id = %(id)s
 
 -- ---------------------------------------------------------------- registration
 

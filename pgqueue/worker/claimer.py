@@ -42,7 +42,7 @@ from pgqueue._sql import Queries
 from pgqueue.worker.db import ServiceConnection, reconnect_delay
 from pgqueue.worker.execution import ClaimedJob, Outcome
 from pgqueue.worker.executor import Executor
-from pgqueue.worker.handoff import HandoffClock, give_back_missed, read_handoff
+from pgqueue.worker.handoff import HandoffClock, give_back, read_handoff
 from pgqueue.worker.settings import WorkerSettings
 
 log = logging.getLogger("pgqueue.worker")
@@ -179,6 +179,20 @@ class Claimer:
         self._handoffs.listening_again(since)
         self.wake.set()
 
+    async def _give_back_missed(self, since: datetime) -> None:
+        held = [job_id for job_id, _ in self._executor.held()]
+        async with self._conn.use() as c:
+            queues = await give_back(
+                c, self._queries, self._worker_id, self._settings.lease_seconds, since, held
+            )
+        if queues:
+            log.warning(
+                "%d jobs handed to this worker while its listener was away went back to %s",
+                len(queues),
+                ",".join(sorted(set(queues))),
+            )
+        self._handoffs.missed_since = None
+
     def capacity_freed(self) -> None:
         """A slot freed: look again unless this worker waits for a wake-up (nothing is known to
         be ready that its last claim did not already find). While the sign-up is in flight the
@@ -230,9 +244,7 @@ class Claimer:
             saturated, rate_limited, claimed = False, False, False
             if self._handoffs.missed_since is not None:
                 try:
-                    held = [job_id for job_id, _ in self._executor.held()]
-                    async with self._conn.use() as c:
-                        await give_back_missed(c, self._queries, self._worker_id, self._handoffs, held)
+                    await self._give_back_missed(self._handoffs.missed_since)
                 except Exception as exc:  # the claim below meets the same failure, and backs off
                     log.warning("giving back hand-offs the listener missed failed (%s); retrying", exc)
             if self._executor.room() > 0 and self._may_claim():

@@ -25,19 +25,20 @@ import uuid
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 
 from pgqueue._base import QueueBase
 from pgqueue._connections import classify_connection_error, is_transient
-from pgqueue._enqueue import wake_params
 from pgqueue.errors import ConfigurationError, SchemaNotReadyError
 from pgqueue.worker.claimer import Claimer
 from pgqueue.worker.completer import Completer
 from pgqueue.worker.db import ServiceConnection, reconnect_delay
 from pgqueue.worker.execution import ClaimedJob, Runners
 from pgqueue.worker.executor import Executor
+from pgqueue.worker.handoff import give_back
 from pgqueue.worker.lease_keeper import Beat, LeaseKeeper
 from pgqueue.worker.listener import Handlers, listen
 from pgqueue.worker.processes import ProcessSlots
@@ -50,6 +51,7 @@ from pgqueue.worker.signals import StopSignals
 from pgqueue.worker.stats import WorkerStats
 
 log = logging.getLogger("pgqueue.worker")
+EVER = datetime.max.replace(tzinfo=UTC)  # give back every hand-off, whenever it was made
 
 __all__ = ["AsyncWorker", "Worker", "WorkerStats"]
 
@@ -381,12 +383,12 @@ class AsyncWorker:
         await asyncio.gather(*run.helpers, return_exceptions=True)
         try:
             async with run.connections[0].use() as c:
-                cur = await c.execute(self.queries.deregister_worker, {"id": self.id})
-                row = await cur.fetchone()
-                released = list(row[0]) if row is not None else []
-                if released:
-                    log.info("jobs handed over as this worker stopped went back to %s", ",".join(released))
-                    await c.execute(self.queries.wake_queues, wake_params(self.queries, released))
+                # Every outcome is written: a job still claimed here that never started is a
+                # hand-off whose notification came too late to be read.
+                queues = await give_back(c, self.queries, self.id, self.settings.lease_seconds, EVER, [])
+                if queues:
+                    log.info("jobs handed over as this worker stopped went back to %s", ",".join(set(queues)))
+                await c.execute(self.queries.deregister_worker, {"id": self.id})
         except Exception as exc:
             log.warning("could not deregister worker: %s", exc)
 

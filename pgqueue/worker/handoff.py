@@ -88,27 +88,13 @@ class HandoffClock:
         return None
 
 
-async def give_back_missed(
-    c: Conn, queries: Queries, worker_id: str, clock: HandoffClock, held: list[int]
-) -> None:
-    """Give back the jobs handed to this worker before its listener last connected (``held``:
-    the ids it holds, which stay), and wake a worker for their queues."""
-    since = clock.missed_since
-    if since is None:
-        return
-    params: dict[str, Any] = {
-        "worker_id": worker_id,
-        "since": since,
-        "lease": clock.lease_seconds,
-        "held": held,
-    }
-    rows = await (await c.execute(queries.release_missed_handoffs, params)).fetchall()
-    if rows:
-        queues = sorted({r[0] for r in rows})
-        log.warning(
-            "%d jobs handed to this worker while its listener was away went back to %s",
-            len(rows),
-            ",".join(queues),
-        )
-        await c.execute(queries.wake_queues, wake_params(queries, queues))
-    clock.missed_since = None
+async def give_back(
+    c: Conn, queries: Queries, worker_id: str, lease_seconds: float, before: datetime, held: list[int]
+) -> list[str]:
+    """Give back the jobs handed to this worker before ``before`` that it does not hold
+    (``held``: ids), and wake a worker for their queues; one entry per job, its queue."""
+    params: dict[str, Any] = {"worker_id": worker_id, "since": before, "lease": lease_seconds, "held": held}
+    queues = [r[0] for r in await (await c.execute(queries.release_missed_handoffs, params)).fetchall()]
+    if queues:
+        await c.execute(queries.wake_queues, wake_params(queries, sorted(set(queues))))
+    return queues
