@@ -330,46 +330,16 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
     async def _insert_one(
         self, c: psycopg.AsyncConnection[Any], request: JobRequest, commits_alone: bool
     ) -> int:
-        """One job by a statement that commits by itself (``commits_alone``) or inside the
-        caller's transaction; in the first case its worker's notice follows the commit."""
-        job_id, notice = await self._write_one(c, request, commits_alone)
-        if notice is not None:
-            await self._send_notice(c, job_id, notice)
-        return job_id
-
-    async def _write_one(
-        self,
-        c: psycopg.AsyncConnection[Any],
-        request: JobRequest,
-        commits_alone: bool,
-        *,
-        notify: bool = True,
-    ) -> tuple[int, str | None]:
-        """The job's id and, when ``commits_alone`` (nothing else is written before the commit
-        that follows), the notice for the worker it picked, to send once that commit is done."""
-        tell = self.notify and notify
-        params = ops.enqueue_params(self.queries, request, tell, commits_alone=commits_alone)
+        params = ops.enqueue_params(self.queries, request, self.notify, commits_alone=commits_alone)
         for _ in range(UNIQUE_RACE_RETRIES):
             row = await (await c.execute(self.queries.enqueue, params)).fetchone()
             if row is not None:
-                return int(row[0]), row[1]
+                return int(row[0])
             found = await (await c.execute(self.queries.find_unique, params)).fetchone()
             if found is not None:
-                return int(found[0]), None
+                return int(found[0])
             # The holder of the key finished between the two statements: insert again.
         raise PgQueueError(f"unique key {request.unique_key!r} kept changing hands; gave up")
-
-    async def _send_notice(self, c: psycopg.AsyncConnection[Any], job_id: int, notice: str) -> None:
-        """Tell the worker the committed enqueue picked (``notify_after``). The job is stored
-        whatever happens here: if the notice is lost, the worker finds the job by itself (a
-        hand-off is given back after HANDOFF_STRANDED, a wake-up waits for its poll), so a
-        failure is logged, not raised."""
-        # Inside a transaction, the setting would make that transaction's commit not durable.
-        assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        try:
-            await c.execute(self.queries.notify_after, {"channel": self.queries.channel, "notice": notice})
-        except psycopg.Error as exc:
-            log.warning("job %d is stored, but telling its worker failed (%s): it starts late", job_id, exc)
 
     async def enqueue_many(
         self, jobs: Iterable[JobSpec | Mapping[str, Any]], *, conn: Any = None
@@ -426,8 +396,7 @@ class AsyncQueue(QueueBase[Awaitable[int]]):
         existing = {(row[1], row[2]): int(row[0]) for row in await cur.fetchall()}
         for r in keyed:  # a holder that finished meanwhile: fall back to the single path
             if (r.queue, r.unique_key) not in existing:
-                # Told of by the batch's own wake-up, at its commit.
-                existing[(r.queue, r.unique_key)], _ = await self._write_one(c, r, False, notify=False)
+                existing[(r.queue, r.unique_key)] = await self._insert_one(c, r, commits_alone)
         return ops.resolve_conflicts(requests, reserved, inserted, existing)
 
     async def get_job(self, job_id: int, *, conn: Any = None) -> Job:
@@ -617,32 +586,25 @@ class AsyncScheduleStore:
     ) -> int | None:
         """Enqueue the job of one fire time, in the transaction that claims it, unless another
         scheduler already did (or the schedule is paused): the job's id, else None."""
-        async with self.queue.connection() as c:
-            async with c.transaction():
-                cur = await c.execute(
-                    self.queries.claim_fire,
-                    {"name": name, "fire_at": fire_at, "next_fire_at": next_fire_at},
-                )
-                row = await cur.fetchone()
-                if row is None:
-                    return None
-                task, args, queue, priority, max_attempts = row
-                spec = JobSpec(
-                    task,
-                    args,
-                    queue=queue,
-                    priority=priority,
-                    max_attempts=max_attempts,
-                    unique_key=unique_key,
-                    scheduled_for=fire_at,
-                )
-                # Nothing else is written before this transaction commits: one waiting worker
-                # is picked, and told once the commit is done.
-                request = ops.make_request(self.queue.registry, spec)
-                job_id, notice = await self.queue._write_one(c, request, True)
-            if notice is not None:
-                await self.queue._send_notice(c, job_id, notice)
-            return job_id
+        async with self.queue.connection() as c, c.transaction():
+            cur = await c.execute(
+                self.queries.claim_fire, {"name": name, "fire_at": fire_at, "next_fire_at": next_fire_at}
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            task, args, queue, priority, max_attempts = row
+            spec = JobSpec(
+                task,
+                args,
+                queue=queue,
+                priority=priority,
+                max_attempts=max_attempts,
+                unique_key=unique_key,
+                scheduled_for=fire_at,
+            )
+            # Committed right after, by _run: one waiting worker is woken.
+            return await self.queue._insert_one(c, ops.make_request(self.queue.registry, spec), True)
 
     async def _change(self, query: str, params: dict[str, Any]) -> None:
         if await self.queue._count(query, params, None) == 0:

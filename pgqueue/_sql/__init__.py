@@ -36,7 +36,6 @@ class Queries:
 
     # jobs.sql
     enqueue: str
-    notify_after: str
     find_unique: str
     reserve_ids: str
     copy_jobs: str

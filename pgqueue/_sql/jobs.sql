@@ -5,17 +5,17 @@
 -- ---------------------------------------------------------------- enqueue
 
 -- name: enqueue
--- One job, and what tells a worker of it.
+-- One job, and what tells a worker of it, in the same statement (Postgres delivers
+-- notifications at commit).
 -- %(wake_one)s (the statement commits by itself): one worker waiting for jobs of the queue is
 -- picked and taken off the waiting list, as wake_one does. With %(handoff)s (the job is due now
 -- and is no schedule's fire), on a queue neither paused nor limited, a picked worker that takes
 -- hand-offs (its handoff_lease is set) gets the job itself: the row is inserted claimed by it,
 -- under token %(token)s and its lease, its start not yet charged (as a prefetched job's is), and
--- the notice carries the row and its lease (!take), so the worker starts it without a claim's
--- round trip (and knows, from the lease, when it was handed over). Otherwise the worker is only
--- woken (!wake), and also when the job would not fit in NOTIFY's 8,000 bytes. The notice is
--- returned, not sent: the caller sends it once this statement has committed (notify_after).
--- No worker waiting: no notice. See pgqueue.worker.handoff.
+-- the notification carries the row and its lease (!take), so the worker starts it without a
+-- claim's round trip (and knows, from the lease, when it was handed over). Otherwise the worker
+-- is only woken (!wake), and also when the job would not fit in NOTIFY's 8,000 bytes. No worker
+-- waiting: nothing is sent, and the commit skips NOTIFY's lock. See pgqueue.worker.handoff.
 -- %(broadcast)s (inside the caller's transaction, which may commit much later): the queue's name
 -- goes to every worker listening, at commit; nothing is handed off (a lease written now could
 -- be over by then).
@@ -55,24 +55,16 @@ WITH pick AS (
     RETURNING w.id
 )
 SELECT job.id,
-       CASE WHEN job.worker_id IS NOT NULL THEN
+       CASE WHEN %(broadcast)s THEN pg_notify(%(channel)s, job.queue)
+            WHEN job.worker_id IS NOT NULL THEN pg_notify(
+                %(channel)s,
                 '!take ' || job.worker_id || ' ' || json_build_object(
                     'id', job.id, 'token', job.claim_token, 'queue', job.queue, 'task', job.task,
                     'args', job.args, 'priority', job.priority, 'attempt', job.attempts,
                     'max_attempts', job.max_attempts, 'timeout', job.timeout,
-                    'lease', extract(epoch FROM job.lease_expires_at))::text
-            ELSE (SELECT '!wake ' || woken.id FROM woken) END AS notice,
-       CASE WHEN %(broadcast)s THEN pg_notify(%(channel)s, job.queue) END AS broadcast
+                    'lease', extract(epoch FROM job.lease_expires_at))::text)
+            ELSE (SELECT pg_notify(%(channel)s, '!wake ' || woken.id) FROM woken) END AS woke
 FROM job
-
--- name: notify_after
--- The notice of an enqueue that has committed, sent in a transaction of its own whose commit
--- does not wait for the disk. NOTIFY takes a database-wide lock at commit and holds it to the
--- commit's end: inside a durable commit that is the WAL flush's whole wait, so enqueues that
--- notify committed one at a time (16 producers reached 78 percent of their rate without NOTIFY).
--- Here the lock is held for microseconds, and nothing is lost by not waiting: notifications are
--- never written to disk, and the job is, by the enqueue's own durable commit.
-SELECT set_config('synchronous_commit', 'off', true), pg_notify(%(channel)s, %(notice)s)
 
 -- name: find_unique
 -- The live job holding a unique key (every row of jobs is live: finished ones have moved out).

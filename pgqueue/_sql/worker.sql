@@ -93,9 +93,9 @@ RETURNING extract(epoch FROM clock_timestamp())::float8
 -- uncharged: after the listener (re)connected, those whose notification was sent to a
 -- connection that was gone (a hand-off committed since is on its way and will be taken); at a
 -- graceful stop, after every outcome, all of them (an enqueue that picked the worker just as it
--- left the waiting list, its notification too late to be read). A job is handed over with this worker's lease from its insert, and no renewal moves
--- a job the worker does not hold: its insert is before %(since)s when its lease ends before
--- %(since)s + the lease.
+-- left the waiting list, its notification too late to be read). A job is handed over with this
+-- worker's lease from its insert, and no renewal moves a job the worker does not hold: its
+-- insert is before %(since)s when its lease ends before %(since)s + the lease.
 UPDATE {schema}.jobs
 SET state = 'queued', run_at = now(), worker_id = NULL, lease_expires_at = NULL,
     cancel_requested = false, claim_token = NULL

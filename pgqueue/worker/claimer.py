@@ -42,7 +42,7 @@ from pgqueue._sql import Queries
 from pgqueue.worker.db import ServiceConnection, reconnect_delay
 from pgqueue.worker.execution import ClaimedJob, Outcome
 from pgqueue.worker.executor import Executor
-from pgqueue.worker.handoff import HANDOFF_STRANDED, HandoffClock, give_back, read_handoff
+from pgqueue.worker.handoff import HandoffClock, give_back, read_handoff
 from pgqueue.worker.settings import WorkerSettings
 
 log = logging.getLogger("pgqueue.worker")
@@ -101,12 +101,6 @@ class Claimer:
         self._signing_up = False
         self._freed_while_signing = False  # a slot freed while the sign-up was in flight
         self._handoffs = HandoffClock(settings.lease_seconds)
-        # Hand-offs whose notice never came are looked for every poll interval while this worker
-        # may have been picked since the last look: from when it was last on the waiting list
-        # (as far as it knows), until a look has covered that moment (HANDOFF_STRANDED later).
-        self._listed_at: float | None = None  # monotonic
-        self._stranded_covered_to = float("-inf")
-        self._stranded_looked_at = time.monotonic()
         # Stride scheduling across claims (which are often one or two rows: a slot frees, a
         # claim fills it): each queue's virtual time advances by 1/weight per job it got, and
         # the queues furthest behind go first. A queue that sat idle is brought to within one
@@ -141,7 +135,6 @@ class Claimer:
     def woken(self) -> None:
         """A producer took this worker off the waiting list to tell it of new jobs."""
         self.waiting = False
-        self._listed_at = time.monotonic()
         self._wakes += 1
         self.wake.set()
 
@@ -187,35 +180,19 @@ class Claimer:
         self._handoffs.listening_again(since)
         self.wake.set()
 
-    def _look_for_stranded(self) -> None:
-        """Every poll interval while this worker may have been picked by a producer that then
-        never sent the notice (it died or was cancelled after its commit): give back what was
-        handed to it more than HANDOFF_STRANDED ago and never came."""
-        now = time.monotonic()
-        if self.waiting:
-            self._listed_at = now
-        if self._listed_at is None or self._listed_at <= self._stranded_covered_to:
-            return
-        if now - self._stranded_looked_at < self._poll_interval:
-            return
-        if self._handoffs.give_up_on_stranded():
-            self._stranded_looked_at = now
-            self._stranded_covered_to = now - HANDOFF_STRANDED
-
-    async def _give_back_missed(self, before: datetime) -> None:
+    async def _give_back_missed(self, since: datetime) -> None:
         held = [job_id for job_id, _ in self._executor.held()]
         async with self._conn.use() as c:
             queues = await give_back(
-                c, self._queries, self._worker_id, self._settings.lease_seconds, before, held
+                c, self._queries, self._worker_id, self._settings.lease_seconds, since, held
             )
         if queues:
             log.warning(
-                "%d jobs handed to this worker whose notice never came went back to %s",
+                "%d jobs handed to this worker while its listener was away went back to %s",
                 len(queues),
                 ",".join(sorted(set(queues))),
             )
-        if self._handoffs.give_back_before == before:
-            self._handoffs.give_back_before = None
+        self._handoffs.missed_since = None
 
     def capacity_freed(self) -> None:
         """A slot freed: look again unless this worker waits for a wake-up (nothing is known to
@@ -266,10 +243,9 @@ class Claimer:
             self.alive_at = time.monotonic()
             self.wake.clear()
             saturated, rate_limited, claimed = False, False, False
-            self._look_for_stranded()
-            if self._handoffs.give_back_before is not None:
+            if self._handoffs.missed_since is not None:
                 try:
-                    await self._give_back_missed(self._handoffs.give_back_before)
+                    await self._give_back_missed(self._handoffs.missed_since)
                 except Exception as exc:  # the claim below meets the same failure, and backs off
                     log.warning("giving back hand-offs the listener missed failed (%s); retrying", exc)
             if self._executor.room() > 0 and self._may_claim():
@@ -351,8 +327,6 @@ class Claimer:
             # A producer that woke us while the sign-up was in flight took us off the list
             # again: believing we wait then would leave us off it, claiming only at polls.
             self.waiting = signed and self._wakes == wakes
-            if signed:
-                self._listed_at = time.monotonic()
             if self.waiting:
                 self._grace_due = time.monotonic() + WAKE_GRACE
             elif self._freed_while_signing:
@@ -365,7 +339,6 @@ class Claimer:
         if not self.waiting:
             return
         self.waiting = False
-        self._listed_at = time.monotonic()
         try:
             await self._execute(self._queries.stop_waiting, {"worker_id": self._worker_id})
         except Exception as exc:
