@@ -42,6 +42,11 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "io_pct_ideal": ("7 I/O: share of ideal 5,000/s", "%", True),
     "producers_notify_on": ("8 16 producers, durable commits, NOTIFY on", "jobs/s", True),
     "producers_notify_off": ("8 16 producers, durable commits, NOTIFY off", "jobs/s", True),
+    "producers_notify_off_busy": (
+        "8 16 producers, NOTIFY off, the worker polling every 10 ms (runs the jobs meanwhile)",
+        "jobs/s",
+        True,
+    ),
     "wakeups_tx_per_enqueue": ("9 8 idle workers: transactions per enqueue", "tx", False),
     "wakeups_p50": ("9 8 idle workers: wait p50", "ms", False),
     "wakeups_max": ("9 8 idle workers: wait max", "ms", False),

@@ -147,8 +147,13 @@ class PgQueue:
             return await self._bare_worker(command)
         queue = make_queue(self.dsn)
         concurrency = int(command.get("concurrency") or DRAIN_CONCURRENCY)
+        poll = {"poll_interval": float(command["poll"])} if command.get("poll") else {}
         worker = AsyncWorker(
-            queue, queues=tuple(d.queues_of(command)), concurrency=concurrency, install_signal_handlers=False
+            queue,
+            queues=tuple(d.queues_of(command)),
+            concurrency=concurrency,
+            install_signal_handlers=False,
+            **poll,
         )
 
         async def stop() -> None:

@@ -23,7 +23,7 @@ PGQUEUE_SCENARIOS = {
     "app": {"app_notify_on", "app_notify_off"},
     "bloat": {"bloat_fresh", "bloat_after"},
     "io": {"io_rate"},
-    "producers": {"producers_notify_on", "producers_notify_off"},
+    "producers": {"producers_notify_on", "producers_notify_off", "producers_notify_off_busy"},
     "wakeups": {"wakeups_tx_per_enqueue", "wakeups_p50"},
     "snapshot": {"snapshot_held_pct", "snapshot_dead_rows"},
     "fairness": {"fairness_p50", "fairness_max"},
