@@ -23,7 +23,7 @@ from typing import Any
 
 from bench.proto import Driver, DriverError, run_op
 from bench.server import fresh_database, to_url
-from bench.systems import PGQUEUE, System
+from bench.systems import System
 
 IO_IDEAL = 5000.0  # 100 concurrent 20 ms sleeps
 
@@ -623,8 +623,8 @@ def _durable_commits(dsn: str) -> None:
         c.execute(f'ALTER DATABASE "{dbname[0]}" SET synchronous_commit = on')
 
 
-# pgqueue's third arm: NOTIFY off, its worker polling this often, so it runs the jobs as they come
-# (as the "on" arm's worker does, woken) instead of in a few batches at 2 s polls.
+# The third arm: NOTIFY off, the worker polling this often, so it runs the jobs as they come (as
+# the "on" arm's worker does, woken) instead of in a few batches at 2 s polls.
 BUSY_POLL = 0.01
 
 
@@ -633,14 +633,15 @@ def producers(ctx: Context, systems: list[System]) -> None:
     worker running: what NOTIFY's commit-time lock costs each system (NOTIFY off where it can be).
 
     Off, a worker finds the jobs at its polls, mostly after the producers are done; on, it runs
-    them meanwhile, on the same cores. pgqueue's ``off_busy`` arm (NOTIFY off, a 10 ms poll)
-    does that work meanwhile too, so on / off_busy is what NOTIFY itself costs."""
+    them meanwhile, on the same cores. The ``off_busy`` arm (NOTIFY off, a 10 ms poll; systems
+    whose worker takes a poll interval) does that work meanwhile too, so on / off_busy is what
+    NOTIFY itself costs."""
     p = ctx.profile
 
     def body(b: Bench, rep: int) -> None:
         _durable_commits(b.dsn)
         arms: list[tuple[str, bool, float | None]] = [("on", True, None), ("off", False, None)]
-        if b.system.name == PGQUEUE.name:
+        if b.system.poll_interval:
             arms.append(("off_busy", False, BUSY_POLL))
         for arm, notify, poll in arms:
             if not notify and not b.system.notify_off:

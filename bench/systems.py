@@ -25,6 +25,7 @@ class System:
     version_of: str | None  # the distribution whose version the report shows
     requirements: tuple[str, ...] = ()  # pinned; empty for pgqueue (the harness's venv)
     notify_off: bool = False  # can enqueue without NOTIFY (write-heavy app, "off" arm)
+    poll_interval: bool = False  # its driver's worker takes a poll interval ("off_busy" arm)
     driver: str = ""  # bench/peers/<driver>_driver.py; default: the system's name
     params: dict[str, Any] = field(default_factory=dict)  # added to every command
     scenarios: frozenset[str] | None = None  # None: every scenario
@@ -51,7 +52,7 @@ class System:
         return str(self.venv / "bin" / "python")
 
 
-PGQUEUE = System("pgqueue", "pgqueue", notify_off=True)
+PGQUEUE = System("pgqueue", "pgqueue", notify_off=True, poll_interval=True)
 # The same work with no framework (one INSERT per job, COPY, a bare claim + ack loop on pgqueue's
 # table, and the app's rows with no job at all): the ceiling on this machine, in the same run.
 BARE = System(

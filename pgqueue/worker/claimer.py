@@ -192,7 +192,8 @@ class Claimer:
                 len(queues),
                 ",".join(sorted(set(queues))),
             )
-        self._handoffs.missed_since = None
+        if self._handoffs.missed_since == since:  # not a later reconnect's, set meanwhile
+            self._handoffs.missed_since = None
 
     def capacity_freed(self) -> None:
         """A slot freed: look again unless this worker waits for a wake-up (nothing is known to

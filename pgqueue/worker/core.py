@@ -387,7 +387,8 @@ class AsyncWorker:
                 # hand-off whose notification came too late to be read.
                 queues = await give_back(c, self.queries, self.id, self.settings.lease_seconds, EVER, [])
                 if queues:
-                    log.info("jobs handed over as this worker stopped went back to %s", ",".join(set(queues)))
+                    back_to = ",".join(sorted(set(queues)))
+                    log.info("jobs handed over as this worker stopped went back to %s", back_to)
                 await c.execute(self.queries.deregister_worker, {"id": self.id})
         except Exception as exc:
             log.warning("could not deregister worker: %s", exc)
