@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+_DECODER = json.JSONDecoder()
 _ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
 # An escaped NUL (\u0000) that is not itself an escaped backslash followed by "u0000".
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
@@ -73,3 +74,19 @@ def oversize(text: str) -> str | None:
         return None
     limit = MAX_VALUE_BYTES >> 20
     return f"{size / (1 << 20):.1f} MB as JSON, more than the {limit} MB a stored value may take"
+
+
+def decode_stored(data: bytes | str) -> Any:
+    """A jsonb value as the server sends it, decoded as ``json.loads`` would, three times faster.
+
+    ``json.loads`` of bytes first guesses their encoding and skips whitespace around the value
+    with two regular expressions: two thirds of the 2.1 µs a small job's arguments took, for
+    text the server always sends as UTF-8 without surrounding whitespace. Anything else (never
+    from the server) goes to ``json.loads``, which decodes it or says why not.
+    """
+    text = data if isinstance(data, str) else data.decode("utf-8", "surrogatepass")
+    try:
+        value, end = _DECODER.raw_decode(text)
+    except ValueError:
+        return json.loads(text)
+    return value if end == len(text) else json.loads(text)

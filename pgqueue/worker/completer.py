@@ -24,9 +24,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
+from uuid import UUID
 
 import psycopg
 
@@ -48,20 +49,41 @@ MAX_BATCH = 2000
 START_GRACE_MAX = 0.05
 
 
-def ack_params(outcomes: list[Outcome], starts: list[ClaimedJob]) -> dict[str, list[Any]]:
+def ack_params(outcomes: list[Outcome], starts: list[ClaimedJob]) -> dict[str, Any]:
+    """The ack's parameters: one array per column, those of numbers, tokens and kinds as array
+    literals (see :func:`_literal`), the values that need quoting (JSON, times) as lists."""
+    tokens: dict[UUID, str] = {}  # a claim's jobs share its token: each is written out once
     return {
-        "id": [o.job.id for o in outcomes],
-        "token": [o.job.token for o in outcomes],
-        "kind": [o.kind for o in outcomes],
+        "id": _literal(str(o.job.id) for o in outcomes),
+        "token": _literal(_token_text(tokens, o.job.token) for o in outcomes),
+        "kind": _literal(o.kind for o in outcomes),
         "result": [o.result_json for o in outcomes],
         "error": [o.error_json for o in outcomes],
-        "delay": [o.delay for o in outcomes],
-        "charge": [o.charge for o in outcomes],
+        "delay": _literal(repr(o.delay) for o in outcomes),
+        "charge": _literal(str(o.charge) for o in outcomes),
         "started_at": [o.job.began_at if o.charge else None for o in outcomes],
-        "start_id": [j.id for j in starts],
-        "start_token": [j.token for j in starts],
+        "start_id": _literal(str(j.id) for j in starts),
+        "start_token": _literal(_token_text(tokens, j.token) for j in starts),
         "start_at": [j.began_at for j in starts],
     }
+
+
+def _literal(items: Iterable[str]) -> str:
+    """A PostgreSQL array literal of items that need no quoting (integers, ``repr`` of floats,
+    which the server reads, ``inf`` included; UUIDs; the outcome kinds), cast by the statement.
+
+    The driver dumps a list element by element in Python: 1.5 ms of an ack of 275 outcomes
+    (5.7 µs a job, the worker's largest cost in a drain, the tokens 1.5 µs each); joining text
+    costs a tenth of that.
+    """
+    return "{" + ",".join(items) + "}"
+
+
+def _token_text(seen: dict[UUID, str], token: UUID) -> str:
+    text = seen.get(token)
+    if text is None:
+        text = seen[token] = str(token)
+    return text
 
 
 def retry_later(conn: psycopg.AsyncConnection[Any], exc: Exception) -> bool:

@@ -42,8 +42,10 @@ class ProgressWriter:
         return report
 
     def pending_for(self, job_id: int) -> bool:
-        with self._lock:
-            return job_id in self._pending
+        """Whether progress of the job waits to be written. No lock, asked at every job's end:
+        the writer swaps the dict whole and a lookup in it is atomic, and a handler's report
+        comes before its return, so the progress of the job that just ended is never missed."""
+        return job_id in self._pending
 
     async def run(self) -> None:
         while True:

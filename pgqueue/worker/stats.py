@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -14,10 +16,11 @@ class WorkerStats:
     cancelled: int = 0
     requeued: int = 0
 
-    def count(self, kind: str) -> None:
-        """Count one written outcome of ``kind`` (an outcome kind of the completer)."""
-        name = _COUNTER[kind]
-        setattr(self, name, getattr(self, name) + 1)
+    def count_all(self, kinds: Iterable[str]) -> None:
+        """Count written outcomes of these kinds (outcome kinds of the completer)."""
+        for kind, n in Counter(kinds).items():
+            name = _COUNTER[kind]
+            setattr(self, name, getattr(self, name) + n)
 
 
 _COUNTER = {

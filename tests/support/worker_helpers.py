@@ -119,7 +119,8 @@ class PgqueueProcess:
 
 HISTORY_COLUMNS = (
     "id, queue, task, args, priority, state, run_at, attempts, max_attempts, timeout, unique_key,"
-    " scheduled_for, worker_id, progress, result, errors, created_at, started_at, finished_at"
+    " scheduled_for, worker_id, progress, result, errors, created_at, started_at, finished_at,"
+    " unrecorded_losses"
 )
 """The columns a job keeps once it has finished (finished_jobs), which jobs has too."""
 
