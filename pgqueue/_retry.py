@@ -15,12 +15,23 @@ from datetime import timedelta
 from pgqueue.errors import ConfigurationError
 
 Backoff = Callable[[int], float]
+# The longest wait before a retry: a century. Past it the database cannot add the wait to now()
+# (an interval tops out near 178 million years, a timestamp at year 294276) and the outcome
+# would be refused; anything near it is a bug, not a plan.
+MAX_RETRY_DELAY = 100 * 365.25 * 86400
+
+
+def valid_delay(seconds: float) -> bool:
+    """Whether ``seconds`` is a wait a retry can be given (NaN is not)."""
+    return 0 <= seconds <= MAX_RETRY_DELAY
 
 
 def _seconds(value: timedelta | float, name: str) -> float:
     seconds = value.total_seconds() if isinstance(value, timedelta) else float(value)
-    if seconds < 0:
-        raise ConfigurationError(f"{name} must not be negative, got {value!r}")
+    if not valid_delay(seconds):
+        raise ConfigurationError(
+            f"{name} must be a number of seconds from 0 to {MAX_RETRY_DELAY:.0f} (a century), got {value!r}"
+        )
     return seconds
 
 

@@ -165,13 +165,16 @@ WITH settings AS (
 SELECT * FROM claimed
 
 -- name: next_run_at
--- Seconds until the next delayed job of these queues falls due (by the database's clock).
+-- Seconds until the next delayed job of these queues falls due (by the database's clock), or
+-- since a job fell due that the worker's last claim, begun %(looked_ago)s seconds ago, could
+-- not have seen (negative: claim again at once).
 SELECT extract(epoch FROM min(n.run_at) - clock_timestamp())::float8
 FROM unnest(%(queues)s::text[]) AS q(name)
 CROSS JOIN generate_series(1, 10) AS p(priority)
 CROSS JOIN LATERAL (
     SELECT run_at FROM {schema}.jobs
-    WHERE state = 'queued' AND queue = q.name AND priority = p.priority AND run_at > now()
+    WHERE state = 'queued' AND queue = q.name AND priority = p.priority
+      AND run_at > now() - make_interval(secs => %(looked_ago)s)
     ORDER BY run_at LIMIT 1
 ) AS n
 

@@ -48,6 +48,9 @@ from pgqueue.worker.settings import WorkerSettings
 log = logging.getLogger("pgqueue.worker")
 DEAF_POLL_INTERVAL = 0.25  # how often to look when notifications do not arrive
 WAKE_GRACE = 0.025  # after signing up as waiting, look once more this much later
+# How much earlier than its send a claim may have read the clock, as the next look for a
+# delayed job sees it: both statements start a round trip after they are sent, which may differ.
+CLAIM_CLOCK_MARGIN = 0.001
 
 
 @dataclass(slots=True)
@@ -90,6 +93,7 @@ class Claimer:
         self._limits_read_at = float("-inf")
         self._retry_due: float | None = None
         self._poll_interval = settings.poll_interval
+        self._first_claim_sent: float | None = None  # this round's, by the monotonic clock
         self.alive_at = time.monotonic()
         # Producers may wake this worker alone only once its listener is known to hear: a
         # worker on the waiting list that cannot hear would leave the jobs meant for it to polls.
@@ -243,6 +247,7 @@ class Claimer:
             self.alive_at = time.monotonic()
             self.wake.clear()
             saturated, rate_limited, claimed = False, False, False
+            self._first_claim_sent = None
             if self._handoffs.missed_since is not None:
                 try:
                     await self._give_back_missed(self._handoffs.missed_since)
@@ -270,7 +275,7 @@ class Claimer:
                 timeout = min(timeout, self._grace_due - time.monotonic())
                 self._grace_due = None
             if not saturated:
-                timeout = min(timeout, await self._seconds_to_next_job())
+                timeout = min(timeout, await self._seconds_to_next_job(self._since_claim_looked()))
             if not claimed and self.waiting:
                 await self._leave_waiting_list()  # no room: wake-ups should go to others
             await self._wait_for_work(timeout)
@@ -362,8 +367,20 @@ class Claimer:
             for w in waiters:
                 w.cancel()
 
-    async def _seconds_to_next_job(self) -> float:
-        """Time until the next delayed job (or local retry) falls due, by the database's clock."""
+    def _since_claim_looked(self) -> float:
+        """Seconds since this round's first claim was sent, with CLAIM_CLOCK_MARGIN (0: none was)."""
+        sent = self._first_claim_sent
+        return 0.0 if sent is None else time.monotonic() - sent + CLAIM_CLOCK_MARGIN
+
+    async def _seconds_to_next_job(self, looked_ago: float) -> float:
+        """Time until the next delayed job (or local retry) falls due, by the database's clock.
+
+        A job that fell due after the claim of ``looked_ago`` seconds ago began counts too (0: at
+        once): it is no longer delayed, yet that claim could not see it, and without it here the
+        worker would sleep to its next poll. Retries of jobs that failed together fall due a
+        millisecond apart, so one often lands there. Jobs due before the claim began, and left
+        (locked by another worker, a queue at its cap), do not count: they would make it spin.
+        """
         due = self._poll_interval
         if self._retry_due is not None:
             due = min(due, self._retry_due - time.monotonic())
@@ -371,7 +388,10 @@ class Claimer:
                 self._retry_due = None
         try:
             async with self._conn.use() as c:
-                cur = await c.execute(self._queries.next_run_at, {"queues": list(self._settings.queues)})
+                cur = await c.execute(
+                    self._queries.next_run_at,
+                    {"queues": list(self._settings.queues), "looked_ago": looked_ago},
+                )
                 row = await cur.fetchone()
         except Exception as exc:
             log.warning("next run time lookup failed: %s", exc)
@@ -466,6 +486,8 @@ class Claimer:
         ex = self._executor
         ex.reserved += reserve
         rows = dataclass_row(ClaimedJob, token=token)
+        if self._first_claim_sent is None:
+            self._first_claim_sent = time.monotonic()
         try:
             async with self._conn.use() as c, c.cursor(row_factory=rows) as cur:
                 if lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
@@ -19,7 +20,7 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from pgqueue._retry import Abort, Retry
+from pgqueue._retry import DEFAULT_BACKOFF, Abort, Retry, valid_delay
 from pgqueue._tasks import CONTEXT_PARAMETER, Task
 from pgqueue.errors import (
     HandlerProcessDied,
@@ -32,6 +33,7 @@ from pgqueue.worker.context import JobContext
 from pgqueue.worker.outcomes import dump_result, error_entry, exception_entry, to_jsonb
 from pgqueue.worker.processes import ProcessOutcome, ProcessSlots
 
+log = logging.getLogger("pgqueue.worker")
 OutcomeKind = Literal["completed", "retry", "dead", "cancelled", "requeue", "release"]
 
 
@@ -81,8 +83,29 @@ def decide(
     """Retry with backoff (or when asked), or dead-letter when nothing is left to try."""
     if final or task is None or job.attempt >= job.max_attempts:
         return Outcome(job, "dead", error_json=error_json)
-    delay = retry_in if retry_in is not None else float(task.options.backoff(job.attempt))
-    return Outcome(job, "retry", error_json=error_json, delay=max(0.0, delay))
+    asked = retry_in is not None and valid_delay(retry_in)  # Retry checks its own; this is a guard
+    delay = retry_in if asked and retry_in is not None else backoff_seconds(task, job.attempt)
+    return Outcome(job, "retry", error_json=error_json, delay=delay)
+
+
+def backoff_seconds(task: Task[Any], attempt: int) -> float:
+    """The task's backoff after ``attempt``; the default one if it raises or returns what is not
+    a wait (infinity, text). A backoff is user code: were its failure to escape here, the job
+    would get no outcome and keep its slot, renewed and running, for good."""
+    try:
+        seconds = float(task.options.backoff(attempt))
+        problem = None if valid_delay(seconds) else f"returned {seconds!r}"
+    except BaseException as exc:  # user code, as a handler is: SystemExit & co included
+        problem = f"raised {type(exc).__name__}: {exc}"
+    if problem is None:
+        return seconds
+    log.error(
+        "task %s: its backoff %s for attempt %d; retrying after the default backoff",
+        task.name,
+        problem,
+        attempt,
+    )
+    return DEFAULT_BACKOFF(attempt)
 
 
 def decide_exception(job: ClaimedJob, task: Task[Any] | None, exc: BaseException) -> Outcome:

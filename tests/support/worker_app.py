@@ -243,6 +243,28 @@ def register(app: App) -> None:
             raise Retry(in_=seconds)
         return ctx.attempt
 
+    # Hostile retry policies: a backoff is user code too, and may raise or say nonsense.
+    def backoff_with_a_bug(attempt: int) -> float:
+        raise ZeroDivisionError("a backoff with a bug")
+
+    for name, backoff in (
+        ("backoff_raises", backoff_with_a_bug),
+        ("backoff_infinite", lambda attempt: float("inf")),
+        ("backoff_text", lambda attempt: "soon"),
+    ):
+
+        @q.task(name=name, max_attempts=2, backoff=backoff)
+        async def fails_every_time(ctx: JobContext) -> None:
+            await app.log_start(ctx)
+            raise RuntimeError(f"planned failure {ctx.attempt}")
+
+    @q.task(name="retry_never", backoff=pgqueue.fixed(0.1))
+    async def retry_never(ctx: JobContext) -> int:
+        await app.log_start(ctx)
+        if ctx.attempt == 1:
+            raise Retry(in_=float("inf"))
+        return ctx.attempt
+
     @q.task(name="progress_then_sleep")
     async def progress_then_sleep(ctx: JobContext, seconds: float) -> str:
         seq = await app.log_start(ctx)

@@ -8,9 +8,9 @@ from itertools import pairwise
 
 import pytest
 import worker_app
-from worker_helpers import Db, thread_worker, wait_until
+from worker_helpers import Db, Workers, thread_worker, wait_until
 
-from pgqueue import JobState
+from pgqueue import JobSpec, JobState
 
 pytestmark = pytest.mark.slow
 
@@ -246,3 +246,45 @@ def test_unknown_task_is_dead_lettered_and_the_worker_goes_on(wapp: worker_app.A
     assert job.errors[0]["type"] == "UnknownTaskError"
     assert "no_such_task" in job.errors[0]["message"]
     assert wapp.queue.get_job(known).state is JobState.COMPLETED
+
+
+def test_a_backoff_that_raises_or_says_nonsense_still_ends_the_attempt(
+    wapp: worker_app.App, wdb: Db, wprocs: Workers
+) -> None:
+    """A task's backoff may raise, or return infinity or text; the failed attempt still gets its
+    outcome (a retry after the default backoff, the backoff's fault logged), not a job left
+    running with its slot taken for good. ``Retry(in_=inf)`` is refused by name in the handler."""
+    proc = wprocs.start("--concurrency", "2")  # fewer slots than bad backoffs: a lost slot shows
+    wprocs.wait_registered(wdb, proc)
+    hostile = [wapp.queue.enqueue(name) for name in ("backoff_raises", "backoff_infinite", "backoff_text")]
+    never = wapp.queue.enqueue("retry_never")
+    wait_until(
+        lambda: (
+            wdb.one("SELECT count(*) FROM {dead_letter}") == len(hostile)
+            and wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == 1
+        ),
+        20,
+        lambda: f"states {wdb.states()}\n{proc.log_tail()}",
+    )
+    for job_id in hostile:
+        job = wapp.queue.get_job(job_id)
+        assert job.state is JobState.DEAD and job.attempts == 2, job
+        assert [e["type"] for e in job.errors] == ["RuntimeError", "RuntimeError"], job.errors
+        starts = attempt_starts(wdb, job_id)
+        assert 2.0 <= starts[1] - starts[0] < 3.0, starts  # the default backoff's first step: 2 s
+    log = proc.log_text()
+    assert "its backoff raised ZeroDivisionError: a backoff with a bug" in log, log
+    assert "its backoff returned inf" in log, log
+    assert "its backoff raised ValueError" in log, log  # float("soon")
+    job = wapp.queue.get_job(never)
+    assert job.state is JobState.COMPLETED and job.result == 2, job
+    assert [e["type"] for e in job.errors] == ["ConfigurationError"], job.errors
+    assert "in_ must be" in job.errors[0]["message"], job.errors
+    # Both slots still work.
+    ids = wapp.queue.enqueue_many([JobSpec("record") for _ in range(4)])
+    wait_until(
+        lambda: wdb.one("SELECT count(*) FROM {finished} WHERE state = 'completed'") == 1 + len(ids),
+        10,
+        lambda: f"states {wdb.states()}\n{proc.log_tail()}",
+    )
+    assert proc.alive()

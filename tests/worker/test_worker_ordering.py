@@ -69,3 +69,37 @@ def test_delayed_jobs_never_start_early_and_start_soon_after_run_at(wapp: worker
         f"claim after run_at p50={c50:.1f} ms p99={c99:.1f} ms"
     )
     assert max(handler_lateness) < 0.5, handler_lateness  # a sanity bound, not the target
+
+
+def test_delayed_jobs_falling_due_a_millisecond_apart_all_start_on_time(
+    wapp: worker_app.App, wdb: Db
+) -> None:
+    """Retries of jobs that failed together fall due within a claim's round trip of each other:
+    one due just after the claim looked, and before the look for the next delayed job, is no
+    longer delayed then, yet was not claimed. It must start at once, not at the next poll."""
+    count, rounds = 12, 4
+    with thread_worker(wapp, wdb, queues=("later",), concurrency=count, poll_interval=10):
+        for r in range(rounds):
+            first = wapp.queue.enqueue("record", queue="later", delay=0.5)
+            due = wdb.one("SELECT extract(epoch FROM run_at)::float8 FROM {jobs} WHERE id = %s", [first])
+            wdb.rows(  # the rest fall due 0.5 ms apart after the first
+                "INSERT INTO {jobs} (queue, task, run_at)"
+                " SELECT 'later', 'record', to_timestamp(%s) + make_interval(secs => k * 0.0005)"
+                " FROM generate_series(1, %s) AS k RETURNING id",
+                [due, count - 1],
+            )
+            wait_until(
+                lambda r=r: wdb.one("SELECT count(*) FROM {log}") == (r + 1) * count,
+                5,
+                lambda r=r: f"round {r}: left {wdb.rows('SELECT id, run_at, clock_timestamp() FROM {jobs}')}",
+            )
+    lateness = [
+        r[0]
+        for r in wdb.rows(
+            "SELECT extract(epoch FROM l.started_at - j.run_at)::float8"
+            " FROM {all_jobs} AS j JOIN {log} AS l ON l.job_id = j.id"
+        )
+    ]
+    assert len(lateness) == count * rounds
+    assert min(lateness) >= 0, lateness
+    assert max(lateness) < 0.5, sorted(lateness)[-5:]  # a poll would be 10 s
