@@ -296,4 +296,4 @@ def process_outcome(job: ClaimedJob, task: Task[Any], out: ProcessOutcome) -> Ou
     name = out.error_type or "Exception"
     entry = error_entry(job.attempt, name, out.error_message or "", out.traceback)
     final = name in ("Abort", "UnknownTaskError") or any(t.__name__ == name for t in task.options.abort_on)
-    return decide(job, task, entry, final=final, retry_in=None)
+    return decide(job, task, entry, final=final, retry_in=out.retry_in)

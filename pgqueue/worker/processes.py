@@ -38,6 +38,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
+from pgqueue._retry import Retry
 from pgqueue._tasks import CONTEXT_PARAMETER
 from pgqueue.errors import UnstorableResult
 from pgqueue.worker.context import JobContext
@@ -66,7 +67,8 @@ _PR_SET_PDEATHSIG: Final = 1
 
 # Messages, parent -> child: ("run", task, kwargs, context).
 # Child -> parent: ("ready",) | ("boot_failed", type, message, traceback) | ("started",)
-#   | ("progress", value) | ("done", kind, result_json, error_type, error_message, traceback).
+#   | ("progress", value)
+#   | ("done", kind, result_json, error_type, error_message, traceback, retry_in).
 # The parent's reader adds ("eof",) when the child's end closes.
 Message = tuple[Any, ...]
 _EOF: Final[Message] = ("eof",)
@@ -87,6 +89,7 @@ class ProcessOutcome:
     error_message: str | None = None
     traceback: str | None = None
     exitcode: int | None = None
+    retry_in: float | None = None  # the handler raised Retry(in_=…): the wait it asked for
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,12 +209,12 @@ def _run_handler(
         channel.send(("started",))
         result = asyncio.run(task.fn(**call_kwargs)) if task.is_async else task.fn(**call_kwargs)
     except BaseException as exc:  # SystemExit, KeyboardInterrupt, GeneratorExit too: the job's error
-        return ("done", "error", None, *_describe(exc))
+        return ("done", "error", None, *_describe(exc), exc.delay if isinstance(exc, Retry) else None)
     try:
         text = dump_result(result)
     except UnstorableResult as exc:
-        return ("done", "error", None, type(exc).__name__, str(exc), None)
-    return ("done", "ok", text, None, None, None)
+        return ("done", "error", None, type(exc).__name__, str(exc), None, None)
+    return ("done", "ok", text, None, None, None, None)
 
 
 def _child_main(
@@ -587,8 +590,12 @@ class ProcessSlots:
                     on_progress(message[1])
                 except Exception:
                     log.exception("progress callback for %r failed", task)
-            elif tag == "done" and len(message) == 6 and message[1] in ("ok", "error"):
-                return ProcessOutcome(*message[1:]), started
+            elif tag == "done" and len(message) == 7 and message[1] in ("ok", "error"):
+                kind, result, error_type, error_message, trace, retry_in = message[1:]
+                if not isinstance(retry_in, int | float) or isinstance(retry_in, bool):
+                    retry_in = None  # what crosses the pipe is checked, not trusted
+                outcome = ProcessOutcome(kind, result, error_type, error_message, trace, retry_in=retry_in)
+                return outcome, started
             elif tag == "timeout":
                 why = f"timed out after {timeout:g}s (handler process killed)"
                 return ProcessOutcome("timeout", error_message=why), started

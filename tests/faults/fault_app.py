@@ -236,6 +236,14 @@ def runaway_isolated(ctx: JobContext, seconds: float) -> str:
     return runaway(ctx, seconds)
 
 
+def retry_soon_isolated(ctx: JobContext, seconds: float) -> int:
+    """Asks for its retry ``seconds`` from now (its backoff says 5 s), from a child process."""
+    app.log_start_sync(ctx)
+    if ctx.attempt == 1:
+        raise pgqueue.Retry(in_=seconds)
+    return ctx.attempt
+
+
 def exit_process(ctx: JobContext, code: int) -> None:
     app.log_start_sync(ctx)
     os._exit(code)
@@ -314,6 +322,9 @@ def register_faults(q: pgqueue.Queue) -> bool:
     task: Callable[..., Any] = q.task
     try:
         task(name="runaway_isolated", max_attempts=1, backoff=quick, isolation="process")(runaway_isolated)
+        slow = pgqueue.fixed(5)
+        isolated = task(name="retry_soon_isolated", max_attempts=2, backoff=slow, isolation="process")
+        isolated(retry_soon_isolated)
     except TypeError:  # a pgqueue without per-task isolation: registered plain, so the app imports
         q.task(name="runaway_isolated", max_attempts=1, backoff=quick)(runaway_isolated)
         return False

@@ -623,6 +623,24 @@ def test_per_task_process_isolation_in_a_thread_mode_worker(
     assert_serves(fapp, wdb, wprocs, worker)
 
 
+def test_retry_from_an_isolated_handler_keeps_the_wait_it_asked_for(
+    fapp: fault_app.FaultApp, wdb: Db, wprocs: Workers
+) -> None:
+    """``Retry(in_=0.6)`` raised in a child process retries in 0.6 s, not after the task's 5 s
+    backoff: the wait crosses the pipe with the error."""
+    worker = start_worker(wprocs, wdb, "--concurrency", "2")
+    job_id = fapp.queue.enqueue("retry_soon_isolated", {"seconds": 0.6})
+    rows = wait_settled(wdb, wprocs, [job_id], alive=[worker])
+    assert rows[job_id].state == "completed", rows[job_id].describe()
+    runs = runs_of(wdb, job_id)
+    assert [r.attempt for r in runs] == [1, 2], runs
+    assert all(r.pid != worker.pid for r in runs), "the handler ran in the worker, not a child"
+    gap = runs[1].started - runs[0].started
+    assert 0.6 <= gap < 2.5, gap  # the backoff would be 5 s
+    job = fapp.queue.get_job(job_id)
+    assert [e["type"] for e in job.errors] == ["Retry"], job.errors
+
+
 # ---------------------------------------------------------------------------- 8. blocked event loop
 
 
