@@ -17,6 +17,11 @@ class InvalidJobError(PgQueueError, ValueError):
     """
 
 
+class UndecodableArguments(PgQueueError, ValueError):
+    """A claimed job's stored arguments cannot be decoded (JSON nested deeper than Python's
+    decoder goes, written by another client): the job is dead-lettered on its first attempt."""
+
+
 class InvalidQueueSettingsError(PgQueueError, ValueError):
     """Refused by ``configure_queue``: a limit or retention that cannot apply (nothing is changed)."""
 

@@ -149,7 +149,7 @@ class Claimer:
         self.woken()
         try:
             job, lease_ends = read_handoff(payload)
-        except (ValueError, KeyError, TypeError) as exc:  # never from the enqueue statement
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # args nested too deep
             log.error("a job handed to this worker could not be read (%s); its lease will lapse", exc)
             return
         refusal, level = self._refusal(job), logging.DEBUG  # a claim would have left it too

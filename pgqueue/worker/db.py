@@ -17,8 +17,8 @@ import psycopg
 from psycopg.types.json import set_json_loads
 
 from pgqueue._connections import connection_kwargs, prepared_statements_enabled
-from pgqueue._jsonb import decode_stored
 from pgqueue._timestamps import register_timestamp_loaders
+from pgqueue.worker.execution import decode_args
 
 log = logging.getLogger("pgqueue.worker")
 Conn = psycopg.AsyncConnection[Any]
@@ -92,7 +92,7 @@ class ServiceConnection:
             )
             # A due job with run_at = '-infinity' (written by hand) must not jam the claim.
             register_timestamp_loaders(conn)
-            set_json_loads(decode_stored, conn)  # job arguments, at every claim
+            set_json_loads(decode_args, conn)  # job arguments, at every claim
             if self.prepare:
                 await conn.execute(PLAN_AT_EVERY_RUN)
             self._conn = conn

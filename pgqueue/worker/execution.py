@@ -20,12 +20,14 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
+from pgqueue._jsonb import decode_stored
 from pgqueue._retry import DEFAULT_BACKOFF, Abort, Retry, valid_delay
 from pgqueue._tasks import CONTEXT_PARAMETER, Task
 from pgqueue.errors import (
     HandlerProcessDied,
     JobCancelled,
     JobTimeout,
+    UndecodableArguments,
     UnknownTaskError,
     UnstorableResult,
 )
@@ -50,7 +52,7 @@ class ClaimedJob:
     id: int
     queue: str
     task: str
-    args: dict[str, Any]
+    args: dict[str, Any] | Undecodable
     priority: int
     attempt: int
     max_attempts: int
@@ -108,9 +110,30 @@ def backoff_seconds(task: Task[Any], attempt: int) -> float:
     return DEFAULT_BACKOFF(attempt)
 
 
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """Stands in a claimed row for arguments the worker could not decode: the job then fails by
+    name, alone. Raised from the driver's row loading, the error would fail the whole claim (the
+    rows stay claimed, are rescued, claimed and fail again, the batch's other jobs with them)."""
+
+    reason: str
+
+
+def decode_args(data: bytes | str) -> Any:
+    """The jsonb loader of worker connections: job arguments as stored, or :class:`Undecodable`.
+
+    The server holds JSON nested deeper than Python's decoder goes (RecursionError), which any
+    client that writes jobs itself can store.
+    """
+    try:
+        return decode_stored(data)
+    except (RecursionError, ValueError) as exc:
+        return Undecodable(f"{type(exc).__name__}: {exc}")
+
+
 def decide_exception(job: ClaimedJob, task: Task[Any] | None, exc: BaseException) -> Outcome:
     """The outcome of an attempt that raised ``exc`` (Abort and ``abort_on`` types are final)."""
-    final = isinstance(exc, Abort | UnknownTaskError) or bool(
+    final = isinstance(exc, Abort | UnknownTaskError | UndecodableArguments) or bool(
         task is not None and task.options.abort_on and isinstance(exc, task.options.abort_on)
     )
     retry_in = exc.delay if isinstance(exc, Retry) else None
@@ -149,9 +172,12 @@ async def execute(
     try:
         if task is None:
             raise UnknownTaskError(f"no handler is registered for task {job.task!r} on this worker")
+        args = job.args
+        if isinstance(args, Undecodable):
+            raise UndecodableArguments(f"the job's arguments as stored cannot be decoded ({args.reason})")
         if runners.isolated(task):
-            return await _run_isolated(job, task, ctx, cancel, runners, on_progress)
-        kwargs: Mapping[str, Any] = {**job.args, CONTEXT_PARAMETER: ctx} if task.takes_context else job.args
+            return await _run_isolated(job, args, task, ctx, cancel, runners, on_progress)
+        kwargs: Mapping[str, Any] = {**args, CONTEXT_PARAMETER: ctx} if task.takes_context else args
         if task.is_async:
             result = await _run_async(task, kwargs, job.timeout)
         else:
@@ -243,6 +269,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 async def _run_isolated(
     job: ClaimedJob,
+    args: dict[str, Any],
     task: Task[Any],
     ctx: JobContext | None,
     cancel: asyncio.Event,
@@ -268,7 +295,7 @@ async def _run_isolated(
             on_progress(value if isinstance(value, str) else to_jsonb(value))
 
     out = await runners.processes.run(
-        job.task, dict(job.args), timeout=job.timeout, context=context, on_progress=progress, cancel=cancel
+        job.task, dict(args), timeout=job.timeout, context=context, on_progress=progress, cancel=cancel
     )
     return process_outcome(job, task, out)
 
