@@ -85,9 +85,9 @@ def decide(
     """Retry with backoff (or when asked), or dead-letter when nothing is left to try."""
     if final or task is None or job.attempt >= job.max_attempts:
         return Outcome(job, "dead", error_json=error_json)
-    asked = retry_in is not None and valid_delay(retry_in)  # Retry checks its own; this is a guard
-    delay = retry_in if asked and retry_in is not None else backoff_seconds(task, job.attempt)
-    return Outcome(job, "retry", error_json=error_json, delay=delay)
+    if retry_in is None or not valid_delay(retry_in):  # Retry checks its wait; this is a guard
+        retry_in = backoff_seconds(task, job.attempt)
+    return Outcome(job, "retry", error_json=error_json, delay=retry_in)
 
 
 def backoff_seconds(task: Task[Any], attempt: int) -> float:
@@ -122,8 +122,9 @@ class Undecodable:
 def decode_args(data: bytes | str) -> Any:
     """The jsonb loader of worker connections: job arguments as stored, or :class:`Undecodable`.
 
-    The server holds JSON nested deeper than Python's decoder goes (RecursionError), which any
-    client that writes jobs itself can store.
+    The server holds what Python's decoder refuses, which any client that writes jobs itself can
+    store: JSON nested deeper than the decoder goes (RecursionError), an integer of more than
+    4,300 digits (ValueError, Python's limit on converting text to int).
     """
     try:
         return decode_stored(data)

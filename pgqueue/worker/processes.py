@@ -592,8 +592,8 @@ class ProcessSlots:
                     log.exception("progress callback for %r failed", task)
             elif tag == "done" and len(message) == 7 and message[1] in ("ok", "error"):
                 kind, result, error_type, error_message, trace, retry_in = message[1:]
-                if not isinstance(retry_in, int | float) or isinstance(retry_in, bool):
-                    retry_in = None  # what crosses the pipe is checked, not trusted
+                ok = isinstance(retry_in, int | float) and not isinstance(retry_in, bool)
+                retry_in = float(retry_in) if ok else None  # what crosses the pipe is checked
                 outcome = ProcessOutcome(kind, result, error_type, error_message, trace, retry_in=retry_in)
                 return outcome, started
             elif tag == "timeout":

@@ -319,27 +319,35 @@ def test_an_exception_whose_str_raises_is_recorded_and_frees_its_slot(
     assert_serves(fapp, wdb, wprocs, worker)
 
 
-def test_arguments_nested_deeper_than_python_decodes_dead_letter_their_job_alone(
+def test_arguments_python_cannot_decode_dead_letter_their_job_alone(
     fapp: fault_app.FaultApp, wdb: Db, wprocs: Workers
 ) -> None:
-    """Another client writes a job whose arguments PostgreSQL stores and Python's JSON decoder
-    cannot read (nested 3,000 deep). Failing in the driver's row loading, it failed the whole
-    claim, whose rows (its batch's other jobs too) stayed claimed, were rescued and claimed again
-    for ever; it is dead-lettered by name at its first attempt, and the batch runs."""
+    """Another client writes jobs whose arguments PostgreSQL stores and Python's JSON decoder
+    refuses (nested 3,000 deep; a 5,000-digit number). Raised in the driver's row loading, each
+    failed the whole claim, whose rows (its batch's other jobs too) stayed claimed, were rescued
+    and claimed again for ever; now each is dead-lettered by name at its first attempt, and the
+    batch runs."""
     good = fapp.queue.enqueue_many([JobSpec("record", {"note": f"good {i}"}) for i in range(10)])
-    deep = '{"deep": ' + "[" * 3000 + "]" * 3000 + "}"
-    poison = wdb.one(
-        "INSERT INTO {jobs} (queue, task, args, max_attempts) VALUES ('default', 'record', %s::jsonb, 5)"
-        " RETURNING id",
-        [deep],
-    )
+    poisons = {  # nested past the decoder's depth; an integer past Python's 4,300 digits
+        "RecursionError": '{"deep": ' + "[" * 3000 + "]" * 3000 + "}",
+        "ValueError": '{"n": ' + "7" * 5000 + "}",
+    }
+    poison = {
+        why: wdb.one(
+            "INSERT INTO {jobs} (queue, task, args, max_attempts)"
+            " VALUES ('default', 'record', %s::jsonb, 5) RETURNING id",
+            [text],
+        )
+        for why, text in poisons.items()
+    }
     more = fapp.queue.enqueue_many([JobSpec("record", {"note": f"more {i}"}) for i in range(10)])
-    worker = start_worker(wprocs, wdb, "--concurrency", "4")  # one claim holds the poison and others
-    rows = wait_settled(wdb, wprocs, [*good, poison, *more], alive=[worker])
-    r = rows[poison]
-    assert r.state == "dead" and r.attempts == 1 and r.types == ["UndecodableArguments"], r.describe()
-    assert "RecursionError" in str(r.errors[0].get("message")), r.describe()
-    assert runs_of(wdb, poison) == [], "the handler ran without its arguments"
+    worker = start_worker(wprocs, wdb, "--concurrency", "4")  # one claim holds a poison and others
+    rows = wait_settled(wdb, wprocs, [*good, *poison.values(), *more], alive=[worker])
+    for why, job_id in poison.items():
+        r = rows[job_id]
+        assert r.state == "dead" and r.attempts == 1 and r.types == ["UndecodableArguments"], r.describe()
+        assert why in str(r.errors[0].get("message")), r.describe()
+        assert runs_of(wdb, job_id) == [], "the handler ran without its arguments"
     assert_completed(rows, [*good, *more])
     assert_each_ran_once(wdb, [*good, *more], "jobs claimed with the poison")
     assert "claim failed" not in worker.log_text(), worker.log_tail()
