@@ -229,16 +229,13 @@ class Claimer:
         worker's cap has a slot again (its claims count until their outcome is written, so the
         look when the handler ended found it still full); the queues whose workers should look
         again now (capacity freed under a global cap, or a job back in line)."""
-        back_in_line: set[str] = set()
         for o in outcomes:
-            if o.kind != "completed":
-                if o.kind == "retry":
-                    self.retry_due_in(o.delay)
-                if o.kind in ("retry", "requeue", "release"):
-                    back_in_line.add(o.job.queue)
-        queues = {o.job.queue for o in outcomes}
+            if o.kind == "retry":
+                self.retry_due_in(o.delay)
+        queues = {o.job.queue for o in outcomes}  # each looked at once, not once per outcome
         if self._blocked and not queues.isdisjoint(self._settings.queue_concurrency):
             self.wake.set()
+        back_in_line = {o.job.queue for o in outcomes if o.kind in ("retry", "requeue", "release")}
         return sorted(back_in_line | {q for q in queues if self.limited(q)})
 
     async def run(self) -> None:

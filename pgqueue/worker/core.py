@@ -182,6 +182,7 @@ class AsyncWorker:
             default_isolation=s.isolation,
         )
         ex = Executor(
+            loop=loop,
             worker_id=self.id,
             concurrency=s.concurrency,
             prefetch=s.prefetch,
