@@ -135,7 +135,8 @@ FROM {schema}.dead_letter WHERE id = %(id)s
 -- name: cancel_jobs
 -- One job by %(id)s, or the live jobs holding %(unique_key)s (in %(queue)s, or in any queue when
 -- it is NULL); the selector not used is NULL. A queued job is cancelled at once (it moves to
--- finished_jobs); a running one is flagged and its worker stops it. The rows are locked first,
+-- finished_jobs); a running one is flagged and its worker stops it (however that attempt ends,
+-- short of completing, the job then ends cancelled: ack, rescue_expired). The rows are locked first,
 -- so each is judged by its state once no claim or finish is under way on it. The selectors are
 -- two arms of an OR so that each keeps its index under a generic plan (primary key; unique key),
 -- where `%(id)s IS NULL OR id = %(id)s` would scan the table.
@@ -152,17 +153,9 @@ WITH chosen AS (
 ), withdrawn AS (
     DELETE FROM {schema}.jobs AS j USING chosen AS c
     WHERE j.id = c.id AND c.state = 'queued'
-    RETURNING j.*
+    RETURNING j.*, NULL::jsonb AS last_error
 ), cancelled AS (
-    INSERT INTO {schema}.finished_jobs
-        (id, queue, task, args, priority, state, run_at, attempts, max_attempts, timeout,
-         unique_key, scheduled_for, worker_id, progress, result, errors, created_at, started_at,
-         finished_at, unrecorded_losses)
-    SELECT id, queue, task, args, priority, 'cancelled', run_at, attempts, max_attempts, timeout,
-           unique_key, scheduled_for, worker_id, progress, result, errors, created_at, started_at,
-           now(), unrecorded_losses
-    FROM withdrawn
-    RETURNING id
+    {record_cancelled}
 )
 SELECT id, woke FROM flagged
 UNION ALL

@@ -34,8 +34,10 @@ LIMIT %(limit)s
 -- left it) lost nothing: it goes back uncharged, its loss counted in unrecorded_losses.
 -- Only a job that keeps taking workers down that way, more than max_attempts + 2 times, is
 -- dead-lettered: a poison job ends even when it kills its worker before its start is written.
+-- A job asked to cancel ends cancelled instead, neither run again nor dead-lettered; its flag is
+-- read from the row as locked, so a cancel committed since the statement began is seen.
 WITH expired AS (
-    SELECT j.id
+    SELECT j.id, j.cancel_requested AS cancelled
     FROM unnest(%(ids)s::bigint[], %(tokens)s::uuid[], %(leases)s::timestamptz[])
              AS seen(id, token, lease)
     JOIN {schema}.jobs AS j ON j.id = seen.id
@@ -44,7 +46,7 @@ WITH expired AS (
       AND coalesce(j.lease_expires_at, '-infinity') < clock_timestamp()
     FOR UPDATE OF j SKIP LOCKED
 ), lost AS (
-    SELECT j.id, j.started_at IS NULL AS unrecorded,
+    SELECT j.id, expired.cancelled, j.started_at IS NULL AS unrecorded,
            CASE WHEN j.started_at IS NULL THEN j.unrecorded_losses >= j.max_attempts + 2
                 ELSE j.attempts >= j.max_attempts END AS exhausted,
            jsonb_build_object('attempt', j.attempts, 'at', now(), 'type', 'LeaseExpired',
@@ -60,22 +62,28 @@ WITH expired AS (
 ), requeued AS (
     UPDATE {schema}.jobs AS j
     SET state = 'queued', run_at = now(), worker_id = NULL, lease_expires_at = NULL,
-        cancel_requested = false, claim_token = NULL,
-        unrecorded_losses = j.unrecorded_losses + lost.unrecorded::int,
+        claim_token = NULL, unrecorded_losses = j.unrecorded_losses + lost.unrecorded::int,
         errors = CASE WHEN lost.unrecorded THEN j.errors ELSE j.errors || lost.error END
     FROM lost
-    WHERE j.id = lost.id AND NOT lost.exhausted
+    WHERE j.id = lost.id AND NOT lost.exhausted AND NOT lost.cancelled
     RETURNING j.id, j.queue
 ), dead AS (
     -- Nothing to charge: a lost attempt was counted when it started (or, unrecorded, not at all).
     DELETE FROM {schema}.jobs AS j USING lost
-    WHERE j.id = lost.id AND lost.exhausted
+    WHERE j.id = lost.id AND lost.exhausted AND NOT lost.cancelled
     RETURNING j.*, lost.error AS last_error, 0 AS charge, NULL::timestamptz AS run_started_at
 ), buried AS (
     {bury_dead}
+), withdrawn AS (
+    DELETE FROM {schema}.jobs AS j USING lost
+    WHERE j.id = lost.id AND lost.cancelled
+    RETURNING j.*, lost.error AS last_error
+), cancelled AS (
+    {record_cancelled}
 )
 SELECT (SELECT array_agg(DISTINCT queue) FROM requeued) AS queues,
-       (SELECT count(*) FROM requeued) AS requeued, (SELECT count(*) FROM buried) AS buried
+       (SELECT count(*) FROM requeued) AS requeued, (SELECT count(*) FROM buried) AS buried,
+       (SELECT count(*) FROM cancelled) AS cancelled
 
 -- name: forget_dead_workers
 DELETE FROM {schema}.workers

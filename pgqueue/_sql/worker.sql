@@ -96,13 +96,25 @@ RETURNING extract(epoch FROM clock_timestamp())::float8
 -- left the waiting list, its notification too late to be read). A job is handed over with this
 -- worker's lease from its insert, and no renewal moves a job the worker does not hold: its
 -- insert is before %(since)s when its lease ends before %(since)s + the lease.
-UPDATE {schema}.jobs
-SET state = 'queued', run_at = now(), worker_id = NULL, lease_expires_at = NULL,
-    cancel_requested = false, claim_token = NULL
-WHERE state = 'running' AND worker_id = %(worker_id)s AND started_at IS NULL
-  AND lease_expires_at < %(since)s::timestamptz + make_interval(secs => %(lease)s)
-  AND id <> ALL(%(held)s::bigint[])
-RETURNING queue
+-- One asked to cancel meanwhile (its notification as lost as the hand-off's) ends cancelled.
+WITH missed AS (
+    SELECT id, cancel_requested FROM {schema}.jobs
+    WHERE state = 'running' AND worker_id = %(worker_id)s AND started_at IS NULL
+      AND lease_expires_at < %(since)s::timestamptz + make_interval(secs => %(lease)s)
+      AND id <> ALL(%(held)s::bigint[])
+    FOR UPDATE
+), released AS (
+    UPDATE {schema}.jobs
+    SET state = 'queued', run_at = now(), worker_id = NULL, lease_expires_at = NULL, claim_token = NULL
+    WHERE id = ANY(ARRAY(SELECT id FROM missed WHERE NOT cancel_requested))
+    RETURNING queue
+), withdrawn AS (
+    DELETE FROM {schema}.jobs WHERE id = ANY(ARRAY(SELECT id FROM missed WHERE cancel_requested))
+    RETURNING *, NULL::jsonb AS last_error
+), cancelled AS (
+    {record_cancelled}
+)
+SELECT queue FROM released
 
 -- name: stop_waiting
 -- The worker is busy again (a claim got all it asked for): wake-ups should go to others.
@@ -196,11 +208,11 @@ CROSS JOIN LATERAL (
 -- that crashes its worker has, in all likelihood, paid for it.
 -- jobs holds only live jobs, so autovacuum often analyses it while it is empty; planned from
 -- that, a join of jobs with the outcomes scanned jobs and, for each of its rows, the whole
--- outcome list (100 outcomes on 400 rows: 40 ms, not 2). So the jobs that leave (finished or
--- dead, nearly every outcome) are looked up outcome by outcome through the primary key (LATERAL
--- fixes that order), locked, then deleted by id, with no join for the planner to choose;
--- retries and starts, which update rows in place, keep their join and run only when the flush
--- holds some.
+-- outcome list (100 outcomes on 400 rows: 40 ms, not 2). So every outcome's row is looked up
+-- through the primary key (LATERAL fixes that order) and locked; the jobs that leave (finished
+-- or dead, nearly every outcome) are then deleted by id, the ones going back updated by id,
+-- with no join for the planner to choose. Give-backs and starts run only when the flush holds
+-- some.
 -- Numbers, tokens and kinds arrive as array literals (text the worker joins, ten times cheaper
 -- than the driver's arrays); JSON values and times as the driver's arrays.
 WITH outcome AS (
@@ -208,15 +220,23 @@ WITH outcome AS (
                          %(result)b::jsonb[], %(error)b::jsonb[], %(delay)s::float8[],
                          %(charge)s::int[], %(started_at)b::timestamptz[])
         AS o(id, token, kind, result, error, delay, charge, started_at)
-), leaving AS MATERIALIZED (
-    -- Locked: nothing changes these rows before the delete below (a row the lease keeper
-    -- renewed meanwhile is found at its newest version, and still holds the token).
-    SELECT j.*, o.kind, o.result AS outcome_result, o.error, o.charge, o.started_at AS run_started_at
+), held AS MATERIALIZED (
+    -- Every outcome's row, locked: nothing changes it before the writes below (a row the lease
+    -- keeper renewed meanwhile is found at its newest version, and still holds the token).
+    -- A job asked to cancel never goes back to the queue nor to the dead letter, whatever its
+    -- attempt says (a failure, a hand-back at shutdown, a release before it started: the
+    -- worker may not have heard of the cancel yet); it ends cancelled, keeping the attempt's
+    -- error. Only a completed attempt stays completed: its work is done. The flag is read from
+    -- the locked row, so a cancel committed while this statement waited for it is seen.
+    SELECT j.*,
+           CASE WHEN j.cancel_requested AND o.kind <> 'completed' THEN 'cancelled' ELSE o.kind END AS kind,
+           o.result AS outcome_result, o.error, o.delay, o.charge, o.started_at AS run_started_at
     FROM outcome AS o
     CROSS JOIN LATERAL (
         SELECT * FROM {schema}.jobs WHERE id = o.id AND claim_token = o.token FOR UPDATE
     ) AS j
-    WHERE o.kind IN ('completed', 'cancelled', 'dead')
+), leaving AS (
+    SELECT * FROM held WHERE kind IN ('completed', 'cancelled', 'dead')
 ), deleted AS (
     -- A finished job leaves jobs (a delete writes no index entry) for finished_jobs, a dead one
     -- for the dead letter.
@@ -234,15 +254,17 @@ WITH outcome AS (
     FROM leaving WHERE kind IN ('completed', 'cancelled')
     RETURNING id
 ), retried AS (
+    -- Looked up by key (the ids as an array, as for the delete), then joined to their outcomes.
     UPDATE {schema}.jobs AS j
-    SET state = 'queued', run_at = now() + make_interval(secs => o.delay), worker_id = NULL,
-        lease_expires_at = NULL, cancel_requested = false, claim_token = NULL,
-        started_at = coalesce(j.started_at, o.started_at),
-        errors = CASE WHEN o.error IS NULL THEN j.errors ELSE j.errors || o.error END,
-        attempts = j.attempts + o.charge * (j.started_at IS NULL)::int - (o.kind = 'requeue')::int
-    FROM outcome AS o
+    SET state = 'queued', run_at = now() + make_interval(secs => h.delay), worker_id = NULL,
+        lease_expires_at = NULL, claim_token = NULL,
+        started_at = coalesce(j.started_at, h.run_started_at),
+        errors = CASE WHEN h.error IS NULL THEN j.errors ELSE j.errors || h.error END,
+        attempts = j.attempts + h.charge * (j.started_at IS NULL)::int - (h.kind = 'requeue')::int
+    FROM held AS h
     WHERE %(kind)s::text[] && ARRAY['retry', 'requeue', 'release']
-      AND o.kind IN ('retry', 'requeue', 'release') AND j.id = o.id AND j.claim_token = o.token
+      AND j.id = ANY(ARRAY(SELECT id FROM held WHERE kind IN ('retry', 'requeue', 'release')))
+      AND h.id = j.id AND h.kind IN ('retry', 'requeue', 'release')
     RETURNING j.id
 ), dead AS (
     SELECT *, error AS last_error FROM leaving WHERE kind = 'dead'
@@ -272,6 +294,20 @@ SELECT id, queue, task, args, priority, attempts + charge * (started_at IS NULL)
        max_attempts, timeout, unique_key, scheduled_for, progress,
        errors || coalesce(last_error, '[]'::jsonb), created_at, coalesce(started_at, run_started_at)
 FROM dead
+RETURNING id
+
+-- fragment: record_cancelled
+-- The finished_jobs INSERT of jobs that end cancelled outside the ack, shared by cancel_jobs,
+-- rescue_expired and release_missed_handoffs: the rows a `withdrawn` CTE deleted from jobs, each
+-- with its last_error (appended to its errors; NULL: none).
+INSERT INTO {schema}.finished_jobs
+    (id, queue, task, args, priority, state, run_at, attempts, max_attempts, timeout,
+     unique_key, scheduled_for, worker_id, progress, result, errors, created_at, started_at,
+     finished_at, unrecorded_losses)
+SELECT id, queue, task, args, priority, 'cancelled', run_at, attempts, max_attempts, timeout,
+       unique_key, scheduled_for, worker_id, progress, result,
+       errors || coalesce(last_error, '[]'::jsonb), created_at, started_at, now(), unrecorded_losses
+FROM withdrawn
 RETURNING id
 
 -- ---------------------------------------------------------------- liveness

@@ -197,6 +197,8 @@ async def execute(
     except JobCancelled as exc:
         return Outcome(job, "cancelled", error_json=exception_entry(job.attempt, exc))
     except BaseException as exc:  # handler code may raise SystemExit & co: a failed attempt
+        if cancel.is_set():  # a handler that stops when told often says so by raising
+            return Outcome(job, "cancelled", error_json=exception_entry(job.attempt, exc))
         return decide_exception(job, task, exc)
 
 

@@ -54,6 +54,7 @@ class Rescued:
     queues: list[str] | None  # NULL when nothing was requeued
     requeued: int
     buried: int
+    cancelled: int  # asked to cancel before their worker was lost: they end here
 
 
 class Rescuer:
@@ -97,9 +98,14 @@ class Rescuer:
             await cur.execute(self._queries.rescue_expired, params)
             row = await cur.fetchone()
         assert row is not None
-        moved = row.requeued + row.buried
+        moved = row.requeued + row.buried + row.cancelled
         if moved:
-            log.warning("rescued %d jobs with expired leases (%d dead-lettered)", moved, row.buried)
+            log.warning(
+                "rescued %d jobs with expired leases (%d dead-lettered, %d cancelled as asked)",
+                moved,
+                row.buried,
+                row.cancelled,
+            )
         if row.queues:
             await c.execute(self._queries.wake_queues, wake_params(self._queries, row.queues))
         return moved

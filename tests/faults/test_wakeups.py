@@ -23,7 +23,7 @@ import worker_app
 from pgserver import temporary_server
 from worker_helpers import Db, WorkerProcess, Workers, percentile, wait_until
 
-from pgqueue import JobSpec
+from pgqueue import JobSpec, JobState
 from pgqueue.migrate import upgrade
 from pgqueue.worker.claimer import WAKE_GRACE
 from pgqueue.worker.handoff import HANDOFF_FRESH
@@ -422,6 +422,34 @@ def test_a_graceful_stop_leaves_no_job_claimed_for_the_worker(rig: Rig) -> None:
     rig.start_waiting_workers(1)
     _all_completed(rig, 1, timeout=10)  # the rescue would take 30 s + its grace
     assert rig.db.one("SELECT attempts, errors FROM {finished} WHERE id = %s", [job]) == (1, [])
+
+
+def test_a_hand_off_cancelled_before_the_worker_read_it_ends_cancelled_at_its_give_back(rig: Rig) -> None:
+    """Two hand-offs the stopping worker never read, one of them cancelled meanwhile (queue.cancel
+    flags a running job for its worker, which never hears of it either). The give-back sends the
+    other back to the queue; the cancelled one ends cancelled, never to run."""
+    (leaving,) = rig.start_waiting_workers(1)
+    kept, cancelled = (rig.app.queue.enqueue("record", delay=3600) for _ in range(2))
+    rig.db.rows(
+        "UPDATE {jobs} SET state = 'running', run_at = now(), worker_id = %s,"
+        " claim_token = gen_random_uuid(), lease_expires_at = now() + interval '30 seconds'"
+        " WHERE id = ANY(%s) RETURNING id",
+        [_worker_id(rig, leaving), [kept, cancelled]],
+    )
+    leaving.signal(signal.SIGSTOP)  # it hears of the cancel no sooner than of the hand-off
+    try:
+        assert rig.app.queue.cancel(cancelled)
+    finally:
+        leaving.signal(signal.SIGCONT)
+    leaving.signal(signal.SIGTERM)
+    assert leaving.wait(20) == 0
+    assert rig.db.one("SELECT state FROM {jobs} WHERE id = %s", [kept]) == "queued"
+    assert rig.app.queue.get_job(cancelled).state is JobState.CANCELLED
+    rig.start_waiting_workers(1)
+    _all_completed(rig, 1, timeout=10)
+    time.sleep(0.5)
+    assert rig.db.one("SELECT job_id FROM {log}") == kept
+    assert rig.app.queue.get_job(cancelled).state is JobState.CANCELLED
 
 
 def test_a_job_handed_over_while_the_listener_was_away_goes_back_when_it_listens_again(

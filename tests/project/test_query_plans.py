@@ -393,40 +393,76 @@ def _loops(plan: Any, node: tuple[str, str]) -> int:
     return most
 
 
+def _ack_on_a_table_analysed_empty(
+    queue: Queue, kinds: list[str], cancel_requested: int = 0
+) -> psycopg.Connection[Any]:
+    """400 running jobs in a table analysed while empty; the first 100 get ``kinds`` as
+    outcomes, the first ``cancel_requested`` of them flagged as queue.cancel flags a running
+    job. Checks the plans (each outcome finds its row by key) and runs the ack; returns the
+    connection, to look at what it did."""
+    schema = queue.schema
+    token = uuid.uuid4()
+    conn = psycopg.connect(queue.dsn, autocommit=True)
+    jobs = f'"{schema}".jobs'
+    conn.execute(f"INSERT INTO {jobs} (queue, task) SELECT 'q', 't' FROM generate_series(1, 400)")
+    conn.execute(f"DELETE FROM {jobs}")
+    conn.execute(f"VACUUM ANALYZE {jobs}")  # statistics: no rows
+    conn.execute(
+        f"INSERT INTO {jobs} (queue, task, state, claim_token, worker_id, attempts, lease_expires_at)"
+        " SELECT 'q', 't', 'running', %s, 'w', 1, now() + interval '1 minute'"
+        " FROM generate_series(1, 400)",
+        [token],
+    )
+    ids = [r[0] for r in conn.execute(f"SELECT id FROM {jobs} ORDER BY id LIMIT 100")]
+    conn.execute(f"UPDATE {jobs} SET cancel_requested = true WHERE id = ANY(%s)", [ids[:cancel_requested]])
+    params = {
+        "id": ids, "token": [token] * 100, "kind": kinds,
+        "result": [None] * 100, "error": [None] * 100, "delay": [0.0] * 100, "charge": [0] * 100,
+        "started_at": [None] * 100, "start_id": [], "start_token": [], "start_at": [],
+    }  # fmt: skip
+    for mode in ("force_generic_plan", "force_custom_plan"):
+        plan = _generic_plan(conn, queue.queries.ack, ACK_TYPES, params, cache_mode=mode)
+        assert plan[0]["Plan"]["Plans"], plan
+        assert _join_filtered(plan) == 0, (mode, _join_filtered(plan))
+        assert _loops(plan, ("Seq Scan", "jobs")) <= 1, (mode, plan)
+    assert _execute_prepared(conn, queue.queries.ack, ACK_TYPES, params) == (100,)
+    return conn
+
+
+def _count(conn: psycopg.Connection[Any], query: str) -> int:
+    row = conn.execute(query).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def test_an_ack_on_a_small_table_analysed_empty_looks_each_job_up_once(queue: Queue) -> None:
     """jobs holds only live jobs, so autovacuum often analyses it empty; then a few hundred
     rows come back. Planned from those statistics, an ack that joined jobs with its outcomes
     scanned jobs and, for each row, the whole outcome list: 100 outcomes on 400 rows read
     39,900 rows to throw away (40 ms instead of 2). Each outcome must find its row by key."""
-    schema = queue.schema
-    token = uuid.uuid4()
-    with psycopg.connect(queue.dsn, autocommit=True) as conn:
-        jobs = f'"{schema}".jobs'
-        conn.execute(f"INSERT INTO {jobs} (queue, task) SELECT 'q', 't' FROM generate_series(1, 400)")
-        conn.execute(f"DELETE FROM {jobs}")
-        conn.execute(f"VACUUM ANALYZE {jobs}")  # statistics: no rows
-        conn.execute(
-            f"INSERT INTO {jobs} (queue, task, state, claim_token, worker_id, attempts, lease_expires_at)"
-            " SELECT 'q', 't', 'running', %s, 'w', 1, now() + interval '1 minute'"
-            " FROM generate_series(1, 400)",
-            [token],
+    s = queue.schema
+    with _ack_on_a_table_analysed_empty(queue, ["completed"] * 98 + ["retry", "dead"]) as conn:
+        # 98 finished, one back in line, one dead; nothing else touched.
+        assert _count(conn, f'SELECT count(*) FROM "{s}".jobs') == 301
+        assert _count(conn, f"SELECT count(*) FROM \"{s}\".jobs WHERE state = 'queued'") == 1
+        assert _count(conn, f'SELECT count(*) FROM "{s}".finished_jobs') == 98
+        assert _count(conn, f'SELECT count(*) FROM "{s}".dead_letter') == 1
+
+
+def test_an_ack_of_many_give_backs_looks_each_up_once_and_keeps_cancels(queue: Queue) -> None:
+    """A worker stopping with a full prefetch buffer hands most of its jobs back in one ack. Those
+    go back to the queue by key too, and the ones asked to cancel meanwhile (the first 10, among
+    them a failed attempt and a dead one) end cancelled rather than run again."""
+    s = queue.schema
+    kinds = ["retry", "dead"] + ["release"] * 8 + ["completed"] * 10 + ["release", "requeue"] * 40
+    with _ack_on_a_table_analysed_empty(queue, kinds, cancel_requested=10) as conn:
+        states = dict(conn.execute(f'SELECT state::text, count(*) FROM "{s}".finished_jobs GROUP BY 1'))
+        assert states == {"cancelled": 10, "completed": 10}
+        assert _count(conn, f"SELECT count(*) FROM \"{s}\".jobs WHERE state = 'queued'") == 80
+        assert _count(conn, f'SELECT count(*) FROM "{s}".jobs') == 380
+        assert _count(conn, f'SELECT count(*) FROM "{s}".dead_letter') == 0
+        # A requeue hands back an attempt that does not count; a release, one that never began.
+        attempts = dict(
+            conn.execute(f"SELECT attempts, count(*) FROM \"{s}\".jobs WHERE state = 'queued' GROUP BY 1")
         )
-        ids = [r[0] for r in conn.execute(f"SELECT id FROM {jobs} ORDER BY id LIMIT 100")]
-        params = {
-            "id": ids, "token": [token] * 100, "kind": ["completed"] * 98 + ["retry", "dead"],
-            "result": [None] * 100, "error": [None] * 100, "delay": [0.0] * 100, "charge": [0] * 100,
-            "started_at": [None] * 100, "start_id": [], "start_token": [], "start_at": [],
-        }  # fmt: skip
-        for mode in ("force_generic_plan", "force_custom_plan"):
-            plan = _generic_plan(conn, queue.queries.ack, ACK_TYPES, params, cache_mode=mode)
-            assert plan[0]["Plan"]["Plans"], plan
-            assert _join_filtered(plan) == 0, (mode, _join_filtered(plan))
-            assert _loops(plan, ("Seq Scan", "jobs")) <= 1, (mode, plan)
-        # And it does its work: 98 finished, one back in line, one dead; nothing else touched.
-        assert _execute_prepared(conn, queue.queries.ack, ACK_TYPES, params) == (100,)
-        assert conn.execute(f"SELECT count(*) FROM {jobs}").fetchone() == (301,)
-        assert conn.execute(f'SELECT count(*) FROM "{schema}".finished_jobs').fetchone() == (98,)
-        assert conn.execute(f'SELECT count(*) FROM "{schema}".dead_letter').fetchone() == (1,)
-        assert conn.execute(f"SELECT state::text FROM {jobs} WHERE id = %s", [ids[98]]).fetchone() == (
-            "queued",
-        )
+        assert attempts == {0: 40, 1: 40}

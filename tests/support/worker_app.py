@@ -265,6 +265,28 @@ def register(app: App) -> None:
             raise Retry(in_=float("inf"))
         return ctx.attempt
 
+    @q.task(name="stops_when_told", max_attempts=5, backoff=pgqueue.fixed(0.1))
+    def stops_when_told(ctx: JobContext, seconds: float) -> str:
+        """Works until told to cancel (ctx.is_cancelled), then says so by raising its own error."""
+        app.log_start_sync(ctx)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if ctx.is_cancelled:
+                raise RuntimeError("told to stop")
+            time.sleep(0.02)
+        return "worked to the end"
+
+    @q.task(name="fail_on_flag", max_attempts=5, backoff=pgqueue.fixed(0.1))
+    async def fail_on_flag(ctx: JobContext, flag: str, seconds: float) -> str:
+        """Runs until the test sets ``flag``, then fails; or ends after ``seconds``."""
+        await app.log_start(ctx)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if await app.flag_set(flag):
+                raise RuntimeError(f"flag {flag!r} is set")
+            await asyncio.sleep(0.02)
+        return "no flag"
+
     @q.task(name="progress_then_sleep")
     async def progress_then_sleep(ctx: JobContext, seconds: float) -> str:
         seq = await app.log_start(ctx)

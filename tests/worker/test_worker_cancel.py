@@ -1,12 +1,17 @@
-"""Cancelling running jobs, and progress reported through JobContext.set_progress."""
+"""Cancelling running jobs, and progress reported through JobContext.set_progress.
+
+A cancel is a promise to the user: the job does not run again. It must hold however the attempt
+under way then ends, whether the worker heard of the cancel or not.
+"""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import pytest
 import worker_app
-from worker_helpers import Db, thread_worker, wait_until
+from worker_helpers import Db, Workers, thread_worker, wait_until
 
 from pgqueue import JobState
 
@@ -60,3 +65,82 @@ def test_the_last_progress_a_handler_reports_is_kept(wapp: worker_app.App, wdb: 
         wait_until(lambda: wapp.queue.get_job(job_id).state is JobState.COMPLETED, 5, "job never completed")
         time.sleep(0.7)  # one more round of the worker's progress writer
     assert wapp.queue.get_job(job_id).progress == 100
+
+
+def runs(db: Db, job_id: int) -> int:
+    return int(db.one("SELECT count(*) FROM {log} WHERE job_id = %s", [job_id]))
+
+
+def test_a_handler_that_stops_when_told_by_raising_ends_cancelled(wapp: worker_app.App, wdb: Db) -> None:
+    """A sync handler cannot be interrupted; told through ctx.is_cancelled(), it stops by raising
+    its own error. That is the cancel working, not a failed attempt to retry."""
+    with thread_worker(wapp, wdb, queues=("default",), concurrency=2) as w:
+        job_id = wapp.queue.enqueue("stops_when_told", {"seconds": 20})
+        wait_until(lambda: runs(wdb, job_id) == 1, 10, "the job never started")
+        assert wapp.queue.cancel(job_id)
+        wait_until(
+            lambda: wapp.queue.get_job(job_id).state is JobState.CANCELLED,
+            5,
+            lambda: f"job {wapp.queue.get_job(job_id)}",
+        )
+        time.sleep(0.5)  # a retry would be due after 0.1 s
+        assert w.alive()
+    job = wapp.queue.get_job(job_id)
+    assert job.state is JobState.CANCELLED
+    assert runs(wdb, job_id) == 1
+    assert [e["type"] for e in job.errors] == ["RuntimeError"]  # what the handler said as it stopped
+
+
+@pytest.mark.parametrize("ending", ["fails", "handed_back", "worker_killed", "released"])
+def test_a_cancel_the_worker_never_heard_of_still_ends_the_job(
+    ending: str, wapp: worker_app.App, wdb: Db, wprocs: Workers
+) -> None:
+    """The cancel is written (the flag queue.cancel sets) but the worker never hears of it: a
+    listener behind a transaction pooler hears no notification, and one in flight arrives after
+    the attempt has ended. However the attempt then ends (it fails, is handed back at shutdown,
+    its worker is killed, or it never left the prefetch buffer), the job ends cancelled and is
+    never run again."""
+    lease = "2" if ending == "worker_killed" else "30"  # 30: no heartbeat tells the worker either
+    args = ("--concurrency", "1", "--prefetch", "1", "--lease-seconds", lease, "--grace-period", "0.5")
+    env = {"PGQUEUE_RESCUE_INTERVAL": "0.5"}
+    worker = wprocs.start(*args, env=env)
+    wprocs.wait_registered(wdb, worker)
+    blocker = wapp.queue.enqueue("fail_on_flag", {"flag": "go", "seconds": 60})
+    wait_until(lambda: runs(wdb, blocker) == 1, 10, worker.log_tail)
+    target = blocker
+    if ending == "released":  # claimed into the buffer behind the blocker, never started
+        target = wapp.queue.enqueue("record", {"note": "must not run"})
+        wait_until(
+            lambda: wdb.one("SELECT state::text FROM {jobs} WHERE id = %s", [target]) == "running",
+            10,
+            worker.log_tail,
+        )
+    assert wdb.one("UPDATE {jobs} SET cancel_requested = true WHERE id = %s RETURNING id", [target])
+
+    if ending == "fails":
+        wdb.set_flag("go")
+    elif ending in ("handed_back", "released"):
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(20) == 0, worker.log_tail()
+    else:
+        worker.signal(signal.SIGKILL)
+        worker.wait(10)
+        wprocs.start(*args, env=env)  # it rescues the lost lease
+
+    wait_until(
+        lambda: wapp.queue.get_job(target).state is JobState.CANCELLED,
+        20,
+        lambda: f"job {wapp.queue.get_job(target)}\n{wprocs.logs()}",
+    )
+    if ending != "worker_killed":  # a worker for the queue, to run the job if it were back
+        wprocs.start(*args, env=env)
+    time.sleep(1.5)  # a retry is due after 0.1 s; a released job runs at once
+    job = wapp.queue.get_job(target)
+    assert job.state is JobState.CANCELLED, job
+    assert runs(wdb, target) == (0 if ending == "released" else 1), wprocs.logs()
+    assert wdb.one("SELECT count(*) FROM {jobs} WHERE id = %s", [target]) == 0
+    assert wdb.one("SELECT count(*) FROM {dead_letter} WHERE id = %s", [target]) == 0
+    if ending == "fails":
+        assert [e["type"] for e in job.errors] == ["RuntimeError"]
+    if ending == "worker_killed":
+        assert [e["type"] for e in job.errors] == ["LeaseExpired"]
