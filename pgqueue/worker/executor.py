@@ -100,10 +100,13 @@ class Executor:
 
     def blocker(self, task: asyncio.Task[Any] | None) -> str | None:
         """The job a running asyncio task belongs to, in words (for naming what blocks the loop)."""
-        if task is None or not task.get_name().startswith(JOB_TASK_PREFIX):
+        if task is None:
             return None
-        running = self.running.get(int(task.get_name()[len(JOB_TASK_PREFIX) :]))
-        return None if running is None else f"job {running.job.id} ({running.job.task})"
+        job_id = task.get_name().removeprefix(JOB_TASK_PREFIX)  # handler code may rename its task
+        running = self.running.get(int(job_id)) if job_id.isdecimal() else None
+        if running is None or running.task is not task:
+            return None
+        return f"job {running.job.id} ({running.job.task})"
 
     # ------------------------------------------------------------------ taking and starting
 

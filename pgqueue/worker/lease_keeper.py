@@ -99,6 +99,8 @@ class LeaseKeeper:
         self.interval = beat.lease_seconds / 3
         self.renewed_at: float | None = None  # when the last renewal that succeeded was sent
         self._abandoned_sent = 0
+        self._blocked_since: float | None = None  # the loop's last tick before it stalled
+        self._warned_at = 0.0
 
     # ------------------------------------------------------------------ the loop's side
 
@@ -129,28 +131,41 @@ class LeaseKeeper:
     # ------------------------------------------------------------------ the thread
 
     def _main(self) -> None:
+        """Until stopped: watch the loop, renew on schedule. Nothing may end this thread while
+        the worker runs (its jobs would lose their leases and run twice), so a round that fails
+        in an unforeseen way is logged, and the next one comes as usual."""
         next_beat = time.monotonic()  # the first renewal at once: claiming waits for it
-        blocked_since: float | None = None
-        warned_at = 0.0
         ok = True
         while not self._stop.wait(WATCH):
-            now = time.monotonic()
-            stalled = now - self.alive_at
-            if stalled >= self._block_warning:
-                if blocked_since is None:
-                    blocked_since = self.alive_at
-                if now - warned_at >= REPEAT_WARNING:
-                    warned_at = now
-                    log.warning("event loop blocked %.1f s by %s", stalled, self._blocker() or "worker code")
-            elif blocked_since is not None:
-                log.warning("event loop free again after %.1f s", self.alive_at - blocked_since)
-                blocked_since, warned_at = None, 0.0
-            # A change in abandoned threads shows on the worker's row at once, not a beat later.
-            if now >= next_beat or (ok and self._abandoned() != self._abandoned_sent):
-                ok = self._renew()
-                # After a failure, try again soon: leases run out while we are away.
-                next_beat = time.monotonic() + (self.interval if ok else min(RETRY, self.interval))
+            try:
+                self._watch_loop()
+            except Exception:
+                log.exception("watching the event loop failed")
+            try:
+                # A change in abandoned threads shows on the worker's row at once, not a beat later.
+                if time.monotonic() >= next_beat or (ok and self._abandoned() != self._abandoned_sent):
+                    ok = self._renew()
+                    # After a failure, try again soon: leases run out while we are away.
+                    next_beat = time.monotonic() + (self.interval if ok else min(RETRY, self.interval))
+            except Exception:
+                log.exception("heartbeat failed; leases expire in %.0fs", self._beat.lease_seconds)
+                ok, next_beat = False, time.monotonic() + min(RETRY, self.interval)
         self._close()
+
+    def _watch_loop(self) -> None:
+        """Log an event loop blocked past the warning, naming the job that blocks it, and again
+        every REPEAT_WARNING; then once when it turns again."""
+        now = time.monotonic()
+        stalled = now - self.alive_at
+        if stalled >= self._block_warning:
+            if self._blocked_since is None:
+                self._blocked_since = self.alive_at
+            if now - self._warned_at >= REPEAT_WARNING:
+                self._warned_at = now
+                log.warning("event loop blocked %.1f s by %s", stalled, self._blocker() or "worker code")
+        elif self._blocked_since is not None:
+            log.warning("event loop free again after %.1f s", self.alive_at - self._blocked_since)
+            self._blocked_since, self._warned_at = None, 0.0
 
     def _renew(self) -> bool:
         held = self._held()

@@ -249,8 +249,13 @@ def exit_process(ctx: JobContext, code: int) -> None:
     os._exit(code)
 
 
-async def block_loop(ctx: JobContext, seconds: float) -> str:
-    """Blocks the event loop it runs on (``time.sleep`` in a coroutine)."""
+async def block_loop(ctx: JobContext, seconds: float, rename_task: str | None = None) -> str:
+    """Blocks the event loop it runs on (``time.sleep`` in a coroutine); first, with
+    ``rename_task``, renames the asyncio task it runs in (a name the worker may not expect)."""
+    if rename_task is not None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.set_name(rename_task)
     seq = await app.log_start(ctx)
     time.sleep(seconds)
     await app.log_finish(seq)
