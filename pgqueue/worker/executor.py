@@ -28,6 +28,7 @@ from pgqueue.worker.stats import WorkerStats
 
 log = logging.getLogger("pgqueue.worker")
 JOB_TASK_PREFIX = "pgqueue-job-"
+BIGINT_DIGITS = 19  # a job id is a bigint
 
 
 @dataclass(slots=True)
@@ -103,7 +104,8 @@ class Executor:
         if task is None:
             return None
         job_id = task.get_name().removeprefix(JOB_TASK_PREFIX)  # handler code may rename its task
-        running = self.running.get(int(job_id)) if job_id.isdecimal() else None
+        readable = job_id.isdecimal() and len(job_id) <= BIGINT_DIGITS  # int() refuses 4,300 digits
+        running = self.running.get(int(job_id)) if readable else None
         if running is None or running.task is not task:
             return None
         return f"job {running.job.id} ({running.job.task})"

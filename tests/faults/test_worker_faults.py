@@ -689,8 +689,8 @@ def bump_job_ids(db: Db, to: int = 7_000_000) -> None:
     "rename_task",
     # As the worker names it; then names the worker's own scheme cannot read: the watch that names
     # the blocking job must not fail, nor take the lease keeper's thread (and every lease) with it.
-    [None, "pgqueue-job-mine", "pgqueue-job-\u00b2", "pgqueue-job-99999999"],
-    ids=["own-name", "renamed", "superscript-digit", "another-job-id"],
+    [None, "pgqueue-job-mine", "pgqueue-job-\u00b2", "pgqueue-job-" + "9" * 5000, "pgqueue-job-99999999"],
+    ids=["own-name", "renamed", "superscript-digit", "past-int-digits", "another-job-id"],
 )
 def test_a_handler_blocking_the_event_loop_costs_no_innocent_rerun(
     rename_task: str | None, fapp: fault_app.FaultApp, wdb: Db, wprocs: Workers
