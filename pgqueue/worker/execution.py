@@ -194,10 +194,9 @@ async def execute(
                 error_json=exception_entry(job.attempt, JobCancelled("cancelled while running")),
             )
         raise  # the worker's shutdown, or the handler's own: the executor tells them apart
-    except JobCancelled as exc:
-        return Outcome(job, "cancelled", error_json=exception_entry(job.attempt, exc))
-    except BaseException as exc:  # handler code may raise SystemExit & co: a failed attempt
-        if cancel.is_set():  # a handler that stops when told often says so by raising
+    except BaseException as exc:  # handler code may raise SystemExit & co: a failed attempt,
+        # unless the job was cancelled: a handler that stops when told often says so by raising.
+        if cancel.is_set() or isinstance(exc, JobCancelled):
             return Outcome(job, "cancelled", error_json=exception_entry(job.attempt, exc))
         return decide_exception(job, task, exc)
 
