@@ -276,6 +276,12 @@ def register(app: App) -> None:
             time.sleep(0.02)
         return "worked to the end"
 
+    @q.task(name="cancels_itself", max_attempts=5, backoff=pgqueue.fixed(0.1))
+    async def cancels_itself(ctx: JobContext) -> None:
+        """Decides on its own that the job is not wanted any more."""
+        await app.log_start(ctx)
+        raise pgqueue.JobCancelled("not wanted any more")
+
     @q.task(name="fail_on_flag", max_attempts=5, backoff=pgqueue.fixed(0.1))
     async def fail_on_flag(ctx: JobContext, flag: str, seconds: float) -> str:
         """Runs until the test sets ``flag``, then fails; or ends after ``seconds``."""

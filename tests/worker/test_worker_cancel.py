@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 import worker_app
@@ -16,6 +17,20 @@ from worker_helpers import Db, Workers, thread_worker, wait_until
 from pgqueue import JobState
 
 pytestmark = pytest.mark.slow
+
+
+def runs(db: Db, job_id: int) -> int:
+    return int(db.one("SELECT count(*) FROM {log} WHERE job_id = %s", [job_id]))
+
+
+def wait_cancelled(
+    app: worker_app.App, job_id: int, timeout: float, logs: Callable[[], str] = lambda: ""
+) -> None:
+    wait_until(
+        lambda: app.queue.get_job(job_id).state is JobState.CANCELLED,
+        timeout,
+        lambda: f"job {app.queue.get_job(job_id)}\n{logs()}",
+    )
 
 
 def test_cancelling_a_running_async_job_stops_it_promptly(wapp: worker_app.App, wdb: Db) -> None:
@@ -32,11 +47,7 @@ def test_cancelling_a_running_async_job_stops_it_promptly(wapp: worker_app.App, 
         )
         asked = time.monotonic()
         assert wapp.queue.cancel(job_id)
-        wait_until(
-            lambda: wapp.queue.get_job(job_id).state is JobState.CANCELLED,
-            5,
-            lambda: f"job {wapp.queue.get_job(job_id)}",
-        )
+        wait_cancelled(wapp, job_id, 5)
         took = time.monotonic() - asked
         assert took < 1.0, took
         # The worker goes on with other jobs.
@@ -67,10 +78,6 @@ def test_the_last_progress_a_handler_reports_is_kept(wapp: worker_app.App, wdb: 
     assert wapp.queue.get_job(job_id).progress == 100
 
 
-def runs(db: Db, job_id: int) -> int:
-    return int(db.one("SELECT count(*) FROM {log} WHERE job_id = %s", [job_id]))
-
-
 def test_a_handler_that_stops_when_told_by_raising_ends_cancelled(wapp: worker_app.App, wdb: Db) -> None:
     """A sync handler cannot be interrupted; told through ctx.is_cancelled(), it stops by raising
     its own error. That is the cancel working, not a failed attempt to retry."""
@@ -78,17 +85,40 @@ def test_a_handler_that_stops_when_told_by_raising_ends_cancelled(wapp: worker_a
         job_id = wapp.queue.enqueue("stops_when_told", {"seconds": 20})
         wait_until(lambda: runs(wdb, job_id) == 1, 10, "the job never started")
         assert wapp.queue.cancel(job_id)
-        wait_until(
-            lambda: wapp.queue.get_job(job_id).state is JobState.CANCELLED,
-            5,
-            lambda: f"job {wapp.queue.get_job(job_id)}",
-        )
+        wait_cancelled(wapp, job_id, 5)
         time.sleep(0.5)  # a retry would be due after 0.1 s
         assert w.alive()
     job = wapp.queue.get_job(job_id)
     assert job.state is JobState.CANCELLED
     assert runs(wdb, job_id) == 1
     assert [e["type"] for e in job.errors] == ["RuntimeError"]  # what the handler said as it stopped
+
+
+def test_a_sync_handler_that_ignores_the_cancel_and_returns_ends_cancelled(
+    wapp: worker_app.App, wdb: Db
+) -> None:
+    """A sync handler cannot be interrupted and this one never looks: it returns as if nothing
+    happened. The cancel came while it ran, so the job ends cancelled, its result not kept."""
+    with thread_worker(wapp, wdb, queues=("default",), concurrency=2):
+        job_id = wapp.queue.enqueue("sleep_sync", {"seconds": 1.0})
+        wait_until(lambda: runs(wdb, job_id) == 1, 10, "the job never started")
+        assert wapp.queue.cancel(job_id)
+        wait_cancelled(wapp, job_id, 5)
+    job = wapp.queue.get_job(job_id)
+    assert job.result is None
+    assert [e["type"] for e in job.errors] == ["JobCancelled"]
+    assert wdb.one("SELECT finished_at IS NOT NULL FROM {log} WHERE job_id = %s", [job_id])  # it ran out
+
+
+def test_a_handler_raising_job_cancelled_ends_its_job_cancelled(wapp: worker_app.App, wdb: Db) -> None:
+    """JobCancelled from the handler itself, with no cancel asked: the job ends cancelled, not a
+    failed attempt to retry."""
+    with thread_worker(wapp, wdb, queues=("default",), concurrency=2):
+        job_id = wapp.queue.enqueue("cancels_itself")
+        wait_cancelled(wapp, job_id, 5)
+        time.sleep(0.5)  # a retry would be due after 0.1 s
+    assert runs(wdb, job_id) == 1
+    assert [e["message"] for e in wapp.queue.get_job(job_id).errors] == ["not wanted any more"]
 
 
 @pytest.mark.parametrize("ending", ["fails", "handed_back", "worker_killed", "released"])
@@ -127,11 +157,7 @@ def test_a_cancel_the_worker_never_heard_of_still_ends_the_job(
         worker.wait(10)
         wprocs.start(*args, env=env)  # it rescues the lost lease
 
-    wait_until(
-        lambda: wapp.queue.get_job(target).state is JobState.CANCELLED,
-        20,
-        lambda: f"job {wapp.queue.get_job(target)}\n{wprocs.logs()}",
-    )
+    wait_cancelled(wapp, target, 20, wprocs.logs)
     if ending != "worker_killed":  # a worker for the queue, to run the job if it were back
         wprocs.start(*args, env=env)
     time.sleep(1.5)  # a retry is due after 0.1 s; a released job runs at once
