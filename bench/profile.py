@@ -2,6 +2,7 @@
 
     pip install py-spy                      # into pgqueue's venv; optional (SQL side works without)
     python -m bench.profile drain --jobs 100000
+    python -m bench.profile drain --jobs 100000 --no-freeze   # what freeze_startup_heap saves
     python -m bench.profile io --jobs 20000
     python -m bench.profile bulk --jobs 200000
     python -m bench.profile single --jobs 5000
@@ -119,7 +120,9 @@ def drain(args: argparse.Namespace, base: dict[str, Any], spy: str | None, raw: 
     run_op(python, "pgqueue", command, 600)
     reset_statements(base["dsn"])
     concurrency = args.concurrency or (100 if args.workload == "io" else None)
-    worker = Driver(python, "pgqueue", {**base, "op": "worker", "concurrency": concurrency}, work)
+    command = {**base, "op": "worker", "concurrency": concurrency, "collector": True}
+    command["freeze"] = not args.no_freeze
+    worker = Driver(python, "pgqueue", command, work)
     worker.wait_for("ready", 60)
     spy_proc = attach(spy, worker.proc.pid, args.rate, raw)
     while worker.done < args.jobs + 1:
@@ -127,7 +130,8 @@ def drain(args: argparse.Namespace, base: dict[str, Any], spy: str | None, raw: 
     worker.stop()
     result = worker.finish()
     rate = result["count"] / (result["last_end"] - result["first_start"])
-    return spy_proc, f"{args.workload}: {result['count']} jobs, {rate:,.0f} jobs/s"
+    passes = ", ".join(f"{g} {c['passes']} in {c['seconds']:.3f} s" for g, c in result["collector"].items())
+    return spy_proc, f"{args.workload}: {result['count']} jobs, {rate:,.0f} jobs/s; collector: {passes}"
 
 
 def steady(args: argparse.Namespace, base: dict[str, Any], spy: str | None, raw: Path, work: Path):  # type: ignore[no-untyped-def]
@@ -188,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offered", type=int, default=10_000, help="steady: producer jobs/s")
     p.add_argument("--seconds", type=float, default=10.0, help="steady: producer duration")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--no-freeze", action="store_true", help="the worker keeps its start-up heap unfrozen")
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     args = p.parse_args(argv)
 

@@ -104,6 +104,7 @@ def _app_queue(args: argparse.Namespace) -> QueueBase[Any]:
 def _worker(args: argparse.Namespace) -> int:
     from pgqueue.worker import AsyncWorker, WorkerSettings
     from pgqueue.worker.core import run_to_the_end
+    from pgqueue.worker.heap import freeze_startup_heap
     from pgqueue.worker.settings import parse_queue_limits, parse_queue_list
     from pgqueue.worker.supervisor import Supervisor
 
@@ -121,7 +122,9 @@ def _worker(args: argparse.Namespace) -> int:
         app=args.app,  # else $PGQUEUE_APP, read with the other worker settings
     )
     scheduler = _scheduler_class()(queue) if args.with_scheduler else None
-    run_to_the_end(Supervisor(AsyncWorker(queue, settings), scheduler=scheduler).run())
+    worker = AsyncWorker(queue, settings)
+    freeze_startup_heap()  # this process is ours: full collections skip the app and libraries
+    run_to_the_end(Supervisor(worker, scheduler=scheduler).run())
     # A sync handler abandoned at the end of the grace period still runs in a pool thread, which
     # the interpreter would join at exit: leave now (its job is already handed back).
     logging.shutdown()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
@@ -119,6 +120,26 @@ class Recorder:
 RECORDER = Recorder()
 
 
+class CollectorClock:
+    """The cyclic garbage collector's passes in this process while a worker runs: how many of
+    each generation, and the seconds they took (``gc.callbacks``; for ``bench.profile``)."""
+
+    def __init__(self) -> None:
+        self.passes = {generation: [0, 0.0] for generation in range(3)}
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        counted = self.passes[info["generation"]]
+        counted[0] += 1
+        counted[1] += time.perf_counter() - self._began
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {f"gen{g}": {"passes": n, "seconds": round(t, 4)} for g, (n, t) in self.passes.items()}
+
+
 def job_args(command: dict[str, Any]) -> dict[str, Any]:
     """A job's arguments: its enqueue time, or a warm-up marker (``warm``) never counted as
     latency; and a sleep job's length when the command gives one (``sleep``)."""
@@ -177,6 +198,9 @@ async def run_worker(
 ) -> dict[str, Any]:
     """Start a system's worker, report progress until told to stop, stop it, summarise."""
     RECORDER.record_latency = bool(command.get("latency"))
+    collector = CollectorClock() if command.get("collector") else None
+    if collector is not None:
+        gc.callbacks.append(collector)
     stop_signal = StopSignal(asyncio.get_running_loop())
     done = asyncio.Event()
     progress = asyncio.create_task(report_progress(done))
@@ -197,6 +221,9 @@ async def run_worker(
         runner.cancel()
     done.set()
     await progress
+    if collector is not None:
+        gc.callbacks.remove(collector)
+        return {**RECORDER.summary(), "collector": collector.summary()}
     return RECORDER.summary()
 
 

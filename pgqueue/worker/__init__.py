@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pgqueue.worker.context import JobContext
     from pgqueue.worker.core import AsyncWorker, Worker
+    from pgqueue.worker.heap import freeze_startup_heap
     from pgqueue.worker.settings import WorkerSettings
     from pgqueue.worker.stats import WorkerStats
 
@@ -22,9 +23,10 @@ _EXPORTS = {
     "Worker": "pgqueue.worker.core",
     "WorkerSettings": "pgqueue.worker.settings",
     "WorkerStats": "pgqueue.worker.stats",
+    "freeze_startup_heap": "pgqueue.worker.heap",
 }
 
-__all__ = ["AsyncWorker", "JobContext", "Worker", "WorkerSettings", "WorkerStats"]
+__all__ = ["AsyncWorker", "JobContext", "Worker", "WorkerSettings", "WorkerStats", "freeze_startup_heap"]
 
 
 def __getattr__(name: str) -> Any:

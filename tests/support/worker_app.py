@@ -13,6 +13,7 @@ clock alone. ``<schema>.test_flags`` lets a test flip a handler from failing to 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 import weakref
@@ -315,6 +316,27 @@ def register(app: App) -> None:
         ctx.set_progress(100)
         app.log_finish_sync(seq)
         return "done"
+
+    cycles: list[weakref.ref[Cycle]] = []
+
+    @q.task(name="leave_cycle")
+    async def leave_cycle(size: int) -> None:
+        """Leaves ``size`` bytes in a reference cycle: garbage only the cycle collector frees."""
+        cycles.append(weakref.ref(Cycle(size)))
+
+    @q.task(name="heap")
+    async def heap() -> dict[str, int]:
+        """The worker process's collector: objects frozen, cycles left by handlers, still alive."""
+        alive = sum(ref() is not None for ref in cycles)
+        return {"frozen": gc.get_freeze_count(), "left": len(cycles), "alive": alive}
+
+
+class Cycle:
+    """An object that refers to itself, so no reference count ever drops to zero."""
+
+    def __init__(self, size: int) -> None:
+        self.me = self
+        self.payload = bytearray(size)
 
 
 app = App(os.environ.get("PGQUEUE_DSN"), os.environ.get("PGQUEUE_SCHEMA", "pgqueue"))
