@@ -35,6 +35,8 @@ from bench.proto import Driver, run_op
 from bench.server import SETTINGS, embedded_server, fresh_database, to_url
 from bench.systems import PGQUEUE
 
+GENERATIONS = ("gen0", "gen1", "gen2")
+
 
 def py_spy() -> str | None:
     found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -130,8 +132,13 @@ def drain(args: argparse.Namespace, base: dict[str, Any], spy: str | None, raw: 
     worker.stop()
     result = worker.finish()
     rate = result["count"] / (result["last_end"] - result["first_start"])
-    passes = ", ".join(f"{g} {c['passes']} in {c['seconds']:.3f} s" for g, c in result["collector"].items())
-    return spy_proc, f"{args.workload}: {result['count']} jobs, {rate:,.0f} jobs/s; collector: {passes}"
+    clock = result["collector"]
+    passes = ", ".join(f"{g} {clock[g]['passes']} in {clock[g]['seconds']:.3f} s" for g in GENERATIONS)
+    line = f"{args.workload}: {result['count']} jobs, {rate:,.0f} jobs/s; collector: {passes}"
+    if "on_cpu_s" in clock:  # the worker's main thread, from its start to its stop
+        line += f"; main thread on a CPU {clock['on_cpu_s']:.2f} s,"
+        line += f" runnable but waiting {clock['runnable_waiting_s']:.2f} s"
+    return spy_proc, line
 
 
 def steady(args: argparse.Namespace, base: dict[str, Any], spy: str | None, raw: Path, work: Path):  # type: ignore[no-untyped-def]

@@ -120,13 +120,18 @@ class Recorder:
 RECORDER = Recorder()
 
 
-class CollectorClock:
-    """The cyclic garbage collector's passes in this process while a worker runs: how many of
-    each generation, and the seconds they took (``gc.callbacks``; for ``bench.profile``)."""
+class ProcessClock:
+    """Where this process's time went while a worker ran (for ``bench.profile``): the cyclic
+    garbage collector's passes by generation (``gc.callbacks``), and the scheduler's account of
+    the main thread from ``/proc/thread-self/schedstat`` (Linux): seconds on a CPU, and seconds
+    runnable but waiting for one (another process, a database backend, had the core)."""
+
+    SCHEDSTAT = "/proc/thread-self/schedstat"
 
     def __init__(self) -> None:
         self.passes = {generation: [0, 0.0] for generation in range(3)}
         self._began = 0.0
+        self._sched_at_start = self._schedstat()
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -136,8 +141,22 @@ class CollectorClock:
         counted[0] += 1
         counted[1] += time.perf_counter() - self._began
 
-    def summary(self) -> dict[str, dict[str, float]]:
-        return {f"gen{g}": {"passes": n, "seconds": round(t, 4)} for g, (n, t) in self.passes.items()}
+    def _schedstat(self) -> list[int] | None:
+        try:
+            with open(self.SCHEDSTAT) as f:
+                return [int(v) for v in f.read().split()]
+        except OSError:
+            return None
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            f"gen{g}": {"passes": n, "seconds": round(t, 4)} for g, (n, t) in self.passes.items()
+        }
+        start, end = self._sched_at_start, self._schedstat()
+        if start is not None and end is not None:
+            out["on_cpu_s"] = round((end[0] - start[0]) / 1e9, 3)
+            out["runnable_waiting_s"] = round((end[1] - start[1]) / 1e9, 3)
+        return out
 
 
 def job_args(command: dict[str, Any]) -> dict[str, Any]:
@@ -198,7 +217,7 @@ async def run_worker(
 ) -> dict[str, Any]:
     """Start a system's worker, report progress until told to stop, stop it, summarise."""
     RECORDER.record_latency = bool(command.get("latency"))
-    collector = CollectorClock() if command.get("collector") else None
+    collector = ProcessClock() if command.get("collector") else None
     if collector is not None:
         gc.callbacks.append(collector)
     stop_signal = StopSignal(asyncio.get_running_loop())
