@@ -163,12 +163,8 @@ def runs_of(db: Db, job_id: int) -> list[Run]:
     return [Run(*r) for r in rows]
 
 
-def run_counts(db: Db) -> dict[int, int]:
-    return dict(db.rows("SELECT job_id, count(*) FROM {log} GROUP BY job_id"))
-
-
 def assert_each_ran_once(db: Db, ids: Sequence[int], what: str = "ordinary jobs") -> None:
-    counts = run_counts(db)
+    counts = db.run_counts()
     wrong = {i: counts.get(i, 0) for i in ids if counts.get(i, 0) != 1}
     assert not wrong, f"{what} not run exactly once (job id: runs): {wrong}"
 
@@ -183,7 +179,7 @@ def assert_runs_match_attempts(db: Db) -> None:
     attempts = dict(
         db.rows("SELECT id, attempts FROM {all_jobs} AS j UNION ALL SELECT id, attempts FROM {dead_letter}")
     )
-    counts = run_counts(db)
+    counts = db.run_counts()
     wrong = {i: (n, attempts.get(i)) for i, n in counts.items() if n != attempts.get(i)}
     assert not wrong, f"jobs run more (or less) often than their attempts (id: runs, attempts): {wrong}"
 
@@ -241,7 +237,7 @@ def test_unstorable_results_fail_their_attempt_and_spare_the_batch(
     rows = wait_settled(wdb, wprocs, ids, alive=[worker])
     assert_completed(rows, good)
     assert all(rows[i].result == i for i in good)
-    counts = run_counts(wdb)
+    counts = wdb.run_counts()
     for job_id, spec in bad.items():
         r = rows[job_id]
         max_attempts = spec.options.get("max_attempts")
@@ -712,7 +708,7 @@ def test_a_handler_blocking_the_event_loop_costs_no_innocent_rerun(
     rescuer = start_worker(wprocs, wdb, "--concurrency", "10", env=env)
 
     rows = wait_settled(wdb, wprocs, [*innocents, blocker], timeout=20, alive=[blocked, rescuer])
-    counts = run_counts(wdb)
+    counts = wdb.run_counts()
     reruns = {i: counts.get(i, 0) for i in innocents if counts.get(i, 0) != 1}
     assert not reruns, (
         f"innocent jobs ran again while the event loop was blocked (id: runs): {reruns}\n"

@@ -167,6 +167,14 @@ class Db:
     def states(self) -> dict[str, int]:
         return dict(self.rows("SELECT state::text, count(*) FROM {all_jobs} AS j GROUP BY 1"))
 
+    def run_counts(self) -> dict[int, int]:
+        """How many runs each job's handler logged (job id -> runs; jobs never run are absent)."""
+        return dict(self.rows("SELECT job_id, count(*) FROM {log} GROUP BY job_id"))
+
+    def runs(self, job_id: int) -> int:
+        """How many runs one job's handler logged."""
+        return int(self.one("SELECT count(*) FROM {log} WHERE job_id = %s", [job_id]))
+
 
 @pytest.fixture
 def wapp(postgres_dsn: str, pgqueue_schema: str) -> Iterator[worker_app.App]:

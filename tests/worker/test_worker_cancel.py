@@ -19,10 +19,6 @@ from pgqueue import JobState
 pytestmark = pytest.mark.slow
 
 
-def runs(db: Db, job_id: int) -> int:
-    return int(db.one("SELECT count(*) FROM {log} WHERE job_id = %s", [job_id]))
-
-
 def wait_cancelled(
     app: worker_app.App, job_id: int, timeout: float, logs: Callable[[], str] = lambda: ""
 ) -> None:
@@ -83,14 +79,14 @@ def test_a_handler_that_stops_when_told_by_raising_ends_cancelled(wapp: worker_a
     its own error. That is the cancel working, not a failed attempt to retry."""
     with thread_worker(wapp, wdb, queues=("default",), concurrency=2) as w:
         job_id = wapp.queue.enqueue("stops_when_told", {"seconds": 20})
-        wait_until(lambda: runs(wdb, job_id) == 1, 10, "the job never started")
+        wait_until(lambda: wdb.runs(job_id) == 1, 10, "the job never started")
         assert wapp.queue.cancel(job_id)
         wait_cancelled(wapp, job_id, 5)
         time.sleep(0.5)  # a retry would be due after 0.1 s
         assert w.alive()
     job = wapp.queue.get_job(job_id)
     assert job.state is JobState.CANCELLED
-    assert runs(wdb, job_id) == 1
+    assert wdb.runs(job_id) == 1
     assert [e["type"] for e in job.errors] == ["RuntimeError"]  # what the handler said as it stopped
 
 
@@ -101,7 +97,7 @@ def test_a_sync_handler_that_ignores_the_cancel_and_returns_ends_cancelled(
     happened. The cancel came while it ran, so the job ends cancelled, its result not kept."""
     with thread_worker(wapp, wdb, queues=("default",), concurrency=2):
         job_id = wapp.queue.enqueue("sleep_sync", {"seconds": 1.0})
-        wait_until(lambda: runs(wdb, job_id) == 1, 10, "the job never started")
+        wait_until(lambda: wdb.runs(job_id) == 1, 10, "the job never started")
         assert wapp.queue.cancel(job_id)
         wait_cancelled(wapp, job_id, 5)
     job = wapp.queue.get_job(job_id)
@@ -117,7 +113,7 @@ def test_a_handler_raising_job_cancelled_ends_its_job_cancelled(wapp: worker_app
         job_id = wapp.queue.enqueue("cancels_itself")
         wait_cancelled(wapp, job_id, 5)
         time.sleep(0.5)  # a retry would be due after 0.1 s
-    assert runs(wdb, job_id) == 1
+    assert wdb.runs(job_id) == 1
     assert [e["message"] for e in wapp.queue.get_job(job_id).errors] == ["not wanted any more"]
 
 
@@ -136,7 +132,7 @@ def test_a_cancel_the_worker_never_heard_of_still_ends_the_job(
     worker = wprocs.start(*args, env=env)
     wprocs.wait_registered(wdb, worker)
     blocker = wapp.queue.enqueue("fail_on_flag", {"flag": "go", "seconds": 60})
-    wait_until(lambda: runs(wdb, blocker) == 1, 10, worker.log_tail)
+    wait_until(lambda: wdb.runs(blocker) == 1, 10, worker.log_tail)
     target = blocker
     if ending == "released":  # claimed into the buffer behind the blocker, never started
         target = wapp.queue.enqueue("record", {"note": "must not run"})
@@ -163,7 +159,7 @@ def test_a_cancel_the_worker_never_heard_of_still_ends_the_job(
     time.sleep(1.5)  # a retry is due after 0.1 s; a released job runs at once
     job = wapp.queue.get_job(target)
     assert job.state is JobState.CANCELLED, job
-    assert runs(wdb, target) == (0 if ending == "released" else 1), wprocs.logs()
+    assert wdb.runs(target) == (0 if ending == "released" else 1), wprocs.logs()
     assert wdb.one("SELECT count(*) FROM {jobs} WHERE id = %s", [target]) == 0
     assert wdb.one("SELECT count(*) FROM {dead_letter} WHERE id = %s", [target]) == 0
     if ending == "fails":

@@ -26,10 +26,6 @@ def enqueue_records(app: worker_app.App, count: int, batch: int = 500) -> list[i
     return ids
 
 
-def log_counts(db: Db) -> dict[int, int]:
-    return dict(db.rows("SELECT job_id, count(*) FROM {log} GROUP BY job_id"))
-
-
 def test_three_workers_run_every_job_exactly_once(wapp: worker_app.App, wdb: Db, wprocs: Workers) -> None:
     procs = [wprocs.start("--concurrency", "10", log_level="WARNING") for _ in range(WORKERS)]
     wprocs.wait_registered(wdb, *procs)
@@ -42,7 +38,7 @@ def test_three_workers_run_every_job_exactly_once(wapp: worker_app.App, wdb: Db,
         60,
         lambda: f"states {wdb.states()}, logged {wdb.one('SELECT count(*) FROM {log}')}\n" + wprocs.logs(),
     )
-    counts = log_counts(wdb)
+    counts = wdb.run_counts()
     missing = set(ids) - counts.keys()
     twice = {i: n for i, n in counts.items() if n != 1}
     assert not missing, f"{len(missing)} jobs never ran"
@@ -110,7 +106,7 @@ def test_kill_9_and_sigterm_mid_run_lose_nothing(wapp: worker_app.App, wdb: Db, 
         60,
         lambda: f"states {wdb.states()}\n{wprocs.logs()}",
     )
-    counts = log_counts(wdb)
+    counts = wdb.run_counts()
     assert set(ids) - counts.keys() == set(), "some jobs never ran"
     assert wdb.one("SELECT count(*) FROM {all_jobs} AS j") == TOTAL
     assert wdb.one("SELECT count(*) FROM {jobs}") == 0  # finished jobs have left the hot table
