@@ -122,7 +122,7 @@ def drain(args: argparse.Namespace, base: dict[str, Any], spy: str | None, raw: 
     run_op(python, "pgqueue", command, 600)
     reset_statements(base["dsn"])
     concurrency = args.concurrency or (100 if args.workload == "io" else None)
-    command = {**base, "op": "worker", "concurrency": concurrency, "collector": True}
+    command = {**base, "op": "worker", "concurrency": concurrency, "clock": True}
     command["freeze"] = not args.no_freeze
     worker = Driver(python, "pgqueue", command, work)
     worker.wait_for("ready", 60)
@@ -132,7 +132,7 @@ def drain(args: argparse.Namespace, base: dict[str, Any], spy: str | None, raw: 
     worker.stop()
     result = worker.finish()
     rate = result["count"] / (result["last_end"] - result["first_start"])
-    clock = result["collector"]
+    clock = result["clock"]
     passes = ", ".join(f"{g} {clock[g]['passes']} in {clock[g]['seconds']:.3f} s" for g in GENERATIONS)
     line = f"{args.workload}: {result['count']} jobs, {rate:,.0f} jobs/s; collector: {passes}"
     if "on_cpu_s" in clock:  # the worker's main thread, from its start to its stop

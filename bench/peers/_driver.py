@@ -217,9 +217,9 @@ async def run_worker(
 ) -> dict[str, Any]:
     """Start a system's worker, report progress until told to stop, stop it, summarise."""
     RECORDER.record_latency = bool(command.get("latency"))
-    collector = ProcessClock() if command.get("collector") else None
-    if collector is not None:
-        gc.callbacks.append(collector)
+    clock = ProcessClock() if command.get("clock") else None
+    if clock is not None:
+        gc.callbacks.append(clock)
     stop_signal = StopSignal(asyncio.get_running_loop())
     done = asyncio.Event()
     progress = asyncio.create_task(report_progress(done))
@@ -240,9 +240,9 @@ async def run_worker(
         runner.cancel()
     done.set()
     await progress
-    if collector is not None:
-        gc.callbacks.remove(collector)
-        return {**RECORDER.summary(), "collector": collector.summary()}
+    if clock is not None:
+        gc.callbacks.remove(clock)
+        return {**RECORDER.summary(), "clock": clock.summary()}
     return RECORDER.summary()
 
 
