@@ -3,7 +3,7 @@
 A worker allocates a few container objects per job, and those alive across collections (the jobs
 in flight, the claimed jobs waiting for a slot) are promoted to the oldest generation; every so
 often the collector then walks that generation whole: the app, its libraries, pgqueue itself.
-Measured on a 100,000-job no-op drain: nine such full collections took 0.16-0.23 s of about 4 s,
+Measured on a 100,000-job no-op drain: nine such full collections took 0.15-0.24 s of about 4 s,
 more than the thousand young collections together. :func:`gc.freeze` moves everything alive
 once start-up is done into a generation no collection walks. What is made afterwards, a
 handler's cyclic garbage included, is collected exactly as before.
