@@ -203,7 +203,13 @@ class Claimer:
         """A slot freed: look again unless this worker waits for a wake-up (nothing is known to
         be ready that its last claim did not already find). While the sign-up is in flight the
         answer decides: a look then would also use up the look once more that WAKE_GRACE times
-        for the race it closes."""
+        for the race it closes.
+
+        Under steady load the jobs a claim started end before the sign-up is sent, so each
+        batch is claimed twice, the second look finding nothing. Skipping that look was measured
+        (docs/benchmarks.md, "The look that finds nothing") and not taken: it halves the claim
+        statements but slows the next batch's claim, which must then step over the index
+        entries of the rows the last one took."""
         if self._blocked:
             self.wake.set()
         elif self._signing_up:
