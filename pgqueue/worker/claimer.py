@@ -15,7 +15,8 @@ the wake-up on (``pass_wake``). One race remains: an enqueue that looked for a w
 just before this one signed up, and committed just after its claim looked. It is closed by one
 more claim ``WAKE_GRACE`` after signing up, long enough for a statement that commits by itself.
 Only a worker whose listener has heard its own self-test signs up; a deaf one (a pooler in
-transaction mode) or one whose listener is reconnecting stays off the list and polls.
+transaction mode) or one whose listener is reconnecting stays off the list and polls. The sign-up
+asks in the same round trip when the next delayed job falls due, the claimer's next question.
 
 An enqueue that picks a waiting worker may also hand it the job (``!take``, see
 :mod:`pgqueue.worker.handoff`): :meth:`Claimer.handed` takes it as a claim's row, or gives it
@@ -46,6 +47,7 @@ from pgqueue.worker.handoff import HandoffClock, give_back, read_handoff
 from pgqueue.worker.settings import WorkerSettings
 
 log = logging.getLogger("pgqueue.worker")
+Row = tuple[Any, ...]
 DEAF_POLL_INTERVAL = 0.25  # how often to look when notifications do not arrive
 WAKE_GRACE = 0.025  # after signing up as waiting, look once more this much later
 # How much earlier than its send a claim may have read the clock, as the next look for a
@@ -250,6 +252,7 @@ class Claimer:
             self.alive_at = time.monotonic()
             self.wake.clear()
             saturated, rate_limited, claimed = False, False, False
+            next_due: Row | None = None  # next_run_at's answer, when the sign-up brought it
             self._first_claim_sent = None
             if self._handoffs.missed_since is not None:
                 try:
@@ -260,7 +263,7 @@ class Claimer:
                 try:
                     saturated, rate_limited = await self.claim()
                     claimed = True
-                    await self._sign_up(saturated)
+                    next_due = await self._sign_up(saturated)
                     if failures:
                         log.info("claiming again after %d failed attempts", failures)
                     failures = 0
@@ -278,7 +281,8 @@ class Claimer:
                 timeout = min(timeout, self._grace_due - time.monotonic())
                 self._grace_due = None
             if not saturated:
-                timeout = min(timeout, await self._seconds_to_next_job(self._since_claim_looked()))
+                looked_ago = self._since_claim_looked()
+                timeout = min(timeout, await self._seconds_to_next_job(looked_ago, next_due))
             if not claimed and self.waiting:
                 await self._leave_waiting_list()  # no room: wake-ups should go to others
             await self._wait_for_work(timeout)
@@ -306,9 +310,15 @@ class Claimer:
             )
         return False
 
-    async def _sign_up(self, saturated: bool) -> None:
+    async def _sign_up(self, saturated: bool) -> Row | None:
         """After a claim: on the waiting list if it found less than there was room for, off it
-        (and the wake-up passed on when no room is left) if it got all it asked for."""
+        (and the wake-up passed on when no room is left) if it got all it asked for.
+
+        A sign-up also asks ``next_run_at``, which the claimer asks next after such a claim, in
+        the same round trip (a pipeline): its answer is returned (None: not asked). Under load a
+        worker signs up after nearly every batch, and the next batch's wake-up would otherwise
+        find it still waiting for that second answer."""
+        next_due = None
         if saturated:
             await self._leave_waiting_list()
             if self._executor.room() <= 0 and self._can_wait:
@@ -322,11 +332,15 @@ class Claimer:
             try:
                 async with self._conn.use() as c:
                     sent = time.monotonic()
-                    cur = await c.execute(
-                        self._queries.start_waiting,
-                        {"worker_id": self._worker_id, "lease": self._settings.lease_seconds},
-                    )
+                    async with c.pipeline():
+                        cur = await c.execute(
+                            self._queries.start_waiting,
+                            {"worker_id": self._worker_id, "lease": self._settings.lease_seconds},
+                        )
+                        looked_ago = self._since_claim_looked()
+                        ahead = await c.execute(self._queries.next_run_at, self._next_run_at(looked_ago))
                     row = await cur.fetchone()
+                    next_due = await ahead.fetchone()
                     if row is not None:
                         self._handoffs.read(row[0], sent, time.monotonic())
                     signed = row is not None
@@ -339,6 +353,7 @@ class Claimer:
                 self._grace_due = time.monotonic() + WAKE_GRACE
             elif self._freed_while_signing:
                 self.wake.set()
+        return next_due
 
     async def _leave_waiting_list(self) -> None:
         """Off the waiting list. A failure (the database is down) is said, not raised: the
@@ -375,7 +390,11 @@ class Claimer:
         sent = self._first_claim_sent
         return 0.0 if sent is None else time.monotonic() - sent + CLAIM_CLOCK_MARGIN
 
-    async def _seconds_to_next_job(self, looked_ago: float) -> float:
+    def _next_run_at(self, looked_ago: float) -> dict[str, Any]:
+        """``next_run_at``'s parameters."""
+        return {"queues": list(self._settings.queues), "looked_ago": looked_ago}
+
+    async def _seconds_to_next_job(self, looked_ago: float, answer: Row | None = None) -> float:
         """Time until the next delayed job (or local retry) falls due, by the database's clock.
 
         A job that fell due after the claim of ``looked_ago`` seconds ago began counts too (0: at
@@ -389,13 +408,12 @@ class Claimer:
             due = min(due, self._retry_due - time.monotonic())
             if due <= 0:
                 self._retry_due = None
+        row = answer
         try:
-            async with self._conn.use() as c:
-                cur = await c.execute(
-                    self._queries.next_run_at,
-                    {"queues": list(self._settings.queues), "looked_ago": looked_ago},
-                )
-                row = await cur.fetchone()
+            if row is None:  # not asked along with a sign-up
+                async with self._conn.use() as c:
+                    cur = await c.execute(self._queries.next_run_at, self._next_run_at(looked_ago))
+                    row = await cur.fetchone()
         except Exception as exc:
             log.warning("next run time lookup failed: %s", exc)
             return due
