@@ -40,7 +40,7 @@ from pgqueue._base import QueueSettings
 from pgqueue._enqueue import wake_params
 from pgqueue._rows import dataclass_row
 from pgqueue._sql import Queries
-from pgqueue.worker.db import ServiceConnection, reconnect_delay
+from pgqueue.worker.db import ServiceConnection, execute_together, reconnect_delay
 from pgqueue.worker.execution import ClaimedJob, Outcome
 from pgqueue.worker.executor import Executor
 from pgqueue.worker.handoff import HandoffClock, give_back, read_handoff
@@ -332,13 +332,16 @@ class Claimer:
             try:
                 async with self._conn.use() as c:
                     sent = time.monotonic()
-                    async with c.pipeline():
-                        cur = await c.execute(
-                            self._queries.start_waiting,
-                            {"worker_id": self._worker_id, "lease": self._settings.lease_seconds},
-                        )
-                        looked_ago = self._since_claim_looked()
-                        ahead = await c.execute(self._queries.next_run_at, self._next_run_at(looked_ago))
+                    cur, ahead = await execute_together(
+                        c,
+                        [
+                            (
+                                self._queries.start_waiting,
+                                {"worker_id": self._worker_id, "lease": self._settings.lease_seconds},
+                            ),
+                            (self._queries.next_run_at, self._next_run_at(self._since_claim_looked())),
+                        ],
+                    )
                     row = await cur.fetchone()
                     next_due = await ahead.fetchone()
                     if row is not None:

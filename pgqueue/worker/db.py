@@ -38,6 +38,18 @@ def connect_kwargs(role: str, dsn: str) -> dict[str, Any]:
     return connection_kwargs(f"worker{'-' + role if role else ''}", dsn=dsn)
 
 
+async def execute_together(
+    conn: Conn, statements: list[tuple[str, dict[str, Any]]]
+) -> list[psycopg.AsyncCursor[Any]]:
+    """Run independent statements in one round trip (a pipeline), or one by one where libpq is
+    older than 14 and cannot pipeline (psycopg without its binary package, an old system libpq).
+    Returns their cursors, in order, to fetch from."""
+    if not psycopg.AsyncPipeline.is_supported():
+        return [await conn.execute(query, params) for query, params in statements]
+    async with conn.pipeline():
+        return [await conn.execute(query, params) for query, params in statements]
+
+
 # Set on every worker connection that prepares statements: see ServiceConnection.
 PLAN_AT_EVERY_RUN = "SET plan_cache_mode = force_custom_plan"
 
