@@ -281,8 +281,7 @@ class Claimer:
                 timeout = min(timeout, self._grace_due - time.monotonic())
                 self._grace_due = None
             if not saturated:
-                looked_ago = self._since_claim_looked()
-                timeout = min(timeout, await self._seconds_to_next_job(looked_ago, next_due))
+                timeout = min(timeout, await self._seconds_to_next_job(next_due))
             if not claimed and self.waiting:
                 await self._leave_waiting_list()  # no room: wake-ups should go to others
             await self._wait_for_work(timeout)
@@ -397,10 +396,11 @@ class Claimer:
         """``next_run_at``'s parameters."""
         return {"queues": list(self._settings.queues), "looked_ago": looked_ago}
 
-    async def _seconds_to_next_job(self, looked_ago: float, answer: Row | None = None) -> float:
+    async def _seconds_to_next_job(self, answer: Row | None) -> float:
         """Time until the next delayed job (or local retry) falls due, by the database's clock.
 
-        A job that fell due after the claim of ``looked_ago`` seconds ago began counts too (0: at
+        ``answer`` is ``next_run_at``'s row when the sign-up already asked it (None: ask now).
+        A job that fell due after this round's claim began counts too (0: at
         once): it is no longer delayed, yet that claim could not see it, and without it here the
         worker would sleep to its next poll. Retries of jobs that failed together fall due a
         millisecond apart, so one often lands there. Jobs due before the claim began, and left
@@ -413,9 +413,11 @@ class Claimer:
                 self._retry_due = None
         row = answer
         try:
-            if row is None:  # not asked along with a sign-up
+            if row is None:  # not asked along with a sign-up: ask now
                 async with self._conn.use() as c:
-                    cur = await c.execute(self._queries.next_run_at, self._next_run_at(looked_ago))
+                    cur = await c.execute(
+                        self._queries.next_run_at, self._next_run_at(self._since_claim_looked())
+                    )
                     row = await cur.fetchone()
         except Exception as exc:
             log.warning("next run time lookup failed: %s", exc)

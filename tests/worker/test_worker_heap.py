@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import worker_app
 from worker_helpers import Db, Workers, wait_until
@@ -36,7 +34,7 @@ def test_a_worker_process_freezes_its_start_up_heap_and_still_frees_the_cycles_h
         lambda: f"{wdb.states()}\n{worker.log_tail()}",
     )
     assert rows[0][0] == "completed", rows
-    state = rows[0][1] if isinstance(rows[0][1], dict) else json.loads(rows[0][1])
+    state = rows[0][1]  # jsonb, decoded
     assert state["frozen"] > 10_000, state  # the app, its libraries and pgqueue, frozen at start
     assert state["left"] == CYCLES
     assert state["alive"] < CYCLES // 10, state  # the rest were collected as the jobs ran
