@@ -30,9 +30,7 @@ def _run(conn: object) -> None:
 if connection is not None:
     _run(connection)
 else:
-    dsn = context.get_x_argument(as_dictionary=True).get("dsn") or config.get_main_option(
-        "sqlalchemy.url"
-    )
+    dsn = context.get_x_argument(as_dictionary=True).get("dsn") or config.get_main_option("sqlalchemy.url")
     if not dsn:
         raise SystemExit("pass the database with: alembic -x dsn=postgresql://... upgrade head")
     engine = create_engine(sqlalchemy_url(dsn), poolclass=pool.NullPool)

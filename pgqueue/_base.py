@@ -99,9 +99,7 @@ class QueueBase(Generic[R]):
         self.connection_role = "client"
         self.declared_schedules: list[Schedule] = schedules if schedules is not None else []
         # The schema: given, else $PGQUEUE_SCHEMA (so one env file serves CLI and app), else "pgqueue".
-        self.queries: Queries = queries_for(
-            _schema(schema)
-        )
+        self.queries: Queries = queries_for(_schema(schema))
         self.notify = notify
         self.pool_size = pool_size
         self.registry = registry if registry is not None else Registry()

@@ -351,5 +351,3 @@ def _delay_seconds(delay: object) -> float:
             f"(the end of year 9999, less a day for clock skew), got {short_repr(delay)}"
         )
     return float(seconds)
-
-

@@ -276,9 +276,7 @@ def _dev(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgqueue", description="Background jobs on PostgreSQL.")
-    parser.add_argument(
-        "--log-level", help="default: $PGQUEUE_LOG_LEVEL, else INFO"
-    )
+    parser.add_argument("--log-level", help="default: $PGQUEUE_LOG_LEVEL, else INFO")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("migrate", help="create or upgrade (or --downgrade) the schema")

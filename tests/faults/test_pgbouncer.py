@@ -364,8 +364,9 @@ def test_a_scheduler_through_the_pooler_enqueues_its_fires(
 
         def fires() -> int:
             assert proc.poll() is None, log_path.read_text(errors="replace")
-            return int(db.one("SELECT count(DISTINCT scheduled_for) FROM {all_jobs} AS j"
-                              " WHERE task = 'tick'"))
+            return int(
+                db.one("SELECT count(DISTINCT scheduled_for) FROM {all_jobs} AS j WHERE task = 'tick'")
+            )
 
         wait_until(lambda: fires() >= 4, 15, lambda: log_path.read_text(errors="replace"))
         clients = [

@@ -49,9 +49,7 @@ def test_a_refused_outcome_is_recorded_as_a_failure_and_the_rest_are_written(
 
     async def flush() -> None:
         conn = ServiceConnection(postgres_dsn, "test")
-        completer = Completer(
-            conn, queue.queries, on_written=written.extend, wake_after=lambda o: []
-        )
+        completer = Completer(conn, queue.queries, on_written=written.extend, wake_after=lambda o: [])
         runner = asyncio.create_task(completer.run())
         for o in outcomes:
             completer.add(o)
@@ -111,9 +109,7 @@ def test_a_prefetched_start_rides_on_its_outcome_and_is_written_alone_after_a_fl
 
     async def run() -> float:
         conn = ServiceConnection(postgres_dsn, "test")
-        completer = Completer(
-            conn, queue.queries, on_written=lambda o: None, wake_after=lambda o: []
-        )
+        completer = Completer(conn, queue.queries, on_written=lambda o: None, wake_after=lambda o: [])
         runner = asyncio.create_task(completer.run())
         with psycopg.connect(postgres_dsn) as locker:
             locker.execute(
