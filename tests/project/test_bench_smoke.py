@@ -19,7 +19,7 @@ PGQUEUE_SCENARIOS = {
     "enqueue": {"enqueue_single", "enqueue_bulk"},
     "drain": {"drain_1p", "drain_2p"},
     "latency": {"latency_p50", "latency_p95", "latency_p99"},
-    "steady": {"steady50_held", "steady90_held", "steady50_p99", "steady90_p99"},
+    "steady": {"steady50_held", "steady90_held", "steady50_p99", "steady90_p99", "steady50_enqueue_call_p50"},
     "app": {"app_notify_on", "app_notify_off"},
     "bloat": {"bloat_fresh", "bloat_after"},
     "io": {"io_rate"},
