@@ -35,8 +35,6 @@ from bench.proto import Driver, run_op
 from bench.server import SETTINGS, embedded_server, fresh_database, to_url
 from bench.systems import PGQUEUE
 
-GENERATIONS = ("gen0", "gen1", "gen2")
-
 
 def py_spy() -> str | None:
     found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -133,7 +131,7 @@ def drain(args: argparse.Namespace, base: dict[str, Any], spy: str | None, raw: 
     result = worker.finish()
     rate = result["count"] / (result["last_end"] - result["first_start"])
     clock = result["clock"]
-    passes = ", ".join(f"{g} {clock[g]['passes']} in {clock[g]['seconds']:.3f} s" for g in GENERATIONS)
+    passes = ", ".join(f"{g} {n['passes']} in {n['seconds']:.3f} s" for g, n in clock["collector"].items())
     line = f"{args.workload}: {result['count']} jobs, {rate:,.0f} jobs/s; collector: {passes}"
     if "on_cpu_s" in clock:  # the worker's main thread, from its start to its stop
         line += f"; main thread on a CPU {clock['on_cpu_s']:.2f} s,"

@@ -150,7 +150,9 @@ class ProcessClock:
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            f"gen{g}": {"passes": n, "seconds": round(t, 4)} for g, (n, t) in self.passes.items()
+            "collector": {
+                f"gen{g}": {"passes": n, "seconds": round(t, 4)} for g, (n, t) in self.passes.items()
+            }
         }
         start, end = self._sched_at_start, self._schedstat()
         if start is not None and end is not None:

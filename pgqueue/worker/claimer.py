@@ -338,7 +338,7 @@ class Claimer:
                                 self._queries.start_waiting,
                                 {"worker_id": self._worker_id, "lease": self._settings.lease_seconds},
                             ),
-                            (self._queries.next_run_at, self._next_run_at(self._since_claim_looked())),
+                            (self._queries.next_run_at, self._next_run_at_params()),
                         ],
                     )
                     row = await cur.fetchone()
@@ -392,9 +392,14 @@ class Claimer:
         sent = self._first_claim_sent
         return 0.0 if sent is None else time.monotonic() - sent + CLAIM_CLOCK_MARGIN
 
-    def _next_run_at(self, looked_ago: float) -> dict[str, Any]:
-        """``next_run_at``'s parameters."""
-        return {"queues": list(self._settings.queues), "looked_ago": looked_ago}
+    def _next_run_at_params(self) -> dict[str, Any]:
+        """``next_run_at``'s parameters, for this round's claim."""
+        return {"queues": list(self._settings.queues), "looked_ago": self._since_claim_looked()}
+
+    async def _ask_next_run_at(self) -> Row | None:
+        async with self._conn.use() as c:
+            cur = await c.execute(self._queries.next_run_at, self._next_run_at_params())
+            return await cur.fetchone()
 
     async def _seconds_to_next_job(self, answer: Row | None) -> float:
         """Time until the next delayed job (or local retry) falls due, by the database's clock.
@@ -411,14 +416,8 @@ class Claimer:
             due = min(due, self._retry_due - time.monotonic())
             if due <= 0:
                 self._retry_due = None
-        row = answer
         try:
-            if row is None:  # not asked along with a sign-up: ask now
-                async with self._conn.use() as c:
-                    cur = await c.execute(
-                        self._queries.next_run_at, self._next_run_at(self._since_claim_looked())
-                    )
-                    row = await cur.fetchone()
+            row = answer if answer is not None else await self._ask_next_run_at()
         except Exception as exc:
             log.warning("next run time lookup failed: %s", exc)
             return due
